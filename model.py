@@ -1,0 +1,471 @@
+"""GPT-2 in one file (the nanoGPT layout), LoRA as a small wrapper plus functions, and the DistilRNN student.
+
+Module and parameter names follow Hugging Face's GPT-2 (transformer.h.0.attn.c_attn, ...), so checkpoints and
+PEFT adapters map onto this model name for name.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from utils import UserError
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # A prompt (T > 1) attends causally; a decode step (T == 1) attends to every cached position.
+        causal = T > 1
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)  # (B, nh, cached + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_hf(cls, hf):
+        """From the fields of a Hugging Face GPT-2 config.json."""
+        return cls(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                   n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+# The four released checkpoints (OpenAI's sizes); all share the vocabulary and the 1024-token context.
+VARIANTS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+# OpenAI's checkpoints store these as Conv1D weights (in, out); nn.Linear wants (out, in), so they are transposed.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Checkpoint entries that are not parameters of this model: causal-mask buffers, and the head tied to wte.
+IGNORED_KEYS = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated up to the block size."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled, advanced by GPT.hidden once every layer has written
+
+    def extend(self, layer, k, v):
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(self, idx, cache=None):
+        """Final hidden states (B, T, n_embd) of the tokens `idx` (B, T), which follow those already in `cache`."""
+        start = cache.length if cache is not None else 0
+        if start + idx.size(1) > self.config.block_size:
+            raise ValueError(f"{start + idx.size(1)} positions exceed the block size {self.config.block_size}")
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += idx.size(1)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, cache=None):
+        """Next-token logits (B, T, vocab) for every position."""
+        return self.lm_head(self.hidden(idx, cache))
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs):
+        """GPT-2 weights from a Hugging Face id (downloaded once, then cached) or a local folder in its format."""
+        folder = checkpoint_folder(name_or_path)
+        model = cls(load_config(folder), **kwargs)
+        model.load_gpt2_weights(read_state_dict(folder), source=name_or_path)
+        return model
+
+    @classmethod
+    def from_random(cls, name_or_path, **kwargs):
+        """The architecture of a variant or folder with random weights: nothing is downloaded for the four variants."""
+        return cls(load_config(name_or_path), **kwargs)
+
+    def load_gpt2_weights(self, state_dict, source):
+        """Copy a Hugging Face GPT-2 state dict into self.transformer, refusing any key or shape mismatch."""
+        theirs = {k.removeprefix("transformer."): v for k, v in state_dict.items()
+                  if not k.endswith(IGNORED_KEYS) and k != "score.weight"}
+        ours = self.transformer.state_dict()
+        missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+        if missing or unexpected:
+            raise UserError(f"{source}: not a GPT-2 checkpoint of this shape (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for key, value in theirs.items():
+                if key.endswith(CONV1D_WEIGHTS):
+                    value = value.t()
+                if value.shape != ours[key].shape:
+                    raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                                    f"expected {tuple(ours[key].shape)}")
+                ours[key].copy_(value)
+
+    # ------------------------------------------------------------------ generation
+
+    def new_cache(self, batch_size=1):
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens, sampler, eos_id=None, use_cache=True):
+        """Yield up to `max_new_tokens` token ids continuing the list `prompt`, one at a time.
+
+        With the cache, the prompt is read once and each step feeds only the newest token. The model sees at
+        most block_size tokens: past that the window slides, and because positions are absolute the cached
+        keys go stale, so each step then re-reads the whole window.
+        """
+        tokens = list(prompt)
+        cache = None
+        device = self.lm_head.weight.device
+        for _ in range(max_new_tokens):
+            window = tokens[-self.config.block_size:]
+            if use_cache and cache is not None and cache.length < self.config.block_size:
+                new = window[-1:]
+            else:
+                cache = self.new_cache() if use_cache else None
+                new = window
+            logits = self(torch.tensor([new], device=device), cache)[0, -1].float()
+            next_id = sampler(logits, tokens)
+            yield next_id
+            if next_id == eos_id:
+                return
+            tokens.append(next_id)
+
+
+class Sampler:
+    """Picks the next token from logits: repetition penalty, then temperature, top-k, top-p (transformers' order).
+
+    temperature 0 means greedy (argmax after the repetition penalty).
+    """
+
+    def __init__(self, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=None):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.repetition_penalty = repetition_penalty
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits, context):
+        logits = apply_repetition_penalty(logits, context, self.repetition_penalty)
+        if self.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / self.temperature
+        if self.top_k is not None:
+            logits = top_k_filter(logits, self.top_k)
+        if self.top_p is not None:
+            logits = top_p_filter(logits, self.top_p)
+        probs = F.softmax(logits, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def apply_repetition_penalty(logits, context, penalty):
+    """CTRL's rule: every token already in the context has its logit divided by `penalty` if positive, else multiplied."""
+    if penalty == 1.0 or not context:
+        return logits
+    seen = torch.tensor(sorted(set(context)), device=logits.device)
+    scores = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits (ties at the k-th value kept too); the rest become -inf."""
+    if k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Keep the smallest set of most likely tokens whose probability adds up to at least p (nucleus sampling)."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = mass_before >= p
+    drop_sorted[0] = False  # the most likely token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- loading helpers
+
+def checkpoint_folder(name_or_path):
+    """A local folder as is; a Hugging Face id downloaded (config + weights, with progress bars) and cached."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:  # a path, not an "org/name" id
+        raise UserError(f"--gpt_variant {name_or_path}: no such folder")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+    except Exception as e:
+        raise UserError(f"could not get '{name_or_path}' from the Hugging Face hub ({type(e).__name__}); check the "
+                        "name and your connection, or pass a local folder with --gpt_variant") from e
+
+
+def load_config(name_or_path):
+    """GPTConfig of one of the four variants (no download), or read from a folder's / hub id's config.json."""
+    if name_or_path in VARIANTS and not os.path.isdir(name_or_path):
+        return GPTConfig(**VARIANTS[name_or_path])
+    folder = checkpoint_folder(name_or_path)
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+        return GPTConfig.from_hf(hf)
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise UserError(f"{path}: not a readable GPT-2 config ({type(e).__name__}: {e})") from None
+
+
+def read_state_dict(folder):
+    """All tensors of a folder's model.safetensors, or of the shards its index lists."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise UserError(f"{folder}: no {name} (a GPT-2 folder needs config.json and model.safetensors)")
+        try:
+            state.update(load_file(path))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path}: unreadable or truncated weights ({e})") from None
+    return state
+
+
+# ----------------------------------------------------------------------------- classification
+
+class GPTClassifier(GPT):
+    """GPT-2 with a `score` head (n_embd -> n_classes, no bias) on the last real token, like HF's
+    GPT2ForSequenceClassification.
+
+    Batches are right-padded. Attention is causal, so a real token never sees the padding after it: the hidden
+    state of the last real token is the same with or without padding, and no attention mask is needed.
+    """
+
+    def __init__(self, config, n_classes=2):
+        super().__init__(config)
+        self.score = nn.Linear(config.n_embd, n_classes, bias=False)
+        nn.init.normal_(self.score.weight, std=0.02)
+
+    def forward(self, idx, lengths):
+        h = self.hidden(idx)  # (B, T, n_embd)
+        last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, n_embd)
+        return self.score(last)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: y = W x + b + (alpha / r) * B(A(dropout(x))).
+
+    B starts at zero, so an untrained adapter leaves the layer's output unchanged, bit for bit.
+    """
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self):
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into W, so inference costs one matmul."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise UserError("refusing to merge a LoRA update that holds NaN or inf")
+        self.base.weight += delta.to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take the update back out of W (equal to the original up to float rounding)."""
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
+def inject_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Wrap the `targets` linear layers of every block in LoRALinear."""
+    for block in model.transformer.h:
+        for target in targets:
+            parent_name, child_name = target.split(".")
+            parent = getattr(block, parent_name)
+            setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha, dropout))
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model):
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model):
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def mark_only_lora_as_trainable(model):
+    """Train exactly the LoRA matrices, every LayerNorm, and the classification head; freeze the rest."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+        elif isinstance(module, nn.LayerNorm):
+            module.requires_grad_(True)
+    if hasattr(model, "score"):
+        model.score.requires_grad_(True)
+    return model
+
+
+def count_parameters(model):
+    """(all, trainable) parameters, a tied weight counted once."""
+    params = list(model.parameters())  # parameters() already yields a shared tensor once
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- the student
+
+@dataclass
+class RNNConfig:
+    vocab_size: int = 50257
+    hidden: int = 768
+    layers: int = 2
+    cell: str = "rnn"
+    n_classes: int = 2
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+class DistilRNN(nn.Module):
+    """The student: token embedding -> multi-layer RNN -> linear head on the last real token's hidden state.
+
+    Sequences are packed by length, so padding steps never run through the RNN nor reach the head.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        cells = {"rnn": lambda *a, **k: nn.RNN(*a, nonlinearity="relu", **k), "gru": nn.GRU, "lstm": nn.LSTM}
+        self.embed = nn.Embedding(config.vocab_size, config.hidden)
+        self.rnn = cells[config.cell](config.hidden, config.hidden, num_layers=config.layers, batch_first=True)
+        self.head = nn.Linear(config.hidden, config.n_classes)
+
+    def forward(self, idx, lengths):
+        packed = pack_padded_sequence(self.embed(idx), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)
+        if isinstance(h, tuple):  # an LSTM returns (h, c)
+            h = h[0]
+        return self.head(h[-1])  # top layer's state after each sequence's last real token

@@ -1,0 +1,409 @@
+"""Command line: `python run.py {gen,LoRA,rnn,distil} ...`. Parse, validate, build, call, report."""
+import argparse
+import codecs
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model import (GPT, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, Sampler, count_parameters,
+                   inject_lora, mark_only_lora_as_trainable, merge_lora)
+from train_utils import (KDLoss, Split, cross_entropy, evaluate, fit, format_table, majority_baseline,
+                         matthews_corrcoef, plot_history, predict_logits)
+from utils import (ADAPTER_CONFIG, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, UserError, append_jsonl, compute_dtype,
+                   default_cola_dir, encode, file_sha256, get_tokenizer, load_adapter_weights, load_cola, read_json,
+                   read_jsonl, read_adapter_config, read_tensors, resolve_device, save_adapter, save_checkpoint,
+                   seed_everything)
+
+TUNING_DIR, PLOTS_DIR = "tuning", "plots"
+
+
+# ----------------------------------------------------------------------------- building models
+
+def variant_slug(variant):
+    return Path(variant.rstrip("/")).name
+
+
+def build_classifier(variant, random_init, seed):
+    """GPT-2 + score head: pretrained weights, or (random_init) weights drawn from `seed`, so a later run can
+    rebuild the very same base from the seed alone."""
+    seed_everything(seed)
+    if random_init:
+        print(f"note: {variant} architecture with random weights (--random_init), nothing downloaded",
+              file=sys.stderr)
+        return GPTClassifier.from_random(variant)
+    return GPTClassifier.from_pretrained(variant)
+
+
+def load_lora_classifier(folder, variant=None):
+    """The fine-tuned classifier saved by `run.py LoRA` (or PEFT) in `folder`, LoRA merged, in eval mode."""
+    cfg = read_adapter_config(folder)
+    info = read_json(Path(folder) / RUN_INFO, "run info") if (Path(folder) / RUN_INFO).exists() else {}
+    base = cfg["base_model"]
+    if variant is not None and base is not None and variant_slug(variant) != variant_slug(base):
+        raise UserError(f"{folder}: this adapter was trained on {base}, not on --gpt_variant {variant}")
+    variant = variant or base
+    if variant is None:
+        raise UserError(f"{folder}: the adapter names no base model; pass --gpt_variant")
+    model = build_classifier(variant, info.get("random_init", False), info.get("seed", 0))
+    inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"])
+    load_adapter_weights(model, folder)
+    merge_lora(model)
+    return model.eval().requires_grad_(False), cfg, variant
+
+
+def print_parameter_table(model):
+    total, trainable = count_parameters(model)
+    print(f"Number of parameters: {total / 1e6:.2f}M")
+    print(f"Number of trainable parameters: {trainable / 1e6:.2f}M")
+    print(f"Reduction: {100 * (1 - trainable / total):.2f}%")
+    return total, trainable
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_splits(args, tokenizer, block_size=None):
+    """Tokenized CoLA splits; --max_examples takes a seeded random subset of the training set."""
+    splits = {}
+    for name, (sentences, labels) in load_cola(args.data_dir).items():
+        tokens = encode(tokenizer, sentences)
+        if block_size:
+            tokens = [t[:block_size] for t in tokens]
+        splits[name] = Split(tokens, torch.tensor(labels))
+    if args.max_examples:
+        keep = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(args.seed))
+        keep = keep[:args.max_examples].tolist()
+        train = splits["train"]
+        splits["train"] = Split([train.tokens[i] for i in keep], train.labels[keep])
+    return splits
+
+
+def data_fingerprint(splits):
+    """A short hash of the exact training and evaluation data (tokens and labels)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        h.update(repr((splits[name].tokens, splits[name].labels.tolist())).encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- one training run
+
+def train_and_report(mode, model, loss_fn, splits, args, device, dtype, extra=None):
+    """Train with the shared loop, evaluate the best epoch on dev and out-of-domain dev, print the summary,
+    draw the plots and append the run to tuning/<mode>.jsonl. Returns that record."""
+    start = time.time()
+    history, best_epoch = fit(model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              device=device, dtype=dtype, seed=args.seed, clip=getattr(args, "clip", None))
+    final = {name: evaluate(model, splits[name], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)
+             for name in ("dev", "ood")}
+    baseline = {name: majority_baseline(splits["train"].labels, splits[name].labels) for name in ("dev", "ood")}
+    total, trainable = count_parameters(model)
+    print(f"\n{mode}: best epoch {best_epoch} of {args.epochs}")
+    print(format_table(["", "in-domain dev acc", "MCC", "out-of-domain acc", "MCC"], [
+        [mode, f"{final['dev']['acc']:.2%}", f"{final['dev']['mcc']:+.3f}", f"{final['ood']['acc']:.2%}",
+         f"{final['ood']['mcc']:+.3f}"],
+        ["majority baseline", f"{baseline['dev']:.2%}", "+0.000", f"{baseline['ood']:.2%}", "+0.000"]]))
+    plots = plot_history(history, mode, baseline["dev"], PLOTS_DIR)
+    record = {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args) | {"func": None},
+              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
+              "parameters": total, "trainable_parameters": trainable, "history": history, "best_epoch": best_epoch,
+              "baseline_dev_acc": baseline["dev"], "baseline_ood_acc": baseline["ood"],
+              "dev_acc": final["dev"]["acc"], "dev_mcc": final["dev"]["mcc"], "ood_acc": final["ood"]["acc"],
+              "ood_mcc": final["ood"]["mcc"], "dev_sentences_per_s": final["dev"]["sentences_per_s"],
+              "dev_preds": final["dev"]["preds"], "ood_preds": final["ood"]["preds"],
+              "wall_seconds": time.time() - start, "plots": plots, **(extra or {})}
+    append_jsonl(f"{TUNING_DIR}/{mode}.jsonl", record)
+    print(f"plots: {', '.join(plots)}; run logged to {TUNING_DIR}/{mode}.jsonl")
+    return record
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+def cmd_gen(args):
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
+    tokenizer = get_tokenizer()
+    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    if args.random_init:
+        print(f"note: {args.gpt_variant} architecture with random weights (--random_init), nothing downloaded",
+              file=sys.stderr)
+    model = GPT.from_random(args.gpt_variant) if args.random_init else GPT.from_pretrained(args.gpt_variant)
+    model = model.to(device=device, dtype=dtype).eval()
+    prompt_ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [tokenizer.eot_token]
+    temperature = 0.0 if args.greedy else args.temperature
+    eos = None if args.ignore_eos else tokenizer.eot_token
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"\n===== sample {i + 1} =====")
+        sampler = Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)
+        print_stream(tokenizer, prompt, model.generate(prompt_ids, args.max_new_tokens, sampler, eos_id=eos),
+                     stream=not args.no_stream)
+
+
+def print_stream(tokenizer, prompt, token_ids, stream):
+    """Print the prompt, then each token as it arrives (bytes decoded incrementally: a character may span tokens)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = [prompt]
+    if stream:
+        print(prompt, end="", flush=True)
+    for tok in token_ids:
+        if tok == tokenizer.eot_token:
+            break
+        text = decoder.decode(tokenizer.decode_single_token_bytes(tok))
+        pieces.append(text)
+        if stream:
+            print(text, end="", flush=True)
+    pieces.append(decoder.decode(b"", final=True))
+    print(pieces[-1] if stream else "".join(pieces), flush=True)
+
+
+def cmd_lora(args):
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
+    if args.epochs == 0:  # only the parameter table: build on the meta device, no weights, no download
+        with torch.device("meta"):
+            model = GPTClassifier.from_random(args.gpt_variant)
+        print_parameter_table(mark_only_lora_as_trainable(inject_lora(model, args.LoRA_rank, args.lora_alpha,
+                                                                      args.lora_dropout, args.lora_targets)))
+        return
+    tokenizer = get_tokenizer()
+    model = build_classifier(args.gpt_variant, args.random_init, args.seed)
+    inject_lora(model, args.LoRA_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    mark_only_lora_as_trainable(model)
+    print_parameter_table(model)
+    splits = load_splits(args, tokenizer, model.config.block_size)
+    model.to(device)
+    train_and_report("LoRA", model, cross_entropy, splits, args, device, dtype)
+    save_adapter(model, args.model_path, rank=args.LoRA_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                 targets=args.lora_targets, base_model=args.gpt_variant,
+                 run_info={"random_init": args.random_init, "seed": args.seed, "gpt_variant": args.gpt_variant})
+    print(f"adapter saved to {args.model_path} (PEFT format)")
+
+
+def build_student(args):
+    seed_everything(args.seed)
+    return DistilRNN(RNNConfig(hidden=args.rnn_hidden, layers=args.rnn_layers, cell=args.rnn_cell))
+
+
+def save_student(model, folder, args):
+    save_checkpoint(folder, STUDENT_WEIGHTS, model.state_dict(),
+                    {STUDENT_CONFIG: {"model_type": "DistilRNN", **asdict(model.config)},
+                     RUN_INFO: {"seed": args.seed, "mode": args.mode}})
+    print(f"student saved to {folder}")
+
+
+def load_student(folder):
+    """A DistilRNN checkpoint written by `run.py rnn` or `run.py distil`, in eval mode."""
+    from model import RNNConfig as Cfg
+    cfg = read_json(Path(folder) / STUDENT_CONFIG, "student config")
+    if cfg.get("model_type") != "DistilRNN":
+        raise UserError(f"{folder}: not a DistilRNN checkpoint")
+    model = DistilRNN(Cfg.from_dict(cfg))
+    state = read_tensors(Path(folder) / STUDENT_WEIGHTS)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{folder}: weights do not fit its config ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+def cmd_rnn(args):
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
+    splits = load_splits(args, get_tokenizer())
+    model = build_student(args).to(device)
+    print_parameter_table(model)
+    train_and_report("rnn", model, cross_entropy, splits, args, device, dtype)
+    save_student(model, args.model_path, args)
+
+
+def teacher_logits(teacher, splits, adapter_folder, variant, args, device, dtype):
+    """The teacher's logits on every split, computed once and cached on disk under a key made of the adapter's
+    content, the base model and the data; a second run with the same teacher loads them and never runs it."""
+    key = file_sha256(*(p for p in sorted(Path(adapter_folder).iterdir()) if p.is_file()))[:16]
+    cache = Path("models/cache") / f"teacher-{key}-{variant_slug(variant)}-{data_fingerprint(splits)}.safetensors"
+    if cache.exists():
+        print(f"teacher logits from cache {cache}")
+        return read_tensors(cache)
+    teacher.to(device)
+    logits = {}
+    for name, split in splits.items():
+        start = time.perf_counter()
+        logits[name] = predict_logits(teacher, split.tokens, batch_size=args.batch_size, device=device, dtype=dtype)
+        logits[f"{name}_seconds"] = torch.tensor(time.perf_counter() - start)
+    from safetensors.torch import save_file
+    from utils import atomic_path
+    with atomic_path(cache) as tmp:
+        save_file({k: v.contiguous() for k, v in logits.items()}, tmp)
+    return logits
+
+
+def cmd_distil(args):
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
+    if not (Path(args.model_path) / ADAPTER_CONFIG).exists():
+        raise UserError(f"no LoRA adapter at {args.model_path}: train the teacher first with "
+                        f"`python run.py LoRA --gpt_variant {args.gpt_variant or 'gpt2'}`, or pass --model_path")
+    teacher, _, variant = load_lora_classifier(args.model_path, args.gpt_variant)
+    splits = load_splits(args, get_tokenizer(), teacher.config.block_size)
+    logits = teacher_logits(teacher, splits, args.model_path, variant, args, device, dtype)
+    for name, split in splits.items():
+        split.teacher = logits[name]
+    student = build_student(args).to(device)
+    print_parameter_table(student)
+    record = train_and_report("distil", student, KDLoss(args.temperature, args.alpha), splits, args, device, dtype,
+                              extra={"teacher": args.model_path})
+    save_student(student, args.student_path, args)
+    print_distil_report(teacher, logits, splits, record)
+
+
+def print_distil_report(teacher, logits, splits, kd_run):
+    """Teacher vs student with KD vs student without KD (latest matching `rnn` run) vs majority baseline,
+    every number computed from saved predictions."""
+    labels = {name: splits[name].labels for name in ("dev", "ood")}
+
+    def row(name, params, dev_preds, ood_preds, speed):
+        return [name, f"{params / 1e6:.2f}M" if params else "-",
+                f"{float((torch.tensor(dev_preds) == labels['dev']).float().mean()):.2%}",
+                f"{matthews_corrcoef(dev_preds, labels['dev']):+.3f}",
+                f"{float((torch.tensor(ood_preds) == labels['ood']).float().mean()):.2%}",
+                f"{speed:,.0f}" if speed else "-"]
+
+    teacher_speed = len(splits["dev"]) / float(logits["dev_seconds"])
+    rows = [row("teacher (GPT-2 + LoRA)", count_parameters(teacher)[0], logits["dev"].argmax(-1).tolist(),
+                logits["ood"].argmax(-1).tolist(), teacher_speed),
+            row("student with KD", kd_run["parameters"], kd_run["dev_preds"], kd_run["ood_preds"],
+                kd_run["dev_sentences_per_s"])]
+    same = ("rnn_hidden", "rnn_layers", "rnn_cell", "max_examples")
+    matches = [r for r in read_jsonl(f"{TUNING_DIR}/rnn.jsonl") if r["data"] == kd_run["data"]
+               and all(r["args"].get(k) == kd_run["args"].get(k) for k in same)]
+    if matches:
+        nokd = matches[-1]
+        rows.append(row("student without KD", nokd["parameters"], nokd["dev_preds"], nokd["ood_preds"],
+                        nokd["dev_sentences_per_s"]))
+    majority = int(splits["train"].labels.float().mean() >= 0.5)
+    rows.append(row("majority baseline", 0, [majority] * len(labels["dev"]), [majority] * len(labels["ood"]), 0))
+    print("\nDistillation report")
+    print(format_table(["model", "params", "dev acc", "dev MCC", "ood acc", "sentences/s"], rows))
+    if not matches:
+        print("(no `run.py rnn` run on the same data and student shape in tuning/rnn.jsonl: "
+              "run it for the without-KD row)")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="GPT-2 generation, LoRA fine-tuning and distillation on CoLA.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="mode", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bf16 where the hardware runs it fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32")
+    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    gpt = argparse.ArgumentParser(add_help=False)
+    gpt.add_argument("--gpt_variant", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, any Hugging "
+                     "Face GPT-2 id, or a local folder in transformers' format")
+    gpt.add_argument("--random_init", action="store_true", help="the variant's architecture with random weights")
+
+    train = argparse.ArgumentParser(add_help=False)
+    train.add_argument("--data_dir", default=default_cola_dir(), help="folder of the raw CoLA TSVs "
+                       "(downloaded there when missing; default $COLA_DATA_DIR or data/cola)")
+    train.add_argument("--max_examples", type=positive_int, help="train on a seeded random subset of this size")
+    train.add_argument("--batch_size", type=positive_int, default=128)
+    train.add_argument("--lr", type=float, default=1e-3)
+
+    student = argparse.ArgumentParser(add_help=False)
+    student.add_argument("--rnn_hidden", type=positive_int, default=768)
+    student.add_argument("--rnn_layers", type=positive_int, default=2)
+    student.add_argument("--rnn_cell", default="rnn", choices=["rnn", "gru", "lstm"])
+    student.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (ReLU RNNs explode)")
+    student.add_argument("--epochs", type=int, default=5)
+
+    g = sub.add_parser("gen", parents=[common, gpt], help="generate text")
+    g.add_argument("--prompt", default="Hello, I'm a language model,")
+    g.add_argument("--prompt_file", help="read the prompt from this file")
+    g.add_argument("--max_new_tokens", type=positive_int, default=100)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    g.add_argument("--top_k", type=positive_int, default=50)
+    g.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep tokens up to this mass")
+    g.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL's penalty; 1 is none")
+    g.add_argument("--greedy", action="store_true", help="always the most likely token")
+    g.add_argument("--ignore_eos", action="store_true", help="keep going past <|endoftext|>")
+    g.add_argument("--num_samples", type=positive_int, default=1)
+    g.add_argument("--no_stream", action="store_true", help="print each sample when it is complete")
+    g.set_defaults(func=cmd_gen)
+
+    lora = sub.add_parser("LoRA", parents=[common, gpt, train], help="LoRA fine-tuning of GPT-2 on CoLA")
+    lora.add_argument("--LoRA_rank", "--lora_rank", type=positive_int, default=4)
+    lora.add_argument("--lora_alpha", type=float, help="scale numerator (default: the rank, i.e. scale 1)")
+    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS))
+    lora.add_argument("--epochs", type=int, default=10)
+    lora.add_argument("--model_path", help="adapter folder to write (default models/LoRA-<variant>)")
+    lora.set_defaults(func=cmd_lora)
+
+    rnn = sub.add_parser("rnn", parents=[common, train, student], help="train the DistilRNN student on labels")
+    rnn.add_argument("--model_path", default="models/rnn", help="student checkpoint folder to write")
+    rnn.set_defaults(func=cmd_rnn)
+
+    distil = sub.add_parser("distil", parents=[common, train, student],
+                            help="distil the LoRA-tuned GPT-2 into the DistilRNN student")
+    distil.add_argument("--gpt_variant", help="the teacher's base (default: the one the adapter names)")
+    distil.add_argument("--model_path", help="the teacher's adapter folder (default models/LoRA-<variant>)")
+    distil.add_argument("--student_path", default="models/distil-rnn", help="student checkpoint folder to write")
+    distil.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KD loss")
+    distil.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (KL) part; 1-alpha on labels")
+    distil.set_defaults(func=cmd_distil)
+    return parser
+
+
+def finish_args(parser, args):
+    """Defaults that depend on other flags, and range checks argparse cannot express (usage errors, exit 2)."""
+    if args.mode == "LoRA":
+        args.lora_alpha = args.LoRA_rank if args.lora_alpha is None else args.lora_alpha
+        args.model_path = args.model_path or f"models/LoRA-{variant_slug(args.gpt_variant)}"
+        if not 0 <= args.lora_dropout < 1:
+            parser.error("--lora_dropout must be in [0, 1)")
+    if args.mode == "distil" and args.model_path is None:
+        args.model_path = f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}"
+    if hasattr(args, "epochs") and args.epochs < 0:
+        parser.error("--epochs must be >= 0")
+    if hasattr(args, "lr") and not args.lr > 0:
+        parser.error("--lr must be > 0")
+    return args
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = finish_args(parser, parser.parse_args(argv))
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""GPT-2: same function as transformers' GPT2LMHeadModel, loading, KV-cache generation, sampling filters, CLI."""
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from conftest import run_cli, save_tiny_gpt2
+from model import GPT, Sampler, apply_repetition_penalty, top_k_filter, top_p_filter
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_gpt_dir):
+    return GPT.from_pretrained(tiny_gpt_dir).eval(), GPT2LMHeadModel.from_pretrained(tiny_gpt_dir).eval()
+
+
+def test_logits_match_transformers(pair):
+    ours, hf = pair
+    idx = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max()
+    assert diff <= 1e-4
+
+
+def test_logits_match_transformers_with_right_padding(pair):
+    ours, hf = pair
+    lengths = [20, 7, 13]
+    idx = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(3, 20, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        idx[row, n:] = 50256
+        mask[row, :n] = 1
+    with torch.no_grad():
+        a, b = ours(idx), hf(idx, attention_mask=mask).logits
+    for row, n in enumerate(lengths):
+        assert (a[row, :n] - b[row, :n]).abs().max() <= 1e-4
+
+
+def test_greedy_with_cache_equals_without_and_transformers(pair):
+    ours, hf = pair
+    prompt = [464, 2068, 7586, 21831]
+    greedy = Sampler(temperature=0)
+    cached = list(ours.generate(prompt, 60, greedy, use_cache=True))
+    uncached = list(ours.generate(prompt, 60, greedy, use_cache=False))
+    hf.generation_config.eos_token_id = None
+    reference = hf.generate(torch.tensor([prompt]), max_new_tokens=60, do_sample=False, pad_token_id=50256)
+    assert len(cached) == 60
+    assert cached == uncached == reference[0, len(prompt):].tolist()
+
+
+def test_generation_past_block_size_slides_the_window(pair):
+    ours, _ = pair
+    prompt = list(range(100, 220))  # 120 of the 128 positions
+    greedy = Sampler(temperature=0)
+    cached = list(ours.generate(prompt, 30, greedy, use_cache=True))
+    uncached = list(ours.generate(prompt, 30, greedy, use_cache=False))
+    assert len(cached) == 30 and cached == uncached
+
+
+def test_stops_at_end_of_text_unless_ignored(pair):
+    ours, _ = pair
+
+    class AlwaysEOT:
+        def __call__(self, logits, context):
+            return 50256
+
+    assert list(ours.generate([1, 2], 10, AlwaysEOT(), eos_id=50256)) == [50256]
+    assert len(list(ours.generate([1, 2], 10, AlwaysEOT(), eos_id=None))) == 10
+
+
+def test_top_k_on_a_hand_made_distribution():
+    logits = torch.tensor([1.0, 4.0, 3.0, 2.0, 0.0])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept.tolist() == [False, True, True, False, False]
+
+
+def test_top_p_on_a_hand_made_distribution():
+    probs = torch.tensor([0.05, 0.5, 0.3, 0.15])
+    logits = probs.log()
+    # 0.5 alone < 0.6; 0.5 + 0.3 reaches 0.6: keep those two.
+    assert torch.isfinite(top_p_filter(logits, 0.6)).tolist() == [False, True, True, False]
+    # exactly reaching p keeps the set that reaches it: 0.5 + 0.3 = 0.8
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [False, True, True, False]
+    assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [False, True, True, True]
+    assert torch.isfinite(top_p_filter(logits, 0.01)).tolist() == [False, True, False, False]
+
+
+def test_filters_match_transformers_warpers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(3)) * 3
+    ids = torch.tensor([[5, 17, 17, 999, 400]])
+    assert torch.equal(torch.isfinite(top_k_filter(logits[0], 37)),
+                       torch.isfinite(TopKLogitsWarper(37)(ids, logits.clone())[0]))
+    assert torch.equal(torch.isfinite(top_p_filter(logits[0], 0.9)),
+                       torch.isfinite(TopPLogitsWarper(0.9)(ids, logits.clone())[0]))
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())[0]
+    assert torch.allclose(apply_repetition_penalty(logits[0], ids[0].tolist(), 1.3), ref)
+
+
+def test_same_seed_same_sample_different_seed_different_sample(pair):
+    ours, _ = pair
+
+    def sample(seed):
+        return list(ours.generate([10, 20, 30], 30, Sampler(temperature=1.0, top_k=50, seed=seed)))
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_loading_refuses_mismatched_checkpoint(tmp_path):
+    folder = save_tiny_gpt2(tmp_path / "m")
+    state = GPT.from_pretrained(folder).transformer.state_dict()
+    model = GPT.from_random(folder)
+    bad = {("transformer." + k): v for k, v in state.items() if not k.startswith("ln_f")}
+    with pytest.raises(UserError, match="missing"):
+        model.load_gpt2_weights(bad, source="x")
+    bad = {("transformer." + k): v for k, v in state.items()} | {"transformer.wpe.weight": torch.zeros(5, 32)}
+    with pytest.raises(UserError, match="shape"):
+        model.load_gpt2_weights(bad, source="x")
+
+
+def test_cli_gen_on_a_local_folder(tiny_gpt_dir, tmp_path):
+    result = run_cli("gen", "--gpt_variant", tiny_gpt_dir, "--prompt", "The cat sat", "--max_new_tokens", "12",
+                     "--seed", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The cat sat")
+
+
+def test_cli_gen_greedy_is_reproducible_and_streams_the_same_text(tiny_gpt_dir, tmp_path):
+    args = ("gen", "--gpt_variant", tiny_gpt_dir, "--prompt", "Once upon", "--max_new_tokens", "15", "--greedy",
+            "--ignore_eos")
+    streamed, printed = run_cli(*args, cwd=tmp_path), run_cli(*args, "--no_stream", cwd=tmp_path)
+    assert streamed.returncode == printed.returncode == 0
+    assert streamed.stdout == printed.stdout
+
+
+def test_cli_gen_hub_id_offline_is_one_clear_line(tmp_path):
+    result = run_cli("gen", "--gpt_variant", "no-such-org/no-such-gpt2", "--max_new_tokens", "2", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
+    assert "no-such-org/no-such-gpt2" in result.stderr

@@ -1,0 +1,249 @@
+"""The one training loop and evaluation every mode uses, the losses, the metrics, the plots and the run log.
+
+A mode (LoRA, rnn, distil) supplies a model `model(ids, lengths) -> logits (B, n_classes)` and a loss
+`loss_fn(logits, labels, teacher) -> scalar`; nothing else differs.
+"""
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils import EOT, UserError, atomic_path
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Split:
+    """Tokenized sentences of one CoLA split, with labels and (for distillation) the teacher's logits."""
+    tokens: list
+    labels: torch.Tensor
+    teacher: torch.Tensor = None
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def head(self, n):
+        teacher = None if self.teacher is None else self.teacher[:n]
+        return Split(self.tokens[:n], self.labels[:n], teacher)
+
+
+def collate(split, index, device):
+    """Right-pad the sentences at `index` to the longest of them: (ids, lengths, labels, teacher)."""
+    seqs = [split.tokens[i] for i in index]
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.full((len(seqs), int(lengths.max())), EOT, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s)
+    teacher = None if split.teacher is None else split.teacher[index].to(device)
+    return ids.to(device), lengths.to(device), split.labels[index].to(device), teacher
+
+
+def bucketed_batches(lengths, batch_size, generator, bucket=16):
+    """Shuffle, then sort each run of `bucket` batches by length, so a batch holds similar lengths and needs
+    little padding; the batches themselves are shuffled again so lengths do not come in order."""
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(perm), batch_size * bucket):
+        chunk = sorted(perm[start:start + batch_size * bucket], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]
+
+
+def sorted_batches(lengths, batch_size):
+    """Batches for inference: sorted by length (least padding), in a fixed order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def autocast(device, dtype):
+    """Mixed precision for `dtype` lower than fp32, nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- losses and metrics
+
+def cross_entropy(logits, labels, teacher=None):
+    """Supervised loss on the labels alone (LoRA and the no-KD student)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def kd_loss(student, teacher, labels, temperature, alpha):
+    """Hinton et al.'s distillation loss: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+
+    T^2 keeps the soft part's gradients on the scale of the hard part's as T grows.
+    """
+    T = temperature
+    soft = F.kl_div(F.log_softmax(student.float() / T, -1), F.log_softmax(teacher.float() / T, -1),
+                    reduction="batchmean", log_target=True)
+    hard = F.cross_entropy(student.float(), labels)
+    return alpha * T * T * soft + (1 - alpha) * hard
+
+
+class KDLoss:
+    def __init__(self, temperature, alpha):
+        self.temperature, self.alpha = temperature, alpha
+
+    def __call__(self, logits, labels, teacher):
+        return kd_loss(logits, teacher, labels, self.temperature, self.alpha)
+
+
+def matthews_corrcoef(preds, labels):
+    """MCC of binary predictions; 0 when a row or column of the confusion matrix is empty (e.g. one class only)."""
+    preds, labels = torch.as_tensor(preds).bool(), torch.as_tensor(labels).bool()
+    tp = float((preds & labels).sum())
+    tn = float((~preds & ~labels).sum())
+    fp = float((preds & ~labels).sum())
+    fn = float((~preds & labels).sum())
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom else 0.0
+
+
+def majority_baseline(train_labels, eval_labels):
+    """Accuracy of always answering the training set's most common label (its MCC is 0)."""
+    majority = int(torch.as_tensor(train_labels).float().mean() >= 0.5)
+    return float((torch.as_tensor(eval_labels) == majority).float().mean())
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Diverged(UserError):
+    pass
+
+
+def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, device, dtype, clip=None, desc="train"):
+    """One pass over `split` in length-bucketed batches; returns mean loss, accuracy and real tokens seen."""
+    model.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lengths = [len(t) for t in split.tokens]
+    total_loss, correct, tokens = 0.0, 0, 0
+    bar = tqdm(bucketed_batches(lengths, batch_size, generator), desc=desc, leave=False, dynamic_ncols=True)
+    for step, index in enumerate(bar, start=1):
+        ids, lens, labels, teacher = collate(split, index, device)
+        with autocast(device, dtype):
+            logits = model(ids, lens)
+        loss = loss_fn(logits, labels, teacher)
+        if not torch.isfinite(loss):
+            raise Diverged(f"{desc}: loss became {loss.item()} at step {step}; try a lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        total_loss += loss.item() * len(index)
+        correct += int((logits.argmax(-1) == labels).sum())
+        tokens += int(lens.sum())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return {"loss": total_loss / len(split), "acc": correct / len(split), "tokens": tokens}
+
+
+@torch.no_grad()
+def predict_logits(model, tokens, *, batch_size, device, dtype):
+    """Logits (N, n_classes) for a list of token lists, in their order (batched by length internally)."""
+    was_training = model.training
+    model.eval()
+    lengths = [len(t) for t in tokens]
+    dummy = Split(tokens, torch.zeros(len(tokens), dtype=torch.long))
+    out = None
+    for index in sorted_batches(lengths, batch_size):
+        ids, lens, _, _ = collate(dummy, index, device)
+        with autocast(device, dtype):
+            logits = model(ids, lens).float().cpu()
+        if out is None:
+            out = torch.empty(len(tokens), logits.size(-1))
+        out[index] = logits
+    model.train(was_training)
+    return out
+
+
+def evaluate(model, split, loss_fn, *, batch_size, device, dtype):
+    """Loss, accuracy, MCC, predictions (in split order) and inference speed on a labelled split."""
+    start = time.perf_counter()
+    logits = predict_logits(model, split.tokens, batch_size=batch_size, device=device, dtype=dtype)
+    seconds = time.perf_counter() - start
+    preds = logits.argmax(-1)
+    return {"loss": float(loss_fn(logits, split.labels, split.teacher)),
+            "acc": float((preds == split.labels).float().mean()),
+            "mcc": matthews_corrcoef(preds, split.labels),
+            "sentences_per_s": len(split) / seconds,
+            "preds": preds.tolist()}
+
+
+def trainable_state(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, clip=None):
+    """Train for `epochs` with Adam, evaluating on data['dev'] after each; the best epoch (dev accuracy) is
+    restored at the end. Returns the per-epoch history and the best epoch (0 if none ran)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history, best_epoch, best_acc, best_state = [], 0, -1.0, None
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        train = train_epoch(model, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
+                            device=device, dtype=dtype, clip=clip, desc=f"epoch {epoch}/{epochs}")
+        train_seconds = time.perf_counter() - start
+        dev = evaluate(model, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
+        history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
+                        "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"],
+                        "train_seconds": train_seconds, "train_tokens_per_s": train["tokens"] / train_seconds})
+        tqdm.write(f"epoch {epoch:>2}/{epochs}  train loss {train['loss']:.4f} acc {train['acc']:.2%}  |  "
+                   f"dev loss {dev['loss']:.4f} acc {dev['acc']:.2%} MCC {dev['mcc']:+.3f}  "
+                   f"({train_seconds:.1f}s, {train['tokens'] / train_seconds:,.0f} tok/s)")
+        if dev["acc"] > best_acc:
+            best_epoch, best_acc, best_state = epoch, dev["acc"], trainable_state(model)
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    return history, best_epoch
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def format_table(headers, rows):
+    """A plain-text table with right-aligned columns."""
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def save_figure(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def plot_history(history, mode, baseline_acc, plots_dir="plots"):
+    """plots/<mode>_loss.png and plots/<mode>_acc.png: train vs validation per epoch, majority baseline drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    paths = []
+    for metric, label in (("loss", "loss"), ("acc", "accuracy")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"dev_{metric}"] for h in history], "s-", label="validation (in-domain dev)")
+        if metric == "acc":
+            ax.axhline(baseline_acc, color="gray", linestyle="--", label=f"majority baseline ({baseline_acc:.2%})")
+            best = max(history, key=lambda h: h["dev_acc"])
+            ax.annotate(f"MCC {best['dev_mcc']:+.3f}", (best["epoch"], best["dev_acc"]),
+                        textcoords="offset points", xytext=(0, 8), ha="center")
+        ax.set(title=f"{mode}: {label} per epoch", xlabel="epoch", ylabel=label)
+        ax.set_xticks(epochs)
+        ax.legend()
+        path = f"{plots_dir}/{mode}_{metric}.png"
+        save_figure(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
