@@ -125,7 +125,9 @@ def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, devi
     params = [p for g in optimizer.param_groups for p in g["params"]]
     lengths = [len(t) for t in split.tokens]
     total_loss, correct, tokens = 0.0, 0, 0
-    bar = tqdm(bucketed_batches(lengths, batch_size, generator), desc=desc, leave=False, dynamic_ncols=True)
+    batches = bucketed_batches(lengths, batch_size, generator)
+    # disable=None: a bar on a terminal, none in logs and CI
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for step, index in enumerate(bar, start=1):
         ids, lens, labels, teacher = collate(split, index, device)
         with autocast(device, dtype):

@@ -1,0 +1,126 @@
+"""Distillation: the KD loss against torch's kl_div, the student's padding invariance and size, the teacher run
+exactly once (and never with its cache), and the rnn / distil commands end to end."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import run
+from conftest import run_cli
+from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters, inject_lora, mark_only_lora_as_trainable
+from train_utils import KDLoss, Split, cross_entropy, kd_loss, predict_logits, train_epoch
+from utils import EOT, save_adapter
+
+
+@pytest.mark.parametrize("T, alpha", [(1.0, 1.0), (2.0, 0.5), (4.0, 0.1), (0.5, 0.9)])
+def test_kd_loss_is_hintons_formula(T, alpha):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 2, generator=g) * 3, torch.randn(16, 2, generator=g) * 3
+    y = torch.randint(0, 2, (16,), generator=g)
+    expected = (alpha * T * T * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
+                + (1 - alpha) * F.cross_entropy(s, y))
+    assert kd_loss(s, t, y, T, alpha) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_soft_part_is_zero_when_student_equals_teacher():
+    s = torch.randn(8, 2)
+    assert float(kd_loss(s, s.clone(), torch.zeros(8, dtype=torch.long), 2.0, 1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_at_alpha_1_T_1_is_softmax_difference():
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(10, 2, generator=g) * 2).requires_grad_()
+    t = torch.randn(10, 2, generator=g) * 2
+    kd_loss(s, t, torch.zeros(10, dtype=torch.long), 1.0, 1.0).backward()
+    assert torch.isfinite(s.grad).all()
+    assert torch.allclose(s.grad, (F.softmax(s, -1) - F.softmax(t, -1)).detach() / 10, atol=1e-6)
+
+
+def test_default_student_size():
+    assert count_parameters(DistilRNN(RNNConfig()))[0] == 40_961_282
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_padding_has_no_effect_on_the_student(cell):
+    torch.manual_seed(0)
+    model = DistilRNN(RNNConfig(hidden=16, cell=cell)).eval()
+    seqs = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
+    ids = torch.full((3, 8), EOT)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s)
+    together = model(ids, torch.tensor([3, 8, 1]))
+    for row, s in enumerate(seqs):
+        assert torch.allclose(together[row], model(torch.tensor([s]), torch.tensor([len(s)]))[0], atol=1e-6)
+
+
+def test_tiny_student_matches_a_tiny_teacher(tiny_gpt_dir, tokenizer, cola_dir):
+    from utils import load_cola
+    sentences, labels = load_cola(cola_dir)["train"]
+    tokens = [tokenizer.encode_ordinary(s) for s in sentences[:32]]
+    torch.manual_seed(0)
+    teacher = GPTClassifier.from_pretrained(tiny_gpt_dir).eval()
+    cpu = torch.device("cpu")
+    t_logits = predict_logits(teacher, tokens, batch_size=32, device=cpu, dtype=torch.float32)
+    split = Split(tokens, torch.tensor(labels[:32]), t_logits)
+    student = DistilRNN(RNNConfig(hidden=64, cell="gru"))
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        train_epoch(student, split, KDLoss(temperature=1.0, alpha=1.0), opt, batch_size=8, generator=g,
+                    device=cpu, dtype=torch.float32, clip=1.0)
+    s_logits = predict_logits(student, tokens, batch_size=32, device=cpu, dtype=torch.float32)
+    assert torch.equal(s_logits.argmax(-1), t_logits.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_gpt_dir, tmp_path_factory):
+    """A tiny teacher adapter as `run.py LoRA` writes it."""
+    torch.manual_seed(0)
+    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(tiny_gpt_dir), 4, 4))
+    folder = tmp_path_factory.mktemp("teacher") / "adapter"
+    save_adapter(model, folder, rank=4, alpha=4, dropout=0.0,
+                 targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), base_model=tiny_gpt_dir,
+                 run_info={"random_init": False, "seed": 0})
+    return folder
+
+
+def test_teacher_runs_once_per_example_and_never_with_its_cache(adapter_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    original = GPTClassifier.forward
+
+    def counting_forward(self, idx, lengths):
+        seen.append(idx.size(0))
+        return original(self, idx, lengths)
+
+    monkeypatch.setattr(GPTClassifier, "forward", counting_forward)
+    args = ["distil", "--model_path", str(adapter_dir), "--max_examples", "64", "--epochs", "2", "--rnn_hidden", "32"]
+    assert run.main(args) == 0
+    assert sum(seen) == 64 + 527 + 516  # each training example once, plus dev and out-of-domain dev once
+    seen.clear()
+    assert run.main(args) == 0
+    assert sum(seen) == 0
+
+
+def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path):
+    common = ["--max_examples", 256, "--epochs", 2, "--rnn_hidden", 32]
+    rnn = run_cli("rnn", *common, cwd=tmp_path)
+    assert rnn.returncode == 0, rnn.stderr
+    distil = run_cli("distil", "--model_path", adapter_dir, *common, cwd=tmp_path)
+    assert distil.returncode == 0, distil.stderr
+    for name in ("rnn_loss", "rnn_acc", "distil_loss", "distil_acc"):
+        assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = distil.stdout[distil.stdout.index("Distillation report"):]
+    for row in ("teacher (GPT-2 + LoRA)", "student with KD", "student without KD", "majority baseline"):
+        assert row in report
+    kd = json.loads((tmp_path / "tuning" / "distil.jsonl").read_text().splitlines()[-1])
+    assert len(kd["dev_preds"]) == 527 and kd["args"]["temperature"] == 2.0
+    assert (tmp_path / "models" / "distil-rnn" / "model.safetensors").exists()
+    assert (tmp_path / "models" / "rnn" / "config.json").exists()
+
+
+def test_cli_distil_without_adapter_says_how_to_make_one(tmp_path):
+    result = run_cli("distil", "--model_path", "missing/adapter", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "python run.py LoRA" in result.stderr
