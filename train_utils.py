@@ -119,7 +119,17 @@ class Diverged(UserError):
     pass
 
 
-def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, device, dtype, clip=None, desc="train"):
+def micro_batches(index, lengths, max_tokens):
+    """Cut a batch into consecutive pieces of at most `max_tokens` padded tokens (None: no cut). Gradients are
+    accumulated over the pieces, so a step still sees the whole batch while activations stay bounded."""
+    if not max_tokens:
+        return [index]
+    rows = max(1, max_tokens // max(lengths[i] for i in index))
+    return [index[i:i + rows] for i in range(0, len(index), rows)]
+
+
+def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, device, dtype, clip=None,
+                micro_batch_tokens=None, desc="train"):
     """One pass over `split` in length-bucketed batches; returns mean loss, accuracy and real tokens seen."""
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -129,21 +139,24 @@ def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, devi
     # disable=None: a bar on a terminal, none in logs and CI
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for step, index in enumerate(bar, start=1):
-        ids, lens, labels, teacher = collate(split, index, device)
-        with autocast(device, dtype):
-            logits = model(ids, lens)
-        loss = loss_fn(logits, labels, teacher)
-        if not torch.isfinite(loss):
-            raise Diverged(f"{desc}: loss became {loss.item()} at step {step}; try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        batch_loss = 0.0
+        for piece in micro_batches(index, lengths, micro_batch_tokens):
+            ids, lens, labels, teacher = collate(split, piece, device)
+            with autocast(device, dtype):
+                logits = model(ids, lens)
+            loss = loss_fn(logits, labels, teacher) * (len(piece) / len(index))  # the losses are batch means
+            if not torch.isfinite(loss):
+                raise Diverged(f"{desc}: loss became {loss.item()} at step {step}; try a lower --lr")
+            loss.backward()
+            batch_loss += loss.item()
+            correct += int((logits.argmax(-1) == labels).sum())
+            tokens += int(lens.sum())
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
-        total_loss += loss.item() * len(index)
-        correct += int((logits.argmax(-1) == labels).sum())
-        tokens += int(lens.sum())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        total_loss += batch_loss * len(index)
+        bar.set_postfix(loss=f"{batch_loss:.4f}")
     return {"loss": total_loss / len(split), "acc": correct / len(split), "tokens": tokens}
 
 
@@ -183,7 +196,7 @@ def trainable_state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, clip=None):
+def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, clip=None, micro_batch_tokens=None):
     """Train for `epochs` with Adam, evaluating on data['dev'] after each; the best epoch (dev accuracy) is
     restored at the end. Returns the per-epoch history and the best epoch (0 if none ran)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,7 +206,8 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         train = train_epoch(model, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
-                            device=device, dtype=dtype, clip=clip, desc=f"epoch {epoch}/{epochs}")
+                            device=device, dtype=dtype, clip=clip, micro_batch_tokens=micro_batch_tokens,
+                            desc=f"epoch {epoch}/{epochs}")
         train_seconds = time.perf_counter() - start
         dev = evaluate(model, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
         history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],

@@ -4,7 +4,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import run_cli, save_tiny_gpt2
-from model import GPT, Sampler, apply_repetition_penalty, top_k_filter, top_p_filter
+from model import GPT, Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
 from utils import UserError
 
 
@@ -47,6 +47,16 @@ def test_greedy_with_cache_equals_without_and_transformers(pair):
     assert cached == uncached == reference[0, len(prompt):].tolist()
 
 
+def test_column_major_decoding_layout_changes_no_token(tiny_gpt_dir, pair):
+    _, hf = pair
+    ours = GPT.from_pretrained(tiny_gpt_dir).for_generation(torch.device("cpu"), torch.float32)
+    assert not ours.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # the layout really changed
+    prompt = [464, 2068, 7586, 21831]
+    hf.generation_config.eos_token_id = None
+    reference = hf.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False, pad_token_id=50256)
+    assert list(ours.generate(prompt, 50, Sampler(temperature=0))) == reference[0, len(prompt):].tolist()
+
+
 def test_generation_past_block_size_slides_the_window(pair):
     ours, _ = pair
     prompt = list(range(100, 220))  # 120 of the 128 positions
@@ -68,9 +78,16 @@ def test_stops_at_end_of_text_unless_ignored(pair):
 
 
 def test_top_k_on_a_hand_made_distribution():
-    logits = torch.tensor([1.0, 4.0, 3.0, 2.0, 0.0])
-    kept = torch.isfinite(top_k_filter(logits, 2))
-    assert kept.tolist() == [False, True, True, False, False]
+    values, ids = top_k_candidates(torch.tensor([1.0, 4.0, 3.0, 2.0, 0.0]), 2)
+    assert ids.tolist() == [1, 2] and values.tolist() == [4.0, 3.0]
+    assert top_k_candidates(torch.tensor([1.0, 4.0]), 10)[1].tolist() == [1, 0]
+
+
+def test_sampling_never_leaves_the_top_k_nor_the_nucleus():
+    probs = torch.tensor([0.04, 0.5, 0.3, 0.15, 0.01])
+    sampler = Sampler(temperature=1.0, top_k=3, top_p=0.75, seed=0)
+    drawn = {sampler(probs.log(), []) for _ in range(300)}
+    assert drawn == {1, 2}  # top-3 is {1, 2, 3}; within it 0.5 + 0.3 covers 0.75 of the renormalized mass
 
 
 def test_top_p_on_a_hand_made_distribution():
@@ -89,8 +106,8 @@ def test_filters_match_transformers_warpers():
                                                         TopPLogitsWarper)
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(3)) * 3
     ids = torch.tensor([[5, 17, 17, 999, 400]])
-    assert torch.equal(torch.isfinite(top_k_filter(logits[0], 37)),
-                       torch.isfinite(TopKLogitsWarper(37)(ids, logits.clone())[0]))
+    kept_by_hf = torch.isfinite(TopKLogitsWarper(37)(ids, logits.clone())[0]).nonzero().flatten()
+    assert sorted(top_k_candidates(logits[0], 37)[1].tolist()) == kept_by_hf.tolist()
     assert torch.equal(torch.isfinite(top_p_filter(logits[0], 0.9)),
                        torch.isfinite(TopPLogitsWarper(0.9)(ids, logits.clone())[0]))
     ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())[0]

@@ -187,3 +187,18 @@ def test_cli_lora_end_to_end(tiny_gpt_dir, tmp_path):
     assert record["args"]["LoRA_rank"] == 4 and record["dtype"] in ("float32", "bfloat16")
     assert "majority baseline" in result.stdout and "MCC" in result.stdout
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_micro_batches_give_the_same_step_as_the_whole_batch(classifier, tokenizer, cola_dir):
+    from utils import load_cola
+    sentences, labels = load_cola(cola_dir)["train"]
+    split = Split([tokenizer.encode_ordinary(s) for s in sentences[:48]], torch.tensor(labels[:48]))
+    model = mark_only_lora_as_trainable(inject_lora(classifier, 4, 4))
+    randomize_adapter(model)
+    models = [model, copy.deepcopy(model)]
+    for model, budget in zip(models, (None, 64)):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        train_epoch(model, split, cross_entropy, opt, batch_size=48, generator=torch.Generator().manual_seed(0),
+                    device=torch.device("cpu"), dtype=torch.float32, micro_batch_tokens=budget)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert (a - b).abs().max() <= 1e-6, name

@@ -1,0 +1,251 @@
+"""The project's benchmark: ours against the Hugging Face peer a user would otherwise pick, in the same process.
+
+Random-weight models of the real architectures (nothing downloaded), real CoLA sentences. Each case runs ours
+and the peer alternately (A B A B ...) after a warm-up and reports medians and their ratio.
+
+    python bench.py              # the full table (about 15 minutes on 2 CPU cores)
+    python bench.py --quick      # a reduced run that only checks the benchmark still works
+    python bench.py --json out.json
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model import GPT, DistilRNN, GPTClassifier, RNNConfig, Sampler, inject_lora, mark_only_lora_as_trainable
+from train_utils import KDLoss, Split, collate, cross_entropy, train_epoch
+from utils import EOT, compute_dtype, default_cola_dir, encode, get_tokenizer, load_cola, write_text
+
+CPU = torch.device("cpu")
+
+
+def alternate(runs, reps, warmup=1):
+    """Run each callable of `runs` in turn, `warmup` untimed rounds then `reps` timed ones; seconds per name."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def matmul_gflops(dtype, n=2048, reps=10):
+    """This machine's measured matmul throughput for `dtype` (the training roofline)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def memory_gbps(mbytes=512, reps=5):
+    """Measured memory bandwidth: bytes read + written by a large copy (the decoding roofline)."""
+    src = torch.empty(mbytes * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    return 2 * src.numel() * 4 * reps / (time.perf_counter() - start) / 1e9
+
+
+# ----------------------------------------------------------------------------- LoRA training
+
+def hf_peft_classifier(config):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    hf = GPT2ForSequenceClassification(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                                  pad_token_id=EOT, num_labels=2))
+    return get_peft_model(hf, LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"],
+                                         fan_in_fan_out=True, task_type="SEQ_CLS",
+                                         modules_to_save=["ln_1", "ln_2", "ln_f", "score"]))
+
+
+def shuffled_batches(n, batch_size, seed):
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def peer_epoch(model, optimizer, split, batches):
+    """The usual recipe: shuffled batches padded to the batch maximum, attention mask, fp32, Adam."""
+    model.train()
+    for index in batches:
+        ids, lengths, labels, _ = collate(split, index, CPU)
+        mask = (torch.arange(ids.size(1)) < lengths[:, None]).long()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def our_lora(variant):
+    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_random(variant), 4, 4))
+    return model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def ours_fixed_batches_epoch(model, optimizer, split, batches, dtype):
+    """Our model and loss on the peer's exact batches (to compare implementations, not batching)."""
+    model.train()
+    for index in batches:
+        ids, lengths, labels, _ = collate(split, index, CPU)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(ids, lengths)
+        loss = cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def lora_cases(split, reps, variant="gpt2", batch_size=128):
+    auto = compute_dtype("auto", CPU)
+    ours, ours_opt = our_lora(variant)
+    peer = hf_peft_classifier(ours.config)
+    peer_opt = torch.optim.Adam([p for p in peer.parameters() if p.requires_grad], lr=1e-3)
+    batches = shuffled_batches(len(split), batch_size, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    tokens = sum(len(t) for t in split.tokens)
+    frozen = sum(p.numel() for p in ours.parameters())
+    flops = 4 * frozen * tokens  # forward 2N + backward to activations 2N per token; the base gets no weight grads
+
+    times = alternate({
+        "ours": lambda: train_epoch(ours, split, cross_entropy, ours_opt, batch_size=batch_size,
+                                    generator=generator, device=CPU, dtype=auto),
+        "peer": lambda: peer_epoch(peer, peer_opt, split, batches)}, reps)
+    yield case(f"LoRA train epoch, {len(split)} CoLA sentences, {variant} r=4, batch {batch_size}",
+               f"run.py LoRA defaults ({dtype_name(auto)}, bucketing)", "HF + PEFT fp32, shuffled, padded", times,
+               target=4.0, limit=("matmul", flops, matmul_gflops(auto)))
+    times = alternate({"ours": lambda: ours_fixed_batches_epoch(ours, ours_opt, split, batches, torch.float32),
+                       "peer": lambda: peer_epoch(peer, peer_opt, split, batches)}, reps)
+    yield case("same, both fp32 and the same batches", "ours fp32", "HF + PEFT fp32", times, target=1.0,
+               limit=("matmul", flops, matmul_gflops(torch.float32)))
+
+
+# ----------------------------------------------------------------------------- generation
+
+def generation_cases(reps, new_tokens, variant="gpt2"):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 50257, (128,)).tolist()
+    ours = GPT.from_random(variant).eval()
+    c = ours.config
+    peer = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)).eval()
+    peer.generation_config.eos_token_id = None
+
+    def run_peer():
+        with torch.no_grad():
+            peer.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=True, top_k=50, pad_token_id=EOT)
+
+    def run_ours(model):
+        return lambda: list(model.generate(prompt, new_tokens, Sampler(1.0, top_k=50, seed=0)))
+
+    auto = compute_dtype("auto", CPU)
+    ours_auto = GPT.from_random(variant).to(auto).eval()
+    bandwidth = memory_gbps()
+    for label, model, dtype, target in ((f"run.py gen defaults ({dtype_name(auto)})", ours_auto, auto, 2.0),
+                                        ("ours fp32", ours, torch.float32, 1.0)):
+        times = alternate({"ours": run_ours(model), "peer": run_peer}, reps)
+        weight_bytes = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+        title = (f"generation, {variant}, 128-token prompt, {new_tokens} new tokens, top-k 50" if target == 2.0
+                 else "same, both fp32")
+        yield case(title, label, "GPT2LMHeadModel.generate fp32", times, target=target,
+                   limit=("bandwidth", weight_bytes * new_tokens, bandwidth))
+
+
+# ----------------------------------------------------------------------------- distillation
+
+def distil_case(split, reps):
+    """A distil epoch after the first (teacher logits cached) against an rnn epoch: ours against ours."""
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(len(split), 2)
+    kd_split = Split(split.tokens, split.labels, teacher)
+    auto = compute_dtype("auto", CPU)
+    models = {name: DistilRNN(RNNConfig()) for name in ("distil", "rnn")}
+    opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+    times = alternate({
+        "ours": lambda: train_epoch(models["distil"], kd_split, KDLoss(2.0, 0.5), opts["distil"], batch_size=128,
+                                    generator=generator, device=CPU, dtype=auto, clip=1.0),
+        "peer": lambda: train_epoch(models["rnn"], split, cross_entropy, opts["rnn"], batch_size=128,
+                                    generator=generator, device=CPU, dtype=auto, clip=1.0)}, reps)
+    return case(f"distil epoch (after the first) vs rnn epoch, {len(split)} sentences", "distil epoch",
+                "rnn epoch", times, target=1.2, speedup=False)
+
+
+def peak_rss_case(max_examples):
+    """Peak resident memory of a whole gpt2-medium LoRA run, as a user would start it."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cmd = [sys.executable, "run.py", "LoRA", "--gpt_variant", "gpt2-medium", "--random_init", "--epochs", "1",
+           "--max_examples", str(max_examples), "--model_path", "models/bench-rss"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).parent)
+    peak_gb = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 2 ** 20
+    return {"case": f"peak RSS, {' '.join(cmd[1:])}", "ours": f"{peak_gb:.2f} GB", "peer": "-", "ratio": "-",
+            "target": "<= 3 GB", "met": peak_gb <= 3.0}
+
+
+# ----------------------------------------------------------------------------- table
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def case(title, ours, peer, times, target, limit=None, speedup=True):
+    """A table row from alternating timings. speedup: the target is peer/ours time (ours faster) at least
+    `target`; otherwise it is ours/peer time (a cost) at most `target`."""
+    ours_s, peer_s = statistics.median(times["ours"]), statistics.median(times["peer"])
+    ratio = peer_s / ours_s if speedup else ours_s / peer_s
+    row = {"case": title, "ours": f"{ours} {ours_s:.2f}s", "peer": f"{peer} {peer_s:.2f}s", "ours_s": ours_s,
+           "peer_s": peer_s, "ratio": f"{ratio:.2f}x", "target": f">= {target}x" if speedup else f"<= {target}x time",
+           "met": ratio >= target if speedup else ratio <= target, "reps": len(times["ours"])}
+    if limit:
+        kind, work, roof = limit
+        achieved = work / ours_s / 1e9
+        unit = "GFLOP/s" if kind == "matmul" else "GB/s"
+        row["of_limit"] = f"{achieved:.0f}/{roof:.0f} {unit} ({achieved / roof:.0%})"
+    return row
+
+
+def print_table(rows):
+    from train_utils import format_table
+    headers = ["case", "ours (median)", "peer (median)", "ratio", "target", "met", "of machine limit"]
+    print(format_table(headers, [[r["case"], r["ours"], r["peer"], r["ratio"], r["target"],
+                                  "yes" if r["met"] else "NO", r.get("of_limit", "-")] for r in rows]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions: checks it runs, not speed")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--data_dir", default=default_cola_dir())
+    parser.add_argument("--json", help="also write the table here")
+    args = parser.parse_args()
+    reps = 2 if args.quick else max(args.reps, 5)
+    sentences, labels = load_cola(args.data_dir)["train"]
+    n = 256 if args.quick else 2048
+    keep = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    split = Split(encode(get_tokenizer(), [sentences[i] for i in keep]), torch.tensor([labels[i] for i in keep]))
+    rows = list(lora_cases(split, reps))
+    rows += list(generation_cases(reps, new_tokens=32 if args.quick else 384))
+    rows.append(distil_case(split, reps))
+    rows.append(peak_rss_case(64 if args.quick else 512))
+    print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}{', QUICK (not a speed measurement)' if args.quick else ''}")
+    print_table(rows)
+    if args.json:
+        write_text(args.json, json.dumps({"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "rows": rows},
+                                         indent=2))
+
+
+if __name__ == "__main__":
+    main()
