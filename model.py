@@ -286,11 +286,16 @@ def top_p_filter(logits, p):
 
 # ----------------------------------------------------------------------------- loading helpers
 
+def looks_like_path(name):
+    """A folder path rather than a Hugging Face id ("name" or "org/name")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 def checkpoint_folder(name_or_path):
     """A local folder as is; a Hugging Face id downloaded (config + weights, with progress bars) and cached."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:  # a path, not an "org/name" id
+    if looks_like_path(name_or_path):
         raise UserError(f"--gpt_variant {name_or_path}: no such folder")
     from huggingface_hub import snapshot_download
     try:
@@ -353,6 +358,28 @@ class GPTClassifier(GPT):
         super().__init__(config)
         self.score = nn.Linear(config.n_embd, n_classes, bias=False)
         nn.init.normal_(self.score.weight, std=0.02)
+
+    def hf_config(self):
+        """config.json of this classifier for transformers' GPT2ForSequenceClassification."""
+        c = self.config
+        return {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"], "vocab_size": c.vocab_size,
+                "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+                "layer_norm_epsilon": c.layer_norm_eps, "activation_function": "gelu_new",
+                "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50256,  # padding = <|endoftext|>
+                "id2label": {"0": "unacceptable", "1": "acceptable"},
+                "label2id": {"unacceptable": 0, "acceptable": 1}}
+
+    def hf_state_dict(self):
+        """The weights in GPT2ForSequenceClassification's layout: LoRA must be merged; Conv1D weights are (in, out)."""
+        if any(not layer.merged for layer in lora_layers(self)):
+            raise ValueError("merge LoRA before exporting")
+        out = {}
+        for key, value in self.state_dict().items():
+            if ".lora_" in key or key.startswith("lm_head."):  # lm_head is wte, tied
+                continue
+            key = key.replace(".base.", ".")
+            out[key] = value.t() if key.endswith(CONV1D_WEIGHTS) else value
+        return out
 
     def forward(self, idx, lengths):
         h = self.hidden(idx)  # (B, T, n_embd)

@@ -1,6 +1,7 @@
 """Command line: `python run.py {gen,LoRA,rnn,distil} ...`. Parse, validate, build, call, report."""
 import argparse
 import codecs
+import json
 import os
 import sys
 import time
@@ -11,13 +12,13 @@ from pathlib import Path
 import torch
 
 from model import (GPT, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_frozen_linears,
-                   count_parameters, inject_lora, mark_only_lora_as_trainable, merge_lora)
+                   count_parameters, inject_lora, looks_like_path, mark_only_lora_as_trainable, merge_lora)
 from train_utils import (KDLoss, Split, cross_entropy, evaluate, fit, format_table, majority_baseline,
                          matthews_corrcoef, plot_history, predict_logits)
-from utils import (ADAPTER_CONFIG, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, UserError, append_jsonl, compute_dtype,
-                   default_cola_dir, encode, file_sha256, get_tokenizer, load_adapter_weights, load_cola, read_json,
-                   read_jsonl, read_adapter_config, read_tensors, resolve_device, save_adapter, save_checkpoint,
-                   seed_everything)
+from utils import (ADAPTER_CONFIG, EOT, LABELS, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, UserError, append_jsonl,
+                   compute_dtype, default_cola_dir, encode, file_sha256, get_tokenizer, load_adapter_weights,
+                   load_cola, read_json, read_cola_tsv, read_jsonl, read_adapter_config, read_tensors, resolve_device,
+                   save_adapter, save_checkpoint, seed_everything)
 
 TUNING_DIR, PLOTS_DIR = "tuning", "plots"
 
@@ -93,13 +94,25 @@ def data_fingerprint(splits):
 
 # ----------------------------------------------------------------------------- one training run
 
-def train_and_report(mode, model, loss_fn, splits, args, device, dtype, extra=None):
+def resume_state_path(out_path):
+    return Path(f"{str(out_path).rstrip('/')}.resume.pt")
+
+
+def run_config(args):
+    """The flags a resumed run must share with the run it continues."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "debug", "func", "epochs", "device")}
+
+
+def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path, save, extra=None):
     """Train with the shared loop, evaluate the best epoch on dev and out-of-domain dev, print the summary,
-    draw the plots and append the run to tuning/<mode>.jsonl. Returns that record."""
+    draw the plots, append the run to tuning/<mode>.jsonl and `save()` the model to `out_path`; the state
+    kept for --resume is removed once all of that is written. Returns the run's record."""
     start = time.time()
+    state_path = resume_state_path(out_path)
     history, best_epoch = fit(model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               device=device, dtype=dtype, seed=args.seed, clip=getattr(args, "clip", None),
-                              micro_batch_tokens=args.micro_batch_tokens)
+                              micro_batch_tokens=args.micro_batch_tokens, state_path=state_path,
+                              resume=args.resume, config=run_config(args))
     final = {name: evaluate(model, splits[name], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)
              for name in ("dev", "ood")}
     baseline = {name: majority_baseline(splits["train"].labels, splits[name].labels) for name in ("dev", "ood")}
@@ -120,6 +133,8 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, extra=No
               "wall_seconds": time.time() - start, "plots": plots, **(extra or {})}
     append_jsonl(f"{TUNING_DIR}/{mode}.jsonl", record)
     print(f"plots: {', '.join(plots)}; run logged to {TUNING_DIR}/{mode}.jsonl")
+    save()
+    state_path.unlink(missing_ok=True)
     return record
 
 
@@ -179,11 +194,14 @@ def cmd_lora(args):
     print_parameter_table(model)
     splits = load_splits(args, tokenizer, model.config.block_size)
     cast_frozen_linears(model, dtype).to(device)
-    train_and_report("LoRA", model, cross_entropy, splits, args, device, dtype)
-    save_adapter(model, args.model_path, rank=args.LoRA_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                 targets=args.lora_targets, base_model=args.gpt_variant,
-                 run_info={"random_init": args.random_init, "seed": args.seed, "gpt_variant": args.gpt_variant})
-    print(f"adapter saved to {args.model_path} (PEFT format)")
+
+    def save():
+        save_adapter(model, args.model_path, rank=args.LoRA_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                     targets=args.lora_targets, base_model=args.gpt_variant,
+                     run_info={"random_init": args.random_init, "seed": args.seed, "gpt_variant": args.gpt_variant})
+        print(f"adapter saved to {args.model_path} (PEFT format)")
+
+    train_and_report("LoRA", model, cross_entropy, splits, args, device, dtype, args.model_path, save)
 
 
 def build_student(args):
@@ -219,8 +237,8 @@ def cmd_rnn(args):
     splits = load_splits(args, get_tokenizer())
     model = build_student(args).to(device)
     print_parameter_table(model)
-    train_and_report("rnn", model, cross_entropy, splits, args, device, dtype)
-    save_student(model, args.model_path, args)
+    train_and_report("rnn", model, cross_entropy, splits, args, device, dtype, args.model_path,
+                     save=lambda: save_student(model, args.model_path, args))
 
 
 def teacher_logits(teacher, splits, adapter_folder, variant, args, device, dtype):
@@ -259,8 +277,8 @@ def cmd_distil(args):
     student = build_student(args).to(device)
     print_parameter_table(student)
     record = train_and_report("distil", student, KDLoss(args.temperature, args.alpha), splits, args, device, dtype,
+                              args.student_path, save=lambda: save_student(student, args.student_path, args),
                               extra={"teacher": args.model_path})
-    save_student(student, args.student_path, args)
     print_distil_report(teacher, logits, splits, record)
 
 
@@ -297,18 +315,97 @@ def print_distil_report(teacher, logits, splits, kd_run):
               "run it for the without-KD row)")
 
 
+def load_predictor(folder, variant):
+    """A trained classifier from its folder, recognised by its files: (model, block size or None for the RNN)."""
+    folder = Path(folder)
+    if (folder / ADAPTER_CONFIG).exists():
+        model, _, _ = load_lora_classifier(folder, variant)
+        return model, model.config.block_size
+    if (folder / STUDENT_CONFIG).exists():
+        return load_student(folder), None
+    raise UserError(f"{folder}: neither a LoRA adapter folder ({ADAPTER_CONFIG}) nor a student checkpoint "
+                    f"({STUDENT_CONFIG}); train one with `python run.py LoRA` or `python run.py rnn`")
+
+
+def read_sentences(args):
+    """(sentences, labels or None) from --sentence, --input (plain lines or a CoLA TSV) or standard input."""
+    if args.sentence:
+        return args.sentence, None
+    if args.input:
+        path = Path(args.input)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--input {path}: cannot read it ({e})") from None
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        if first.count("\t") == 3:  # a CoLA-format TSV: source, label, original mark, sentence
+            return read_cola_tsv(path)
+    else:
+        text = sys.stdin.read()
+    return text.splitlines(), None
+
+
+def cmd_predict(args):
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
+    sentences, labels = read_sentences(args)
+    model, block_size = load_predictor(args.model_path, args.gpt_variant)
+    if block_size:
+        cast_frozen_linears(model, dtype)
+    # An empty line becomes <|endoftext|> alone; GPT-2 keeps the last block_size tokens, whose final one it reads.
+    tokens = [(t or [EOT])[-block_size:] if block_size else (t or [EOT]) for t in encode(get_tokenizer(), sentences)]
+    logits = predict_logits(model.to(device), tokens, batch_size=args.batch_size, device=device, dtype=dtype)
+    p_acceptable = torch.softmax(logits, -1)[:, 1].tolist()
+    rows = [{"sentence": s, "label": LABELS[p >= 0.5], "p_acceptable": round(p, 6)}
+            for s, p in zip(sentences, p_acceptable)]
+    if args.format == "jsonl":
+        print("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    elif args.format == "tsv":
+        print("\n".join(f"{r['label']}\t{r['p_acceptable']:.4f}\t{r['sentence']}" for r in rows))
+    else:
+        print(format_table(["label", "p_acceptable", "sentence"],
+                           [[r["label"], f"{r['p_acceptable']:.4f}", r["sentence"]] for r in rows]))
+    if labels is not None:
+        preds = torch.tensor([int(p >= 0.5) for p in p_acceptable])
+        acc = float((preds == torch.tensor(labels)).float().mean())
+        print(f"accuracy {acc:.2%}  MCC {matthews_corrcoef(preds, labels):+.3f}  on {len(labels)} labelled sentences",
+              file=sys.stdout if args.format == "table" else sys.stderr)
+
+
+def cmd_export(args):
+    model, _, _ = load_lora_classifier(args.model_path, args.gpt_variant)
+    save_checkpoint(args.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
+    print(f"merged classifier written to {args.out}: GPT2ForSequenceClassification.from_pretrained({args.out!r})")
+
+
 # ----------------------------------------------------------------------------- arguments
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def number_in(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: `kind` (int or float) within [low, high], each end optionally open."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or value != value:  # value != value: NaN
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+    return parse
+
+
+positive_int = number_in(int, 1)
+non_negative_int = number_in(int, 0)
+positive_float = number_in(float, 0, low_open=True)
+non_negative_float = number_in(float, 0)
+fraction = number_in(float, 0, 1)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description="GPT-2 generation, LoRA fine-tuning and distillation on CoLA.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="mode", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
@@ -327,9 +424,10 @@ def build_parser():
     train.add_argument("--data_dir", default=default_cola_dir(), help="folder of the raw CoLA TSVs "
                        "(downloaded there when missing; default $COLA_DATA_DIR or data/cola)")
     train.add_argument("--max_examples", type=positive_int, help="train on a seeded random subset of this size")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run with these flags")
     train.add_argument("--batch_size", type=positive_int, default=128)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--micro_batch_tokens", type=int, help="split each batch into pieces of at most this many "
+    train.add_argument("--lr", type=positive_float, default=1e-3)
+    train.add_argument("--micro_batch_tokens", type=non_negative_int, help="split each batch into pieces of at most this many "
                        "padded tokens and accumulate gradients: bounds memory, same result (default: 512 on CPU, "
                        "as fast as larger pieces there, 16384 on CUDA; 0: never split)")
 
@@ -337,17 +435,20 @@ def build_parser():
     student.add_argument("--rnn_hidden", type=positive_int, default=768)
     student.add_argument("--rnn_layers", type=positive_int, default=2)
     student.add_argument("--rnn_cell", default="rnn", choices=["rnn", "gru", "lstm"])
-    student.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (ReLU RNNs explode)")
-    student.add_argument("--epochs", type=int, default=5)
+    student.add_argument("--clip", type=non_negative_float, default=1.0,
+                         help="gradient-norm clipping, 0 for none (ReLU RNNs explode without it)")
+    student.add_argument("--epochs", type=non_negative_int, default=5)
 
     g = sub.add_parser("gen", parents=[common, gpt], help="generate text")
-    g.add_argument("--prompt", default="Hello, I'm a language model,")
-    g.add_argument("--prompt_file", help="read the prompt from this file")
+    prompt = g.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="Hello, I'm a language model,")
+    prompt.add_argument("--prompt_file", help="read the prompt from this file")
     g.add_argument("--max_new_tokens", type=positive_int, default=100)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    g.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 means greedy")
     g.add_argument("--top_k", type=positive_int, default=50)
-    g.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep tokens up to this mass")
-    g.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL's penalty; 1 is none")
+    g.add_argument("--top_p", type=number_in(float, 0, 1, low_open=True), default=None,
+                   help="nucleus sampling: keep the most likely tokens up to this probability mass")
+    g.add_argument("--repetition_penalty", type=positive_float, default=1.0, help="CTRL's penalty; 1 is none")
     g.add_argument("--greedy", action="store_true", help="always the most likely token")
     g.add_argument("--ignore_eos", action="store_true", help="keep going past <|endoftext|>")
     g.add_argument("--num_samples", type=positive_int, default=1)
@@ -356,10 +457,10 @@ def build_parser():
 
     lora = sub.add_parser("LoRA", parents=[common, gpt, train], help="LoRA fine-tuning of GPT-2 on CoLA")
     lora.add_argument("--LoRA_rank", "--lora_rank", type=positive_int, default=4)
-    lora.add_argument("--lora_alpha", type=float, help="scale numerator (default: the rank, i.e. scale 1)")
-    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--lora_alpha", type=positive_float, help="scale numerator (default: the rank, i.e. scale 1)")
+    lora.add_argument("--lora_dropout", type=number_in(float, 0, 1, high_open=True), default=0.0)
     lora.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS))
-    lora.add_argument("--epochs", type=int, default=10)
+    lora.add_argument("--epochs", type=non_negative_int, default=10)
     lora.add_argument("--model_path", help="adapter folder to write (default models/LoRA-<variant>)")
     lora.set_defaults(func=cmd_lora)
 
@@ -372,31 +473,68 @@ def build_parser():
     distil.add_argument("--gpt_variant", help="the teacher's base (default: the one the adapter names)")
     distil.add_argument("--model_path", help="the teacher's adapter folder (default models/LoRA-<variant>)")
     distil.add_argument("--student_path", default="models/distil-rnn", help="student checkpoint folder to write")
-    distil.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KD loss")
-    distil.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (KL) part; 1-alpha on labels")
+    distil.add_argument("--temperature", type=positive_float, default=2.0, help="softmax temperature T of the KD loss")
+    distil.add_argument("--alpha", type=fraction, default=0.5, help="weight of the soft (KL) part; 1-alpha on labels")
     distil.set_defaults(func=cmd_distil)
+
+    predict = sub.add_parser("predict", parents=[common], help="classify sentences with a trained model")
+    predict.add_argument("--model_path", required=True, help="a LoRA adapter folder or a student checkpoint")
+    predict.add_argument("--gpt_variant", help="GPT-2 base for an adapter (default: the one it names)")
+    source = predict.add_mutually_exclusive_group()
+    source.add_argument("--sentence", action="append", help="a sentence to classify (repeatable)")
+    source.add_argument("--input", help="one sentence per line, or a CoLA-format TSV (then accuracy and MCC too)")
+    predict.add_argument("--format", default="table", choices=["table", "jsonl", "tsv"])
+    predict.add_argument("--batch_size", type=positive_int, default=128)
+    predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser("export", parents=[common],
+                            help="write a LoRA-tuned classifier as a plain Hugging Face checkpoint, LoRA merged")
+    export.add_argument("--model_path", required=True, help="the adapter folder")
+    export.add_argument("--gpt_variant", help="GPT-2 base (default: the one the adapter names)")
+    export.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
+def writable(path):
+    """True if `path` can be created or replaced: its nearest existing ancestor is a writable folder."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return os.access(path if path.is_dir() else path.parent, os.W_OK)
+
+
 def finish_args(parser, args):
-    """Defaults that depend on other flags, and range checks argparse cannot express (usage errors, exit 2)."""
+    """Defaults that depend on other flags, and checks argparse cannot express: usage errors, exit 2, before
+    anything is downloaded or built."""
     if args.mode == "LoRA":
         args.lora_alpha = args.LoRA_rank if args.lora_alpha is None else args.lora_alpha
         args.model_path = args.model_path or f"models/LoRA-{variant_slug(args.gpt_variant)}"
-        if not 0 <= args.lora_dropout < 1:
-            parser.error("--lora_dropout must be in [0, 1)")
     if args.mode == "distil" and args.model_path is None:
         args.model_path = f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}"
-    if hasattr(args, "micro_batch_tokens") and args.micro_batch_tokens is None:
+    if getattr(args, "micro_batch_tokens", 0) is None:
         args.micro_batch_tokens = 16384 if torch.cuda.is_available() and args.device != "cpu" else 512
-    if hasattr(args, "epochs") and args.epochs < 0:
-        parser.error("--epochs must be >= 0")
-    if hasattr(args, "lr") and not args.lr > 0:
-        parser.error("--lr must be > 0")
+    variant = getattr(args, "gpt_variant", None)
+    if variant and looks_like_path(variant) and not Path(variant).is_dir():
+        parser.error(f"--gpt_variant {variant}: no such folder")
+    for flag in ("prompt_file", "input"):
+        if getattr(args, flag, None) and not Path(getattr(args, flag)).is_file():
+            parser.error(f"--{flag} {getattr(args, flag)}: no such file")
+    if args.mode in ("predict", "export") and not Path(args.model_path).is_dir():
+        parser.error(f"--model_path {args.model_path}: no such folder")
+    outputs = {"LoRA": ["model_path"], "rnn": ["model_path"], "distil": ["student_path"], "export": ["out"]}
+    for flag in outputs.get(args.mode, []) + (["data_dir"] if hasattr(args, "data_dir") else []):
+        if not writable(getattr(args, flag)):
+            parser.error(f"--{flag} {getattr(args, flag)}: cannot write there (permission denied)")
+    if args.mode in ("LoRA", "rnn", "distil"):
+        for folder in (TUNING_DIR, PLOTS_DIR):
+            if not writable(folder):
+                parser.error(f"{folder}/: cannot write run results there (permission denied)")
     return args
 
 
 def main(argv=None):
+    """Run one subcommand; every failure ends in one line on stderr (the traceback only with --debug)."""
     parser = build_parser()
     args = finish_args(parser, parser.parse_args(argv))
     try:
@@ -405,10 +543,17 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         if args.debug:
             traceback.print_exc()
-        return 1
+        return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        print(f"error: unexpected {type(e).__name__}: {reason} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -116,7 +116,7 @@ def majority_baseline(train_labels, eval_labels):
 # ----------------------------------------------------------------------------- the loop
 
 class Diverged(UserError):
-    pass
+    """The loss became NaN or infinite."""
 
 
 def micro_batches(index, lengths, max_tokens):
@@ -196,31 +196,82 @@ def trainable_state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, clip=None, micro_batch_tokens=None):
+class Interrupted(UserError):
+    exit_code = 130
+
+
+def save_run_state(path, run, model, optimizer, generator, config):
+    """Everything needed to continue after the last finished epoch, written atomically."""
+    state = dict(run, model=trainable_state(model), optimizer=optimizer.state_dict(), generator=generator.get_state(),
+                 torch_rng=torch.get_rng_state(), config=config)
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_run_state(path, model, optimizer, generator, config):
+    """Restore a run saved by save_run_state, refusing one made with other flags."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--resume: no saved run at {path}; start the run without --resume") from None
+    except Exception as e:
+        raise UserError(f"{path}: corrupt or truncated run state ({type(e).__name__})") from None
+    changed = [k for k in config if state["config"].get(k) != config[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{path}: saved with --{k} {state['config'].get(k)}, this run has --{k} {config[k]}; "
+                        "rerun with the same flags, or without --resume")
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return {k: state[k] for k in ("epoch", "history", "best_epoch", "best_acc", "best_state")}
+
+
+def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, clip=None, micro_batch_tokens=None,
+        state_path=None, resume=False, config=None):
     """Train for `epochs` with Adam, evaluating on data['dev'] after each; the best epoch (dev accuracy) is
-    restored at the end. Returns the per-epoch history and the best epoch (0 if none ran)."""
+    restored at the end. After each epoch the run's state goes to `state_path`, from which `resume` continues
+    exactly. Returns the per-epoch history and the best epoch (0 if none ran)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    history, best_epoch, best_acc, best_state = [], 0, -1.0, None
-    for epoch in range(1, epochs + 1):
+    run = {"epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0, "best_state": None}
+    if resume:
+        run = load_run_state(state_path, model, optimizer, generator, config)
+        tqdm.write(f"resuming after epoch {run['epoch']} from {state_path}")
+    for epoch in range(run["epoch"] + 1, epochs + 1):
+        kept = f"the state after epoch {epoch - 1} is in {state_path}" if state_path and epoch > 1 else "nothing saved"
         start = time.perf_counter()
-        train = train_epoch(model, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
-                            device=device, dtype=dtype, clip=clip, micro_batch_tokens=micro_batch_tokens,
-                            desc=f"epoch {epoch}/{epochs}")
+        try:
+            train = train_epoch(model, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
+                                device=device, dtype=dtype, clip=clip, micro_batch_tokens=micro_batch_tokens,
+                                desc=f"epoch {epoch}/{epochs}")
+        except KeyboardInterrupt:
+            hint = "; rerun the same command with --resume to continue" if epoch > 1 and state_path else ""
+            raise Interrupted(f"interrupted during epoch {epoch}; {kept}{hint}") from None
+        except Diverged as e:
+            raise Diverged(f"{e} ({kept})") from None
         train_seconds = time.perf_counter() - start
         dev = evaluate(model, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
-        history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
-                        "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"],
-                        "train_seconds": train_seconds, "train_tokens_per_s": train["tokens"] / train_seconds})
+        run["history"].append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
+                               "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"],
+                               "train_seconds": train_seconds, "train_tokens_per_s": train["tokens"] / train_seconds})
         tqdm.write(f"epoch {epoch:>2}/{epochs}  train loss {train['loss']:.4f} acc {train['acc']:.2%}  |  "
                    f"dev loss {dev['loss']:.4f} acc {dev['acc']:.2%} MCC {dev['mcc']:+.3f}  "
                    f"({train_seconds:.1f}s, {train['tokens'] / train_seconds:,.0f} tok/s)")
-        if dev["acc"] > best_acc:
-            best_epoch, best_acc, best_state = epoch, dev["acc"], trainable_state(model)
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    return history, best_epoch
+        if dev["acc"] > run["best_acc"]:
+            run.update(best_epoch=epoch, best_acc=dev["acc"], best_state=trainable_state(model))
+        run["epoch"] = epoch
+        if state_path:
+            save_run_state(state_path, run, model, optimizer, generator, config)
+    if run["best_state"] is not None:
+        model.load_state_dict(run["best_state"], strict=False)
+    return run["history"], run["best_epoch"]
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -19,6 +19,7 @@ from tqdm import tqdm
 COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 COLA_SPLITS = {"train": "in_domain_train.tsv", "dev": "in_domain_dev.tsv", "ood": "out_of_domain_dev.tsv"}
 EOT = 50256  # <|endoftext|>: GPT-2's end-of-text token, also used as padding (never attended to, see model.py)
+LABELS = ("unacceptable", "acceptable")  # CoLA's labels 0 and 1
 
 
 class UserError(Exception):
@@ -284,6 +285,8 @@ def load_adapter_weights(model, folder):
     unknown = sorted(tensors.keys() - ours.keys())
     if unknown:
         raise UserError(f"{path}: holds {unknown[0]}, which this model has not (another target set?)")
+    if "score.weight" not in tensors:
+        raise UserError(f"{path}: no classification head (score.weight): not an adapter for sequence classification")
     missing = [k for k in ours if ".lora_" in k and k not in tensors]
     if missing:
         raise UserError(f"{path}: lacks {missing[0]} (another target set?)")

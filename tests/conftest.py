@@ -48,7 +48,7 @@ def tokenizer():
     return get_tokenizer()
 
 
-def run_cli(*args, cwd, timeout=600):
+def run_cli(*args, cwd, timeout=600, input=None):
     """Run `python run.py ARGS` in `cwd` as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=os.environ | {"PYTHONPATH": str(ROOT)})
+                          input=input, text=True, timeout=timeout, env=os.environ | {"PYTHONPATH": str(ROOT)})
