@@ -404,8 +404,15 @@ non_negative_float = number_in(float, 0)
 fraction = number_in(float, 0, 1)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), pointing at --help instead of the usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="GPT-2 generation, LoRA fine-tuning and distillation on CoLA.")
+    parser = OneLineParser(description="GPT-2 generation, LoRA fine-tuning and distillation on CoLA.")
     sub = parser.add_subparsers(dest="mode", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
@@ -497,11 +504,15 @@ def build_parser():
 
 
 def writable(path):
-    """True if `path` can be created or replaced: its nearest existing ancestor is a writable folder."""
+    """True if `path` can be created or replaced: its nearest existing ancestor is a writable folder (or it is
+    itself an existing writable file)."""
     path = Path(path).absolute()
+    first = path
     while not path.exists():
         path = path.parent
-    return os.access(path if path.is_dir() else path.parent, os.W_OK)
+    if path.is_dir():
+        return os.access(path, os.W_OK)
+    return path == first and os.access(path.parent, os.W_OK)
 
 
 def finish_args(parser, args):
@@ -525,7 +536,7 @@ def finish_args(parser, args):
     outputs = {"LoRA": ["model_path"], "rnn": ["model_path"], "distil": ["student_path"], "export": ["out"]}
     for flag in outputs.get(args.mode, []) + (["data_dir"] if hasattr(args, "data_dir") else []):
         if not writable(getattr(args, flag)):
-            parser.error(f"--{flag} {getattr(args, flag)}: cannot write there (permission denied)")
+            parser.error(f"--{flag} {getattr(args, flag)}: cannot write there (a file is in the way, or no permission)")
     if args.mode in ("LoRA", "rnn", "distil"):
         for folder in (TUNING_DIR, PLOTS_DIR):
             if not writable(folder):

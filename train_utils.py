@@ -251,13 +251,13 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
             train = train_epoch(model, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
                                 device=device, dtype=dtype, clip=clip, micro_batch_tokens=micro_batch_tokens,
                                 desc=f"epoch {epoch}/{epochs}")
+            train_seconds = time.perf_counter() - start
+            dev = evaluate(model, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
         except KeyboardInterrupt:
             hint = "; rerun the same command with --resume to continue" if epoch > 1 and state_path else ""
             raise Interrupted(f"interrupted during epoch {epoch}; {kept}{hint}") from None
         except Diverged as e:
             raise Diverged(f"{e} ({kept})") from None
-        train_seconds = time.perf_counter() - start
-        dev = evaluate(model, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
         run["history"].append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                                "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"],
                                "train_seconds": train_seconds, "train_tokens_per_s": train["tokens"] / train_seconds})

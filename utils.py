@@ -159,10 +159,12 @@ def read_cola_tsv(path):
 
     Sentences hold quotes, so fields are split on tabs only (QUOTE_NONE), never CSV-unquoted.
     """
+    raw = Path(path).read_bytes()
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text") from None
     sentences, labels = [], []
     rows = csv.reader(io.StringIO(text, newline=None), delimiter="\t", quoting=csv.QUOTE_NONE)
     for line_no, row in enumerate(rows, start=1):

@@ -1,0 +1,201 @@
+"""What happens when a user types something wrong, or something goes wrong mid-run: one line on stderr, the
+right exit code, nothing half-written. Every row of README's "What happens when…" table is a case here."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+from conftest import ROOT, run_cli, save_tiny_gpt2
+from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable
+from utils import save_adapter
+
+# (what the user did, the command after `python run.py`, exit code, the start of the stderr line)
+CASES = [
+    ("no subcommand", "", 2, "error: the following arguments are required: mode"),
+    ("zero new tokens", "gen --max_new_tokens 0", 2, "error: argument --max_new_tokens: must be in [1, inf], got 0"),
+    ("negative temperature", "gen --temperature -1", 2, "error: argument --temperature: must be in [0, inf], got -1"),
+    ("top-p of 0", "gen --top_p 0", 2, "error: argument --top_p: must be in (0, 1], got 0"),
+    ("top-p above 1", "gen --top_p 1.5", 2, "error: argument --top_p: must be in (0, 1], got 1.5"),
+    ("top-k of 0", "gen --top_k 0", 2, "error: argument --top_k: must be in [1, inf], got 0"),
+    ("not a number", "gen --top_k ten", 2, "error: argument --top_k: not an integer: 'ten'"),
+    ("unknown dtype", "gen --dtype float8", 2, "error: argument --dtype: invalid choice: 'float8'"),
+    ("missing prompt file", "gen --prompt_file nope.txt", 2, "error: --prompt_file nope.txt: no such file"),
+    ("missing model folder", "gen --gpt_variant ./no/such/folder", 2,
+     "error: --gpt_variant ./no/such/folder: no such folder"),
+    ("hub id offline or unknown", "gen --gpt_variant no-such-org/no-such-gpt2", 1,
+     "error: could not get 'no-such-org/no-such-gpt2' from the Hugging Face hub"),
+    ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf], got 0"),
+    ("batch size 0", "LoRA --batch_size 0", 2, "error: argument --batch_size: must be in [1, inf], got 0"),
+    ("negative epochs", "LoRA --epochs -1", 2, "error: argument --epochs: must be in [0, inf], got -1"),
+    ("learning rate 0", "LoRA --lr 0", 2, "error: argument --lr: must be in (0, inf], got 0"),
+    ("dropout 1", "LoRA --lora_dropout 1", 2, "error: argument --lora_dropout: must be in [0, 1), got 1"),
+    ("unknown LoRA target", "LoRA --lora_targets attn.q_proj", 2,
+     "error: argument --lora_targets: invalid choice: 'attn.q_proj'"),
+    ("a file where a folder goes", "LoRA --model_path notes.txt/adapter", 2,
+     "error: --model_path notes.txt/adapter: cannot write there"),
+    ("KD alpha above 1", "distil --alpha 1.5", 2, "error: argument --alpha: must be in [0, 1], got 1.5"),
+    ("KD temperature 0", "distil --temperature 0", 2, "error: argument --temperature: must be in (0, inf], got 0"),
+    ("no teacher adapter yet", "distil --model_path models/none", 1,
+     "error: no LoRA adapter at models/none: train the teacher first with `python run.py LoRA --gpt_variant gpt2`"),
+    ("teacher of another variant", "distil --model_path adapter-tiny --gpt_variant gpt2-medium", 1,
+     "error: adapter-tiny: this adapter was trained on tiny-gpt2, not on --gpt_variant gpt2-medium"),
+    ("truncated adapter weights", "predict --model_path corrupt-adapter --sentence Hi.", 1,
+     "error: corrupt-adapter/adapter_model.safetensors: corrupt or truncated checkpoint"),
+    ("corrupt adapter config", "predict --model_path bad-config --sentence Hi.", 1,
+     "error: bad-config/adapter_config.json: corrupt adapter config"),
+    ("a folder that holds no model", "predict --model_path empty --sentence Hi.", 1,
+     "error: empty: neither a LoRA adapter folder (adapter_config.json) nor a student checkpoint (config.json)"),
+    ("missing input file", "predict --model_path empty --input nope.txt", 2, "error: --input nope.txt: no such file"),
+    ("a CoLA row with 3 columns", "rnn --data_dir cola-columns", 1,
+     "error: cola-columns/in_domain_train.tsv:2: expected 4 tab-separated columns, found 3"),
+    ("a label outside {0,1}", "rnn --data_dir cola-label", 1,
+     "error: cola-label/in_domain_dev.tsv:1: label must be 0 or 1, found '7'"),
+    ("an empty CoLA file", "rnn --data_dir cola-empty", 1, "error: cola-empty/out_of_domain_dev.tsv: no rows"),
+    ("a CoLA file not in UTF-8", "rnn --data_dir cola-latin1", 1,
+     "error: cola-latin1/in_domain_train.tsv:1: not UTF-8 text"),
+    ("--resume with nothing to resume", "rnn --resume --max_examples 8", 1,
+     "error: --resume: no saved run at models/rnn.resume.pt; start the run without --resume"),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
+    """A folder holding the inputs the cases refer to."""
+    d = tmp_path_factory.mktemp("errors")
+    save_tiny_gpt2(d / "tiny-gpt2")
+    (d / "notes.txt").write_text("a file\n")
+    (d / "empty").mkdir()
+    torch.manual_seed(0)
+    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(str(d / "tiny-gpt2")), 4, 4))
+    for name in ("adapter-tiny", "corrupt-adapter", "bad-config"):
+        save_adapter(model, d / name, rank=4, alpha=4, dropout=0.0, targets=["attn.c_attn", "attn.c_proj",
+                     "mlp.c_fc", "mlp.c_proj"], base_model="tiny-gpt2", run_info={})
+    weights = d / "corrupt-adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (d / "bad-config" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    good = {name: Path(cola_dir, name).read_bytes() for name in
+            ("in_domain_train.tsv", "in_domain_dev.tsv", "out_of_domain_dev.tsv")}
+    broken = {"cola-columns": ("in_domain_train.tsv", b"a\t1\t\tFine.\nb\t1\tno sentence\n"),
+              "cola-label": ("in_domain_dev.tsv", b"a\t7\t\tSeven.\n"),
+              "cola-empty": ("out_of_domain_dev.tsv", b""),
+              "cola-latin1": ("in_domain_train.tsv", b"a\t1\t\tCaf\xe9.\n")}
+    for folder, (name, content) in broken.items():
+        (d / folder).mkdir()
+        for n, data in good.items():
+            (d / folder / n).write_bytes(content if n == name else data)
+    return d
+
+
+def snapshot(folder):
+    return {p: p.stat().st_mtime_ns for p in Path(folder).rglob("*")}
+
+
+@pytest.mark.parametrize("what, command, code, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(workdir, what, command, code, message):
+    before = snapshot(workdir)
+    result = run_cli(*command.split(), cwd=workdir)
+    assert result.returncode == code, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(message), result.stderr
+    assert snapshot(workdir) == before  # nothing written, nothing half-written
+
+
+def test_readme_shows_every_case():
+    readme = (ROOT / "README.md").read_text()
+    for what, command, code, message in CASES:
+        row = f"| {what} | `python run.py {command}`".replace("python run.py `", "python run.py`")
+        assert row in readme and message.replace("|", "\\|") in readme, what
+
+
+def test_unexpected_failure_is_one_line_with_a_hint(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("something deep broke\nwith detail")
+
+    monkeypatch.setattr(run, "cmd_gen", broken)
+    assert run.main(["gen"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: unexpected RuntimeError: something deep broke (rerun with --debug for the traceback)\n"
+    with pytest.raises(RuntimeError):
+        run.main(["gen", "--debug"])
+
+
+def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_state(tiny_gpt_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    calls = {"n": 0}
+    real = run.cross_entropy
+
+    def nan_in_epoch_2(logits, labels, teacher=None):
+        loss = real(logits, labels)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 7 else loss  # 4 steps and 1 evaluation an epoch
+
+    monkeypatch.setattr(run, "cross_entropy", nan_in_epoch_2)
+    args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "64", "--batch_size", "16", "--epochs", "3",
+            "--model_path", "adapter"]
+    assert run.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: epoch 2/3: loss became nan at step 2; try a lower --lr "
+                          "(the state after epoch 1 is in adapter.resume.pt)")
+    state = torch.load(tmp_path / "adapter.resume.pt", weights_only=True)
+    assert state["epoch"] == 1 and not (tmp_path / "adapter").exists()
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_gpt_dir, tmp_path):
+    from safetensors.torch import load_file
+    args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "1024", "--epochs", "3", "--dtype", "float32",
+            "--lora_dropout", "0.1", "--model_path", "adapter"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run_cli(*args, cwd=tmp_path / "a").returncode == 0
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path / "b", env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "b" / "adapter.resume.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved_epoch = torch.load(state, weights_only=True)["epoch"]
+    assert saved_epoch < 3
+    resumed = run_cli(*args, "--resume", cwd=tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {saved_epoch}" in resumed.stdout + resumed.stderr
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    assert not state.exists()
+    history = [json.loads(line)["history"] for line in (tmp_path / "b" / "tuning" / "LoRA.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history[-1]] == [1, 2, 3]
+
+
+def test_ctrl_c_saves_nothing_partial_and_resume_refuses_other_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    calls = {"n": 0}
+    real = run.cross_entropy
+
+    def ctrl_c_in_epoch_2(logits, labels, teacher=None):
+        calls["n"] += 1
+        if calls["n"] == 4:  # 32 examples, batch 16: 2 steps and 1 evaluation an epoch
+            raise KeyboardInterrupt
+        return real(logits, labels)
+
+    monkeypatch.setattr(run, "cross_entropy", ctrl_c_in_epoch_2)
+    args = ["rnn", "--max_examples", "32", "--batch_size", "16", "--epochs", "2", "--rnn_hidden", "8"]
+    assert run.main(args) == 130
+    assert capsys.readouterr().err == ("error: interrupted during epoch 2; the state after epoch 1 is in "
+                                       "models/rnn.resume.pt; rerun the same command with --resume to continue\n")
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "models" / "rnn").exists()
+    assert run.main(args[:-2] + ["--rnn_hidden", "8", "--lr", "0.01", "--resume"]) == 1
+    assert "saved with --lr 0.001, this run has --lr 0.01" in capsys.readouterr().err
+    assert run.main(args + ["--resume"]) == 0
+    assert (tmp_path / "models" / "rnn" / "model.safetensors").exists()
+    assert not (tmp_path / "models" / "rnn.resume.pt").exists()
