@@ -1,8 +1,10 @@
 """Command line: `python run.py {gen,LoRA,rnn,distil} ...`. Parse, validate, build, call, report."""
 import argparse
 import codecs
+import itertools
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -13,12 +15,12 @@ import torch
 
 from model import (GPT, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_frozen_linears,
                    count_parameters, inject_lora, looks_like_path, mark_only_lora_as_trainable, merge_lora)
-from train_utils import (KDLoss, Split, cross_entropy, evaluate, fit, format_table, majority_baseline,
-                         matthews_corrcoef, plot_history, predict_logits)
+from train_utils import (KDLoss, Split, cross_entropy, evaluate, fit, format_table, majority_label, mcnemar_exact,
+                         plot_grid, plot_history, plot_summary, predict_logits, score_cells, scores)
 from utils import (ADAPTER_CONFIG, EOT, LABELS, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, UserError, append_jsonl,
                    compute_dtype, default_cola_dir, encode, file_sha256, get_tokenizer, load_adapter_weights,
                    load_cola, read_json, read_cola_tsv, read_jsonl, read_adapter_config, read_tensors, resolve_device,
-                   save_adapter, save_checkpoint, seed_everything)
+                   save_adapter, save_checkpoint, seed_everything, write_text)
 
 TUNING_DIR, PLOTS_DIR = "tuning", "plots"
 
@@ -100,7 +102,7 @@ def resume_state_path(out_path):
 
 def run_config(args):
     """The flags a resumed run must share with the run it continues."""
-    return {k: v for k, v in vars(args).items() if k not in ("resume", "debug", "func", "epochs", "device")}
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "debug", "func", "epochs", "device", "rest")}
 
 
 def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path, save, extra=None):
@@ -115,20 +117,21 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
                               resume=args.resume, config=run_config(args))
     final = {name: evaluate(model, splits[name], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)
              for name in ("dev", "ood")}
-    baseline = {name: majority_baseline(splits["train"].labels, splits[name].labels) for name in ("dev", "ood")}
+    stats = {name: scores(final[name]["preds"], splits[name].labels) for name in ("dev", "ood")}
+    majority = majority_label(splits["train"].labels)
+    baseline = {name: scores([majority] * len(splits[name]), splits[name].labels) for name in ("dev", "ood")}
     total, trainable = count_parameters(model)
-    print(f"\n{mode}: best epoch {best_epoch} of {args.epochs}")
-    print(format_table(["", "in-domain dev acc", "MCC", "out-of-domain acc", "MCC"], [
-        [mode, f"{final['dev']['acc']:.2%}", f"{final['dev']['mcc']:+.3f}", f"{final['ood']['acc']:.2%}",
-         f"{final['ood']['mcc']:+.3f}"],
-        ["majority baseline", f"{baseline['dev']:.2%}", "+0.000", f"{baseline['ood']:.2%}", "+0.000"]]))
-    plots = plot_history(history, mode, baseline["dev"], PLOTS_DIR)
+    print(f"\n{mode}: best epoch {best_epoch} of {args.epochs} (95% intervals: Wilson for accuracy, bootstrap for MCC)")
+    print(format_table(["", "in-domain dev acc", "MCC", "out-of-domain acc", "MCC"],
+                       [[mode, *score_cells(stats["dev"]), *score_cells(stats["ood"])],
+                        ["majority baseline", *score_cells(baseline["dev"]), *score_cells(baseline["ood"])]]))
+    plots = plot_history(history, mode, baseline["dev"]["acc"], stats["dev"]["acc_ci"], PLOTS_DIR)
     record = {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args) | {"func": None},
               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
               "parameters": total, "trainable_parameters": trainable, "history": history, "best_epoch": best_epoch,
-              "baseline_dev_acc": baseline["dev"], "baseline_ood_acc": baseline["ood"],
-              "dev_acc": final["dev"]["acc"], "dev_mcc": final["dev"]["mcc"], "ood_acc": final["ood"]["acc"],
-              "ood_mcc": final["ood"]["mcc"], "dev_sentences_per_s": final["dev"]["sentences_per_s"],
+              "baseline_dev_acc": baseline["dev"]["acc"], "baseline_ood_acc": baseline["ood"]["acc"],
+              **{f"{name}_{k}": v for name in ("dev", "ood") for k, v in stats[name].items()},
+              "dev_sentences_per_s": final["dev"]["sentences_per_s"],
               "dev_preds": final["dev"]["preds"], "ood_preds": final["ood"]["preds"],
               "wall_seconds": time.time() - start, "plots": plots, **(extra or {})}
     append_jsonl(f"{TUNING_DIR}/{mode}.jsonl", record)
@@ -283,36 +286,48 @@ def cmd_distil(args):
 
 
 def print_distil_report(teacher, logits, splits, kd_run):
-    """Teacher vs student with KD vs student without KD (latest matching `rnn` run) vs majority baseline,
-    every number computed from saved predictions."""
+    """Teacher vs student with KD vs student without KD (latest matching `rnn` run) vs majority baseline, every
+    number computed from saved predictions, with intervals; McNemar's test pairs the two students (or, without a
+    no-KD run, the KD student and the baseline). Also draws plots/summary.png."""
     labels = {name: splits[name].labels for name in ("dev", "ood")}
-
-    def row(name, params, dev_preds, ood_preds, speed):
-        return [name, f"{params / 1e6:.2f}M" if params else "-",
-                f"{float((torch.tensor(dev_preds) == labels['dev']).float().mean()):.2%}",
-                f"{matthews_corrcoef(dev_preds, labels['dev']):+.3f}",
-                f"{float((torch.tensor(ood_preds) == labels['ood']).float().mean()):.2%}",
-                f"{speed:,.0f}" if speed else "-"]
-
-    teacher_speed = len(splits["dev"]) / float(logits["dev_seconds"])
-    rows = [row("teacher (GPT-2 + LoRA)", count_parameters(teacher)[0], logits["dev"].argmax(-1).tolist(),
-                logits["ood"].argmax(-1).tolist(), teacher_speed),
-            row("student with KD", kd_run["parameters"], kd_run["dev_preds"], kd_run["ood_preds"],
-                kd_run["dev_sentences_per_s"])]
-    same = ("rnn_hidden", "rnn_layers", "rnn_cell", "max_examples")
-    matches = [r for r in read_jsonl(f"{TUNING_DIR}/rnn.jsonl") if r["data"] == kd_run["data"]
-               and all(r["args"].get(k) == kd_run["args"].get(k) for k in same)]
-    if matches:
-        nokd = matches[-1]
-        rows.append(row("student without KD", nokd["parameters"], nokd["dev_preds"], nokd["ood_preds"],
-                        nokd["dev_sentences_per_s"]))
-    majority = int(splits["train"].labels.float().mean() >= 0.5)
-    rows.append(row("majority baseline", 0, [majority] * len(labels["dev"]), [majority] * len(labels["ood"]), 0))
-    print("\nDistillation report")
+    majority = majority_label(splits["train"].labels)
+    entries = [
+        {"name": "teacher (GPT-2 + LoRA)", "params": count_parameters(teacher)[0],
+         "dev": logits["dev"].argmax(-1).tolist(), "ood": logits["ood"].argmax(-1).tolist(),
+         "speed": len(splits["dev"]) / float(logits["dev_seconds"])},
+        {"name": "student with KD", "params": kd_run["parameters"], "dev": kd_run["dev_preds"],
+         "ood": kd_run["ood_preds"], "speed": kd_run["dev_sentences_per_s"]}]
+    nokd = latest_matching_rnn_run(kd_run)
+    if nokd:
+        entries.append({"name": "student without KD", "params": nokd["parameters"], "dev": nokd["dev_preds"],
+                        "ood": nokd["ood_preds"], "speed": nokd["dev_sentences_per_s"]})
+    entries.append({"name": "majority baseline", "params": 0, "dev": [majority] * len(labels["dev"]),
+                    "ood": [majority] * len(labels["ood"]), "speed": 0})
+    rows = []
+    for e in entries:
+        e["scores"] = scores(e["dev"], labels["dev"])
+        ood = scores(e["ood"], labels["ood"])
+        rows.append([e["name"], f"{e['params'] / 1e6:.2f}M" if e["params"] else "-", *score_cells(e["scores"]),
+                     score_cells(ood)[0], f"{e['speed']:,.0f}" if e["speed"] else "-"])
+    print("\nDistillation report (95% intervals: Wilson for accuracy, bootstrap for MCC)")
     print(format_table(["model", "params", "dev acc", "dev MCC", "ood acc", "sentences/s"], rows))
-    if not matches:
+    other = entries[2]
+    correct = {e["name"]: torch.tensor(e["dev"]) == labels["dev"] for e in (entries[1], other)}
+    only_kd, only_other, p = mcnemar_exact(correct["student with KD"], correct[other["name"]])
+    print(f"McNemar's exact test, student with KD vs {other['name']} on the {len(labels['dev'])} dev sentences: "
+          f"{only_kd} right only with KD, {only_other} right only without; p = {p:.3g}")
+    if not nokd:
         print("(no `run.py rnn` run on the same data and student shape in tuning/rnn.jsonl: "
               "run it for the without-KD row)")
+    print(f"comparison chart: {plot_summary(entries, PLOTS_DIR)}")
+
+
+def latest_matching_rnn_run(run):
+    """The latest `run.py rnn` run on the same data, student shape and seed as `run` (a distil run), if any."""
+    same = ("rnn_hidden", "rnn_layers", "rnn_cell", "max_examples", "seed")
+    matches = [r for r in read_jsonl(f"{TUNING_DIR}/rnn.jsonl") if r["data"] == run["data"]
+               and all(r["args"].get(k) == run["args"].get(k) for k in same)]
+    return matches[-1] if matches else None
 
 
 def load_predictor(folder, variant):
@@ -366,9 +381,11 @@ def cmd_predict(args):
         print(format_table(["label", "p_acceptable", "sentence"],
                            [[r["label"], f"{r['p_acceptable']:.4f}", r["sentence"]] for r in rows]))
     if labels is not None:
-        preds = torch.tensor([int(p >= 0.5) for p in p_acceptable])
-        acc = float((preds == torch.tensor(labels)).float().mean())
-        print(f"accuracy {acc:.2%}  MCC {matthews_corrcoef(preds, labels):+.3f}  on {len(labels)} labelled sentences",
+        s = scores([int(p >= 0.5) for p in p_acceptable], labels)
+        majority = max(labels.count(0), labels.count(1)) / len(labels)
+        print(f"accuracy {s['acc']:.2%}  MCC {s['mcc']:+.3f}  on {len(labels)} labelled sentences; 95% intervals: "
+              f"accuracy {s['acc_ci'][0]:.1%}-{s['acc_ci'][1]:.1%}, MCC {s['mcc_ci'][0]:+.2f} to {s['mcc_ci'][1]:+.2f}; "
+              f"this file's majority class scores {majority:.2%} (MCC 0)",
               file=sys.stdout if args.format == "table" else sys.stderr)
 
 
@@ -376,6 +393,95 @@ def cmd_export(args):
     model, _, _ = load_lora_classifier(args.model_path, args.gpt_variant)
     save_checkpoint(args.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
     print(f"merged classifier written to {args.out}: GPT2ForSequenceClassification.from_pretrained({args.out!r})")
+
+
+TUNABLE = ("LoRA", "rnn", "distil")
+
+
+def tune_plan(parser, args):
+    """Every (configuration, seed) run of a sweep as fully parsed arguments, validated before any runs.
+
+    Each configuration is the mode's own command line plus --seed and the grid's flags, so a sweep run is exactly
+    the plain subcommand's run."""
+    grid = {}
+    for item in args.grid:
+        flag, _, values = item.partition("=")
+        if not flag or not values:
+            parser.error(f"--grid {item}: expected flag=value[,value...], e.g. temperature=1,2,4")
+        grid[flag.lstrip("-")] = values.split(",")
+    name = args.name or "_".join([args.target] + [f"{k}-{'-'.join(v)}" for k, v in grid.items()])
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    out_flag = "--student_path" if args.target == "distil" else "--model_path"
+    out = [] if out_flag in args.rest else [out_flag, f"models/tune/{name}/{args.target}"]
+    plan = []
+    for values in itertools.product(*grid.values()):
+        config = dict(zip(grid, values))
+        for seed in args.seeds:
+            argv = [args.target, *args.rest, *out, "--seed", str(seed)]
+            argv += [a for k, v in config.items() for a in (f"--{k}", v)]
+            run_args = finish_args(parser, parser.parse_args(argv))
+            run_args.tune = {"name": name, "config": config, "seed": seed}
+            plan.append(run_args)
+    return name, grid, plan
+
+
+def cmd_tune(args):
+    """Run a sweep (configurations x seeds), skipping runs already logged, then summarize it."""
+    log = f"{TUNING_DIR}/{args.target}.jsonl"
+    for i, run_args in enumerate(args.plan, start=1):
+        label = " ".join(f"{k}={v}" for k, v in run_args.tune["config"].items()) + f" seed={run_args.tune['seed']}"
+        if any(r["args"].get("tune") == run_args.tune for r in read_jsonl(log)):
+            print(f"[{i}/{len(args.plan)}] {label}: already in {log}, skipped")
+            continue
+        print(f"\n[{i}/{len(args.plan)}] {args.target} {label}")
+        run_args.func(run_args)
+    summarize_tune(args.tune_name, args.target, args.grid_values, args.plan)
+
+
+def config_label(config):
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
+def summarize_tune(name, target, grid, plan):
+    """tuning/<name>.md and plots/tune_<name>.png: mean ± std over seeds per configuration, the best one, and
+    McNemar's test of the best against the baseline (the no-KD student for distil, else the majority class)."""
+    records = {}
+    for r in read_jsonl(f"{TUNING_DIR}/{target}.jsonl"):
+        if r["args"].get("tune", {}).get("name") == name:
+            records[json.dumps(r["args"]["tune"], sort_keys=True)] = r
+    configs = []
+    for config in [dict(zip(grid, v)) for v in itertools.product(*grid.values())]:
+        runs = [records[k] for k in (json.dumps({"name": name, "config": config, "seed": a.tune["seed"]}, sort_keys=True)
+                                     for a in plan if a.tune["config"] == config) if k in records]
+        stats = {m: (statistics.mean(r[m] for r in runs), statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0)
+                 for m in ("dev_acc", "dev_mcc", "ood_acc")}
+        configs.append({"config": config, "runs": runs, **stats})
+    best = max(configs, key=lambda c: c["dev_acc"][0])
+    seeds = sorted({a.tune["seed"] for a in plan})
+    labels = torch.tensor(load_cola(plan[0].data_dir)["dev"][1])
+    lines = [f"# Sweep `{name}` ({target})", "",
+             f"Mean ± standard deviation over seeds {seeds}. Majority baseline: "
+             f"{best['runs'][0]['baseline_dev_acc']:.2%} dev accuracy, MCC 0; one dev-accuracy point is about "
+             f"{len(labels) / 100:.0f} sentences.", "",
+             "| configuration | seeds | dev accuracy | dev MCC | out-of-domain accuracy |", "|---|---|---|---|---|"]
+    for c in configs:
+        lines.append(f"| {config_label(c['config'])} | {len(c['runs'])} | {c['dev_acc'][0]:.2%} ± {c['dev_acc'][1]:.2%} | "
+                     f"{c['dev_mcc'][0]:+.3f} ± {c['dev_mcc'][1]:.3f} | {c['ood_acc'][0]:.2%} ± {c['ood_acc'][1]:.2%} |")
+    lines += ["", f"Best by mean dev accuracy: **{config_label(best['config'])}**.", "",
+              "McNemar's exact test of the best configuration against the baseline, per seed (sentences right only "
+              "with the best / only with the baseline; a small p says the difference is unlikely to be chance):", ""]
+    for r in best["runs"]:
+        nokd = latest_matching_rnn_run(r) if target == "distil" else None
+        baseline = nokd["dev_preds"] if nokd else [int(r["baseline_dev_acc"] >= 0.5)] * len(r["dev_preds"])
+        only_best, only_base, p = mcnemar_exact(torch.tensor(r["dev_preds"]) == labels,
+                                                torch.tensor(baseline) == labels)
+        lines.append(f"- seed {r['args']['seed']}: vs {'the no-KD student' if nokd else 'the majority class'}: "
+                     f"{only_best} / {only_base}, p = {p:.3g}")
+    text = "\n".join(lines) + "\n"
+    write_text(f"{TUNING_DIR}/{name}.md", text)
+    plot = plot_grid([config_label(c["config"]) for c in configs], configs, best["runs"][0]["baseline_dev_acc"],
+                     f"{PLOTS_DIR}/tune_{name}.png")
+    print("\n" + text + f"\nsummary: {TUNING_DIR}/{name}.md; plot: {plot}")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -406,6 +512,9 @@ fraction = number_in(float, 0, 1)
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), pointing at --help instead of the usage."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs | {"allow_abbrev": False})  # --seed must never be read as --seeds
 
     def error(self, message):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
@@ -500,6 +609,16 @@ def build_parser():
     export.add_argument("--gpt_variant", help="GPT-2 base (default: the one the adapter names)")
     export.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
     export.set_defaults(func=cmd_export)
+
+    tune = sub.add_parser("tune", help="sweep seeds x a grid of flags of LoRA, rnn or distil", description=(
+        "Example: python run.py tune distil --seeds 1 2 3 --grid temperature=1,2,4 alpha=0.3,0.5,0.9 --epochs 3. "
+        "Any other flag is passed to every run."))
+    tune.add_argument("target", choices=TUNABLE, help="the subcommand to sweep")
+    tune.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    tune.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="values to sweep, per flag")
+    tune.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png (default: from the grid)")
+    tune.add_argument("--debug", action="store_true", help="show full tracebacks")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 
@@ -537,7 +656,9 @@ def finish_args(parser, args):
     for flag in outputs.get(args.mode, []) + (["data_dir"] if hasattr(args, "data_dir") else []):
         if not writable(getattr(args, flag)):
             parser.error(f"--{flag} {getattr(args, flag)}: cannot write there (a file is in the way, or no permission)")
-    if args.mode in ("LoRA", "rnn", "distil"):
+    if args.mode == "tune":
+        args.tune_name, args.grid_values, args.plan = tune_plan(parser, args)
+    if args.mode in ("LoRA", "rnn", "distil", "tune"):
         for folder in (TUNING_DIR, PLOTS_DIR):
             if not writable(folder):
                 parser.error(f"{folder}/: cannot write run results there (permission denied)")
@@ -547,7 +668,11 @@ def finish_args(parser, args):
 def main(argv=None):
     """Run one subcommand; every failure ends in one line on stderr (the traceback only with --debug)."""
     parser = build_parser()
-    args = finish_args(parser, parser.parse_args(argv))
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.mode != "tune":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    args = finish_args(parser, args)
     try:
         args.func(args)
     except UserError as e:

@@ -6,6 +6,7 @@ A mode (LoRA, rnn, distil) supplies a model `model(ids, lengths) -> logits (B, n
 import contextlib
 import copy
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -107,10 +108,57 @@ def matthews_corrcoef(preds, labels):
     return (tp * tn - fp * fn) / denom if denom else 0.0
 
 
-def majority_baseline(train_labels, eval_labels):
-    """Accuracy of always answering the training set's most common label (its MCC is 0)."""
-    majority = int(torch.as_tensor(train_labels).float().mean() >= 0.5)
-    return float((torch.as_tensor(eval_labels) == majority).float().mean())
+def wilson_interval(correct, n, level=0.95):
+    """Wilson score interval of a proportion correct/n (sound near 0 and 1, unlike the normal approximation)."""
+    z = statistics.NormalDist().inv_cdf((1 + level) / 2)
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def bootstrap_mcc(preds, labels, resamples=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval of the MCC: resample sentences with replacement (seeded)."""
+    preds, labels = torch.as_tensor(preds).bool(), torch.as_tensor(labels).bool()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(labels), (resamples, len(labels)), generator=g)
+    p, y = preds[idx], labels[idx]
+    tp, tn = (p & y).sum(1).double(), (~p & ~y).sum(1).double()
+    fp, fn = (p & ~y).sum(1).double(), (~p & y).sum(1).double()
+    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).sqrt()
+    mcc = torch.where(denom > 0, (tp * tn - fp * fn) / denom.clamp_min(1e-12), torch.zeros_like(denom))
+    low, high = torch.quantile(mcc, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double)).tolist()
+    return low, high
+
+
+def mcnemar_exact(correct_a, correct_b):
+    """McNemar's exact test on paired per-sentence correctness: (only A right, only B right, two-sided p)."""
+    a, b = torch.as_tensor(correct_a).bool(), torch.as_tensor(correct_b).bool()
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return only_a, only_b, p
+
+
+def scores(preds, labels):
+    """Accuracy with its Wilson interval and MCC with its bootstrap interval, for a prediction vector."""
+    preds, labels = torch.as_tensor(preds), torch.as_tensor(labels)
+    correct = int((preds == labels).sum())
+    return {"acc": correct / len(labels), "acc_ci": wilson_interval(correct, len(labels)),
+            "mcc": matthews_corrcoef(preds, labels), "mcc_ci": bootstrap_mcc(preds, labels)}
+
+
+def score_cells(s):
+    """Table cells: 'acc% [low, high]' and 'MCC [low, high]'."""
+    (al, ah), (ml, mh) = s["acc_ci"], s["mcc_ci"]
+    return [f"{s['acc']:.2%} [{al:.1%}, {ah:.1%}]", f"{s['mcc']:+.3f} [{ml:+.2f}, {mh:+.2f}]"]
+
+
+def majority_label(train_labels):
+    """The training set's most common label: always answering it is the baseline (MCC 0)."""
+    return int(torch.as_tensor(train_labels).float().mean() >= 0.5)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -290,8 +338,9 @@ def save_figure(fig, path):
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def plot_history(history, mode, baseline_acc, plots_dir="plots"):
-    """plots/<mode>_loss.png and plots/<mode>_acc.png: train vs validation per epoch, majority baseline drawn."""
+def plot_history(history, mode, baseline_acc, best_acc_ci=None, plots_dir="plots"):
+    """plots/<mode>_loss.png and plots/<mode>_acc.png: train vs validation per epoch, majority baseline drawn,
+    and the best epoch's 95% interval as an error bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -304,8 +353,12 @@ def plot_history(history, mode, baseline_acc, plots_dir="plots"):
         if metric == "acc":
             ax.axhline(baseline_acc, color="gray", linestyle="--", label=f"majority baseline ({baseline_acc:.2%})")
             best = max(history, key=lambda h: h["dev_acc"])
+            if best_acc_ci:
+                low, high = best_acc_ci
+                ax.errorbar([best["epoch"]], [best["dev_acc"]], yerr=[[best["dev_acc"] - low], [high - best["dev_acc"]]],
+                            fmt="none", ecolor="black", capsize=4, label="best epoch, 95% Wilson interval")
             ax.annotate(f"MCC {best['dev_mcc']:+.3f}", (best["epoch"], best["dev_acc"]),
-                        textcoords="offset points", xytext=(0, 8), ha="center")
+                        textcoords="offset points", xytext=(8, 8), ha="left")
         ax.set(title=f"{mode}: {label} per epoch", xlabel="epoch", ylabel=label)
         ax.set_xticks(epochs)
         ax.legend()
@@ -314,3 +367,54 @@ def plot_history(history, mode, baseline_acc, plots_dir="plots"):
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_summary(entries, plots_dir="plots"):
+    """plots/summary.png: accuracy and MCC with 95% intervals per model, and parameters and inference speed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [e["name"].replace(" (", "\n(") for e in entries]
+    x = torch.arange(len(entries)).float()
+    fig, (ax, size) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for offset, metric, label in ((-0.2, "acc", "dev accuracy"), (0.2, "mcc", "dev MCC")):
+        values = [e["scores"][metric] for e in entries]
+        low = [v - e["scores"][f"{metric}_ci"][0] for v, e in zip(values, entries)]
+        high = [e["scores"][f"{metric}_ci"][1] - v for v, e in zip(values, entries)]
+        ax.bar(x + offset, values, width=0.4, yerr=[low, high], capsize=4, label=label)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set(title="in-domain dev: accuracy and MCC (95% intervals)", ylim=(min(0, ax.get_ylim()[0]), 1))
+    ax.legend()
+    measured = [i for i, e in enumerate(entries) if e["params"]]
+    size.bar(x[measured], [entries[i]["params"] / 1e6 for i in measured], color="tab:gray", label="parameters (M)")
+    size.set(yscale="log", ylabel="parameters (millions)", title="size and inference speed")
+    size.set_xticks(x, names, fontsize=8)
+    speed = size.twinx()
+    speed.plot(x[measured], [entries[i]["speed"] for i in measured], "o-", color="tab:red")
+    speed.set(yscale="log", ylabel="sentences / s (dev set, this machine)")
+    speed.yaxis.label.set_color("tab:red")
+    path = f"{plots_dir}/summary.png"
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_grid(labels, configs, baseline_acc, path):
+    """A sweep: dev accuracy and MCC per configuration, mean with error bars of one standard deviation over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (acc, mcc) = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(configs)), 7), sharex=True)
+    x = list(range(len(configs)))
+    acc.errorbar(x, [c["dev_acc"][0] for c in configs], yerr=[c["dev_acc"][1] for c in configs], fmt="o", capsize=4)
+    acc.axhline(baseline_acc, color="gray", linestyle="--", label=f"majority baseline ({baseline_acc:.2%})")
+    acc.set(ylabel="dev accuracy", title="sweep: mean ± std over seeds")
+    acc.legend()
+    mcc.errorbar(x, [c["dev_mcc"][0] for c in configs], yerr=[c["dev_mcc"][1] for c in configs], fmt="s",
+                 color="tab:orange", capsize=4)
+    mcc.axhline(0, color="gray", linestyle="--")
+    mcc.set(ylabel="dev MCC")
+    mcc.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path

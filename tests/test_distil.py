@@ -114,6 +114,8 @@ def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path):
     report = distil.stdout[distil.stdout.index("Distillation report"):]
     for row in ("teacher (GPT-2 + LoRA)", "student with KD", "student without KD", "majority baseline"):
         assert row in report
+    assert "McNemar's exact test, student with KD vs student without KD on the 527 dev sentences" in report
+    assert (tmp_path / "plots" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kd = json.loads((tmp_path / "tuning" / "distil.jsonl").read_text().splitlines()[-1])
     assert len(kd["dev_preds"]) == 527 and kd["args"]["temperature"] == 2.0
     assert (tmp_path / "models" / "distil-rnn" / "model.safetensors").exists()

@@ -75,7 +75,8 @@ def test_predict_on_cola_tsv_reproduces_the_training_evaluation(tiny_gpt_dir, tm
     dev = f"{cola_dir}/in_domain_dev.tsv"
     table = run_cli("predict", "--model_path", "adapter", "--input", dev, "--dtype", "float32", cwd=tmp_path)
     assert table.returncode == 0, table.stderr
-    assert f"accuracy {record['dev_acc']:.2%}  MCC {record['dev_mcc']:+.3f}" in table.stdout
+    assert f"accuracy {record['dev_acc']:.2%}  MCC {record['dev_mcc']:+.3f}  on 527 labelled sentences" in table.stdout
+    assert "majority class scores 69.26% (MCC 0)" in table.stdout
     rows = run_cli("predict", "--model_path", "adapter", "--input", dev, "--dtype", "float32", "--format", "jsonl",
                    cwd=tmp_path)
     preds = [int(json.loads(line)["label"] == "acceptable") for line in rows.stdout.splitlines()]

@@ -1,0 +1,32 @@
+"""`run.py tune`: a sweep through the plain subcommands' code path, resumable, summarized with its plot."""
+import json
+
+from conftest import run_cli
+
+SWEEP = ["tune", "rnn", "--seeds", 1, 2, "--grid", "lr=0.001,0.003", "--max_examples", 128, "--epochs", 1,
+         "--rnn_hidden", 16, "--name", "small"]
+
+
+def test_sweep_writes_every_run_the_summary_and_the_plot_and_reruns_nothing(tmp_path):
+    first = run_cli(*SWEEP, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    runs = [json.loads(line) for line in (tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()]
+    assert sorted((r["args"]["lr"], r["args"]["seed"]) for r in runs) == [(0.001, 1), (0.001, 2), (0.003, 1),
+                                                                          (0.003, 2)]
+    summary = (tmp_path / "tuning" / "small.md").read_text()
+    assert "| lr=0.001 | 2 |" in summary and "| lr=0.003 | 2 |" in summary and "Best by mean dev accuracy" in summary
+    assert "McNemar" in summary and "vs the majority class" in summary
+    assert (tmp_path / "plots" / "tune_small.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_cli(*SWEEP, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skipped") == 4 and "epoch" not in again.stdout
+    assert len((tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_bad_grid_is_refused_before_anything_runs(tmp_path):
+    result = run_cli("tune", "rnn", "--grid", "no_such_flag=1,2", "--max_examples", 16, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "unrecognized arguments: --no_such_flag 1" in result.stderr
+    result = run_cli("tune", "rnn", "--grid", "lr=0.1,-1", cwd=tmp_path)
+    assert result.returncode == 2 and "argument --lr: must be in (0, inf], got -1" in result.stderr
+    assert not any(tmp_path.iterdir())
