@@ -356,6 +356,7 @@ class GPTClassifier(GPT):
 
     def __init__(self, config, n_classes=2):
         super().__init__(config)
+        self.n_classes = n_classes
         self.score = nn.Linear(config.n_embd, n_classes, bias=False)
         nn.init.normal_(self.score.weight, std=0.02)
 
@@ -519,6 +520,7 @@ class DistilRNN(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.n_classes = config.n_classes
         cells = {"rnn": lambda *a, **k: nn.RNN(*a, nonlinearity="relu", **k), "gru": nn.GRU, "lstm": nn.LSTM}
         self.embed = nn.Embedding(config.vocab_size, config.hidden)
         self.rnn = cells[config.cell](config.hidden, config.hidden, num_layers=config.layers, batch_first=True)

@@ -17,10 +17,11 @@ from model import (GPT, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, Sampl
                    count_parameters, inject_lora, looks_like_path, mark_only_lora_as_trainable, merge_lora)
 from train_utils import (KDLoss, Split, cross_entropy, evaluate, fit, format_table, majority_label, mcnemar_exact,
                          plot_grid, plot_history, plot_summary, predict_logits, score_cells, scores)
-from utils import (ADAPTER_CONFIG, EOT, LABELS, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, UserError, append_jsonl,
-                   compute_dtype, default_cola_dir, encode, file_sha256, get_tokenizer, load_adapter_weights,
-                   load_cola, read_json, read_cola_tsv, read_jsonl, read_adapter_config, read_tensors, resolve_device,
-                   save_adapter, save_checkpoint, seed_everything, write_text)
+from utils import (ADAPTER_CONFIG, EOT, LABELS, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, append_jsonl, atomic_path,
+                   barrier, compute_dtype, default_cola_dir, encode, file_sha256, get_tokenizer, init_distributed,
+                   is_main, load_adapter_weights, load_cola, main_first, read_adapter_config, read_cola_tsv, read_json,
+                   read_jsonl, read_tensors, resolve_device, save_adapter, save_checkpoint, seed_everything, UserError,
+                   write_text)
 
 TUNING_DIR, PLOTS_DIR = "tuning", "plots"
 
@@ -39,7 +40,8 @@ def build_classifier(variant, random_init, seed):
         print(f"note: {variant} architecture with random weights (--random_init), nothing downloaded",
               file=sys.stderr)
         return GPTClassifier.from_random(variant)
-    return GPTClassifier.from_pretrained(variant)
+    with main_first():  # one download, not one per rank
+        return GPTClassifier.from_pretrained(variant)
 
 
 def load_lora_classifier(folder, variant=None):
@@ -72,7 +74,9 @@ def print_parameter_table(model):
 def load_splits(args, tokenizer, block_size=None):
     """Tokenized CoLA splits; --max_examples takes a seeded random subset of the training set."""
     splits = {}
-    for name, (sentences, labels) in load_cola(args.data_dir).items():
+    with main_first():  # one download, not one per rank
+        cola = load_cola(args.data_dir)
+    for name, (sentences, labels) in cola.items():
         tokens = encode(tokenizer, sentences)
         if block_size:
             tokens = [t[:block_size] for t in tokens]
@@ -125,6 +129,9 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     print(format_table(["", "in-domain dev acc", "MCC", "out-of-domain acc", "MCC"],
                        [[mode, *score_cells(stats["dev"]), *score_cells(stats["ood"])],
                         ["majority baseline", *score_cells(baseline["dev"]), *score_cells(baseline["ood"])]]))
+    if not is_main():  # under torchrun only rank 0 draws, logs and saves
+        barrier()
+        return None
     plots = plot_history(history, mode, baseline["dev"]["acc"], stats["dev"]["acc_ci"], PLOTS_DIR)
     record = {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args) | {"func": None},
               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
@@ -138,6 +145,7 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     print(f"plots: {', '.join(plots)}; run logged to {TUNING_DIR}/{mode}.jsonl")
     save()
     state_path.unlink(missing_ok=True)
+    barrier()
     return record
 
 
@@ -258,10 +266,11 @@ def teacher_logits(teacher, splits, adapter_folder, variant, args, device, dtype
         start = time.perf_counter()
         logits[name] = predict_logits(teacher, split.tokens, batch_size=args.batch_size, device=device, dtype=dtype)
         logits[f"{name}_seconds"] = torch.tensor(time.perf_counter() - start)
-    from safetensors.torch import save_file
-    from utils import atomic_path
-    with atomic_path(cache) as tmp:
-        save_file({k: v.contiguous() for k, v in logits.items()}, tmp)
+    if is_main():
+        from safetensors.torch import save_file
+        with atomic_path(cache) as tmp:
+            save_file({k: v.contiguous() for k, v in logits.items()}, tmp)
+    barrier()
     return logits
 
 
@@ -282,6 +291,8 @@ def cmd_distil(args):
     record = train_and_report("distil", student, KDLoss(args.temperature, args.alpha), splits, args, device, dtype,
                               args.student_path, save=lambda: save_student(student, args.student_path, args),
                               extra={"teacher": args.model_path})
+    if record is None:  # not rank 0
+        return
     print_distil_report(teacher, logits, splits, record)
 
 
@@ -399,10 +410,10 @@ TUNABLE = ("LoRA", "rnn", "distil")
 
 
 def tune_plan(parser, args):
-    """Every (configuration, seed) run of a sweep as fully parsed arguments, validated before any runs.
+    """Every (configuration, seed) run of a sweep, its arguments fully parsed and validated before any runs.
 
-    Each configuration is the mode's own command line plus --seed and the grid's flags, so a sweep run is exactly
-    the plain subcommand's run."""
+    Each run is the mode's own command line plus --seed and the grid's flags, so a sweep run is exactly the plain
+    subcommand's run, and a logged run with the same flags counts as done."""
     grid = {}
     for item in args.grid:
         flag, _, values = item.partition("=")
@@ -420,22 +431,53 @@ def tune_plan(parser, args):
             argv = [args.target, *args.rest, *out, "--seed", str(seed)]
             argv += [a for k, v in config.items() for a in (f"--{k}", v)]
             run_args = finish_args(parser, parser.parse_args(argv))
-            run_args.tune = {"name": name, "config": config, "seed": seed}
-            plan.append(run_args)
+            run_args.rest = []
+            plan.append({"config": config, "seed": seed, "argv": argv, "args": run_args})
     return name, grid, plan
+
+
+def logged_run(run, records):
+    """The logged record of a planned run (same flags), if any."""
+    flags = json.loads(json.dumps(run_config(run["args"])))
+    matches = [r for r in records if all(r["args"].get(k) == v for k, v in flags.items())]
+    return matches[-1] if matches else None
 
 
 def cmd_tune(args):
     """Run a sweep (configurations x seeds), skipping runs already logged, then summarize it."""
     log = f"{TUNING_DIR}/{args.target}.jsonl"
-    for i, run_args in enumerate(args.plan, start=1):
-        label = " ".join(f"{k}={v}" for k, v in run_args.tune["config"].items()) + f" seed={run_args.tune['seed']}"
-        if any(r["args"].get("tune") == run_args.tune for r in read_jsonl(log)):
+    pending = []
+    for i, run in enumerate(args.plan, start=1):
+        label = f"{config_label(run['config'])} seed={run['seed']}"
+        if logged_run(run, read_jsonl(log)):
             print(f"[{i}/{len(args.plan)}] {label}: already in {log}, skipped")
-            continue
-        print(f"\n[{i}/{len(args.plan)}] {args.target} {label}")
-        run_args.func(run_args)
+        else:
+            pending.append((label, run))
+    if args.parallel > 1:
+        run_side_by_side(pending, args.parallel, Path(TUNING_DIR) / f"{args.tune_name}-logs")
+    for label, run in [] if args.parallel > 1 else pending:
+        print(f"\n[{args.plan.index(run) + 1}/{len(args.plan)}] {args.target} {label}")
+        run["args"].func(run["args"])
     summarize_tune(args.tune_name, args.target, args.grid_values, args.plan)
+
+
+def run_side_by_side(pending, slots, log_dir):
+    """Run the pending sweep runs as separate processes, `slots` at a time, each slot on its own GPU when there
+    are GPUs; each run's output goes to log_dir/<n>.log."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    def worker(slot):
+        env = os.environ | ({"CUDA_VISIBLE_DEVICES": str(slot)} if torch.cuda.is_available() else {})
+        for n, (label, run) in list(enumerate(pending))[slot::slots]:
+            with open(log_dir / f"{n}.log", "w") as log:
+                code = subprocess.run([sys.executable, str(Path(__file__).resolve()), *run["argv"]], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT).returncode
+            print(f"{label}: {'done' if code == 0 else f'FAILED (exit {code}), see {log_dir}/{n}.log'}", flush=True)
+
+    with ThreadPoolExecutor(slots) as pool:
+        list(pool.map(worker, range(slots)))
 
 
 def config_label(config):
@@ -445,20 +487,19 @@ def config_label(config):
 def summarize_tune(name, target, grid, plan):
     """tuning/<name>.md and plots/tune_<name>.png: mean ± std over seeds per configuration, the best one, and
     McNemar's test of the best against the baseline (the no-KD student for distil, else the majority class)."""
-    records = {}
-    for r in read_jsonl(f"{TUNING_DIR}/{target}.jsonl"):
-        if r["args"].get("tune", {}).get("name") == name:
-            records[json.dumps(r["args"]["tune"], sort_keys=True)] = r
+    records = read_jsonl(f"{TUNING_DIR}/{target}.jsonl")
     configs = []
     for config in [dict(zip(grid, v)) for v in itertools.product(*grid.values())]:
-        runs = [records[k] for k in (json.dumps({"name": name, "config": config, "seed": a.tune["seed"]}, sort_keys=True)
-                                     for a in plan if a.tune["config"] == config) if k in records]
+        runs = [logged_run(run, records) for run in plan if run["config"] == config]
+        runs = [r for r in runs if r is not None]
+        if not runs:
+            raise UserError(f"sweep {name}: no finished run of {config_label(config)}; see the messages above")
         stats = {m: (statistics.mean(r[m] for r in runs), statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0)
                  for m in ("dev_acc", "dev_mcc", "ood_acc")}
         configs.append({"config": config, "runs": runs, **stats})
     best = max(configs, key=lambda c: c["dev_acc"][0])
-    seeds = sorted({a.tune["seed"] for a in plan})
-    labels = torch.tensor(load_cola(plan[0].data_dir)["dev"][1])
+    seeds = sorted({run["seed"] for run in plan})
+    labels = torch.tensor(load_cola(plan[0]["args"].data_dir)["dev"][1])
     lines = [f"# Sweep `{name}` ({target})", "",
              f"Mean ± standard deviation over seeds {seeds}. Majority baseline: "
              f"{best['runs'][0]['baseline_dev_acc']:.2%} dev accuracy, MCC 0; one dev-accuracy point is about "
@@ -617,6 +658,8 @@ def build_parser():
     tune.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     tune.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="values to sweep, per flag")
     tune.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png (default: from the grid)")
+    tune.add_argument("--parallel", type=positive_int, default=1,
+                      help="run this many configurations side by side, one process each (one GPU each if present)")
     tune.add_argument("--debug", action="store_true", help="show full tracebacks")
     tune.set_defaults(func=cmd_tune)
     return parser
@@ -673,6 +716,9 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     args = finish_args(parser, args)
+    init_distributed()
+    if not is_main():  # under torchrun only rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     try:
         args.func(args)
     except UserError as e:

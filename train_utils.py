@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import EOT, UserError, atomic_path
+from utils import EOT, UserError, all_reduce_sum, atomic_path, barrier, is_main, rank, world_size
 
 
 # ----------------------------------------------------------------------------- data
@@ -176,54 +176,77 @@ def micro_batches(index, lengths, max_tokens):
     return [index[i:i + rows] for i in range(0, len(index), rows)]
 
 
+def rank_share(index):
+    """This rank's contiguous share of a global batch, and the weight that makes DDP's gradient average over
+    ranks equal the gradient of the whole batch's mean loss. A single process gets the whole batch, weight 1."""
+    world = world_size()
+    size = -(-len(index) // world)
+    share = index[rank() * size:(rank() + 1) * size]
+    return share, len(share) * world / len(index)
+
+
 def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, device, dtype, clip=None,
                 micro_batch_tokens=None, desc="train"):
-    """One pass over `split` in length-bucketed batches; returns mean loss, accuracy and real tokens seen."""
+    """One pass over `split` in length-bucketed batches; returns mean loss, accuracy and real tokens seen.
+
+    Under torchrun `model` is DistributedDataParallel: every rank draws the same global batches and trains on its
+    share of each, and gradients are reduced once per step (after the last piece)."""
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     lengths = [len(t) for t in split.tokens]
     total_loss, correct, tokens = 0.0, 0, 0
     batches = bucketed_batches(lengths, batch_size, generator)
-    # disable=None: a bar on a terminal, none in logs and CI
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    # disable=None: a bar on a terminal, none in logs and CI (and on ranks other than 0)
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
     for step, index in enumerate(bar, start=1):
         optimizer.zero_grad(set_to_none=True)
+        share, weight = rank_share(index)
+        pieces = micro_batches(share or index[:1], lengths, micro_batch_tokens)  # an empty share still syncs
         batch_loss = 0.0
-        for piece in micro_batches(index, lengths, micro_batch_tokens):
+        for i, piece in enumerate(pieces):
             ids, lens, labels, teacher = collate(split, piece, device)
-            with autocast(device, dtype):
-                logits = model(ids, lens)
-            loss = loss_fn(logits, labels, teacher) * (len(piece) / len(index))  # the losses are batch means
-            if not torch.isfinite(loss):
-                raise Diverged(f"{desc}: loss became {loss.item()} at step {step}; try a lower --lr")
-            loss.backward()
-            batch_loss += loss.item()
-            correct += int((logits.argmax(-1) == labels).sum())
-            tokens += int(lens.sum())
+            sync = i == len(pieces) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast(device, dtype):
+                    logits = model(ids, lens)
+                loss = loss_fn(logits, labels, teacher) * (len(piece) / len(share) if share else 0.0)
+                if not torch.isfinite(loss):
+                    raise Diverged(f"{desc}: loss became {loss.item()} at step {step}; try a lower --lr")
+                (loss * weight).backward()  # the losses are batch means: weight the pieces and shares
+            batch_loss += loss.item() * weight / world_size()
+            if share:
+                correct += int((logits.argmax(-1) == labels).sum())
+                tokens += int(lens.sum())
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         total_loss += batch_loss * len(index)
         bar.set_postfix(loss=f"{batch_loss:.4f}")
-    return {"loss": total_loss / len(split), "acc": correct / len(split), "tokens": tokens}
+    total_loss, correct, tokens = all_reduce_sum([total_loss, correct, tokens])
+    return {"loss": total_loss / len(split), "acc": correct / len(split), "tokens": int(tokens)}
 
 
 @torch.no_grad()
 def predict_logits(model, tokens, *, batch_size, device, dtype):
-    """Logits (N, n_classes) for a list of token lists, in their order (batched by length internally)."""
+    """Logits (N, n_classes) for a list of token lists, in their order (batched by length internally).
+
+    Under torchrun the batches are dealt out to the ranks and the logits summed back, so each sentence runs on
+    exactly one rank and every rank ends with all of them."""
     was_training = model.training
     model.eval()
     lengths = [len(t) for t in tokens]
     dummy = Split(tokens, torch.zeros(len(tokens), dtype=torch.long))
-    out = None
-    for index in sorted_batches(lengths, batch_size):
+    out = torch.zeros(len(tokens), model.n_classes)
+    for index in sorted_batches(lengths, batch_size)[rank()::world_size()]:
         ids, lens, _, _ = collate(dummy, index, device)
         with autocast(device, dtype):
-            logits = model(ids, lens).float().cpu()
-        if out is None:
-            out = torch.empty(len(tokens), logits.size(-1))
-        out[index] = logits
+            out[index] = model(ids, lens).float().cpu()
     model.train(was_training)
+    if world_size() > 1:
+        import torch.distributed as dist
+        out = out.to(device)
+        dist.all_reduce(out)
+        out = out.cpu()
     return out
 
 
@@ -287,7 +310,11 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
     exactly. Returns the per-epoch history and the best epoch (0 if none ran)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the same on every rank: all draw the same global batches
+    trained = model
+    if world_size() > 1:  # under torchrun; gradients of the trainable parameters are averaged across ranks
+        from torch.nn.parallel import DistributedDataParallel
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     run = {"epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0, "best_state": None}
     if resume:
         run = load_run_state(state_path, model, optimizer, generator, config)
@@ -296,7 +323,7 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
         kept = f"the state after epoch {epoch - 1} is in {state_path}" if state_path and epoch > 1 else "nothing saved"
         start = time.perf_counter()
         try:
-            train = train_epoch(model, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
+            train = train_epoch(trained, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
                                 device=device, dtype=dtype, clip=clip, micro_batch_tokens=micro_batch_tokens,
                                 desc=f"epoch {epoch}/{epochs}")
             train_seconds = time.perf_counter() - start
@@ -315,8 +342,9 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
         if dev["acc"] > run["best_acc"]:
             run.update(best_epoch=epoch, best_acc=dev["acc"], best_state=trainable_state(model))
         run["epoch"] = epoch
-        if state_path:
+        if state_path and is_main():
             save_run_state(state_path, run, model, optimizer, generator, config)
+        barrier()
     if run["best_state"] is not None:
         model.load_state_dict(run["best_state"], strict=False)
     return run["history"], run["best_epoch"]

@@ -36,7 +36,7 @@ def seed_everything(seed):
 
 def resolve_device(name):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here (use --device cpu)")
     try:
@@ -57,6 +57,59 @@ def compute_dtype(flag, device):
     if flag == "auto":
         return torch.bfloat16 if has_fast_bf16(device) else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[flag]
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+def init_distributed():
+    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU); a plain
+    `python run.py` has no WORLD_SIZE and stays a single process with no group at all."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+
+
+def rank():
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (a download, a cache write); the other ranks run it once it has finished."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def all_reduce_sum(values):
+    """Sum a list of numbers over all ranks (the identity in a single process)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -97,9 +150,14 @@ def write_text(path, text):
 
 
 def append_jsonl(path, record):
-    """Append one JSON line by rewriting the file atomically (a crash never leaves half a line)."""
-    old = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
-    write_text(path, old + json.dumps(record) + "\n")
+    """Append one JSON line by rewriting the file atomically (a crash never leaves half a line), under a lock so
+    that runs side by side (tune --parallel) never lose each other's lines."""
+    import fcntl
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
+        write_text(path, old + json.dumps(record) + "\n")
 
 
 def read_jsonl(path):

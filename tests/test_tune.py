@@ -30,3 +30,13 @@ def test_a_bad_grid_is_refused_before_anything_runs(tmp_path):
     result = run_cli("tune", "rnn", "--grid", "lr=0.1,-1", cwd=tmp_path)
     assert result.returncode == 2 and "argument --lr: must be in (0, inf], got -1" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_parallel_sweep_runs_side_by_side_without_losing_a_line(tmp_path):
+    result = run_cli("tune", "rnn", "--seeds", 3, 4, "--grid", "lr=0.001,0.002", "--parallel", 2,
+                     "--max_examples", 64, "--epochs", 1, "--rnn_hidden", 8, "--name", "par", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": done") == 4
+    assert len((tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()) == 4
+    assert len(list((tmp_path / "tuning" / "par-logs").iterdir())) == 4
+    assert "| lr=0.002 | 2 |" in (tmp_path / "tuning" / "par.md").read_text()
