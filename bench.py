@@ -3,7 +3,7 @@
 Random-weight models of the real architectures (nothing downloaded), real CoLA sentences. Each case runs ours
 and the peer alternately (A B A B ...) after a warm-up and reports medians and their ratio.
 
-    python bench.py              # the full table (about 15 minutes on 2 CPU cores)
+    python bench.py              # the full table (about 30 minutes on 2 CPU cores)
     python bench.py --quick      # a reduced run that only checks the benchmark still works
     python bench.py --json out.json
 """
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, DistilRNN, GPTClassifier, RNNConfig, Sampler, inject_lora, mark_only_lora_as_trainable
-from train_utils import KDLoss, Split, collate, cross_entropy, train_epoch
+from model import (GPT, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_frozen_linears, inject_lora,
+                   mark_only_lora_as_trainable)
+from train_utils import KDLoss, Split, collate, cross_entropy, default_micro_batch_tokens, train_epoch
 from utils import EOT, compute_dtype, default_cola_dir, encode, get_tokenizer, load_cola, write_text
 
 CPU = torch.device("cpu")
@@ -89,8 +90,10 @@ def peer_epoch(model, optimizer, split, batches):
         optimizer.step()
 
 
-def our_lora(variant):
-    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_random(variant), 4, 4))
+def our_lora(variant, dtype):
+    """The model and optimizer `run.py LoRA` builds (r=4 on all four targets), frozen weights stored in `dtype`."""
+    model = cast_frozen_linears(mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_random(variant), 4, 4)),
+                                dtype)
     return model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
 
@@ -109,26 +112,27 @@ def ours_fixed_batches_epoch(model, optimizer, split, batches, dtype):
 
 def lora_cases(split, reps, variant="gpt2", batch_size=128):
     auto = compute_dtype("auto", CPU)
-    ours, ours_opt = our_lora(variant)
+    ours, ours_opt = our_lora(variant, auto)
+    fp32, fp32_opt = our_lora(variant, torch.float32)
     peer = hf_peft_classifier(ours.config)
     peer_opt = torch.optim.Adam([p for p in peer.parameters() if p.requires_grad], lr=1e-3)
     batches = shuffled_batches(len(split), batch_size, seed=0)
     generator = torch.Generator().manual_seed(0)
     tokens = sum(len(t) for t in split.tokens)
-    frozen = sum(p.numel() for p in ours.parameters())
+    frozen = sum(p.numel() for p in fp32.parameters())
     flops = 4 * frozen * tokens  # forward 2N + backward to activations 2N per token; the base gets no weight grads
 
     times = alternate({
         "ours": lambda: train_epoch(ours, split, cross_entropy, ours_opt, batch_size=batch_size,
-                                    generator=generator, device=CPU, dtype=auto),
-        "peer": lambda: peer_epoch(peer, peer_opt, split, batches)}, reps)
+                                    generator=generator, device=CPU, dtype=auto,
+                                    micro_batch_tokens=default_micro_batch_tokens(CPU)),
+        "peer": lambda: peer_epoch(peer, peer_opt, split, batches),
+        "ours_fp32": lambda: ours_fixed_batches_epoch(fp32, fp32_opt, split, batches, torch.float32)}, reps)
     yield case(f"LoRA train epoch, {len(split)} CoLA sentences, {variant} r=4, batch {batch_size}",
                f"run.py LoRA defaults ({dtype_name(auto)}, bucketing)", "HF + PEFT fp32, shuffled, padded", times,
                target=4.0, limit=("matmul", flops, matmul_gflops(auto)))
-    times = alternate({"ours": lambda: ours_fixed_batches_epoch(ours, ours_opt, split, batches, torch.float32),
-                       "peer": lambda: peer_epoch(peer, peer_opt, split, batches)}, reps)
-    yield case("same, both fp32 and the same batches", "ours fp32", "HF + PEFT fp32", times, target=1.0,
-               limit=("matmul", flops, matmul_gflops(torch.float32)))
+    yield case("same, both fp32 and the same batches", "ours fp32", "HF + PEFT fp32", times | {"ours": times["ours_fp32"]},
+               target=1.0, limit=("matmul", flops, matmul_gflops(torch.float32)))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -151,16 +155,19 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
         return lambda: list(model.generate(prompt, new_tokens, Sampler(1.0, top_k=50, seed=0)))
 
     auto = compute_dtype("auto", CPU)
-    ours_auto = GPT.from_random(variant).to(auto).eval()
+    ours_auto = GPT.from_random(variant).for_generation(CPU, auto)
+    ours.for_generation(CPU, torch.float32)
+    times = alternate({"ours": run_ours(ours_auto), "peer": run_peer, "ours_fp32": run_ours(ours)}, reps)
     bandwidth = memory_gbps()
-    for label, model, dtype, target in ((f"run.py gen defaults ({dtype_name(auto)})", ours_auto, auto, 2.0),
-                                        ("ours fp32", ours, torch.float32, 1.0)):
-        times = alternate({"ours": run_ours(model), "peer": run_peer}, reps)
-        weight_bytes = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
-        title = (f"generation, {variant}, 128-token prompt, {new_tokens} new tokens, top-k 50" if target == 2.0
-                 else "same, both fp32")
-        yield case(title, label, "GPT2LMHeadModel.generate fp32", times, target=target,
-                   limit=("bandwidth", weight_bytes * new_tokens, bandwidth))
+
+    def weight_bytes(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    yield case(f"generation, {variant}, 128-token prompt, {new_tokens} new tokens, top-k 50",
+               f"run.py gen defaults ({dtype_name(auto)})", "GPT2LMHeadModel.generate fp32", times, target=2.0,
+               limit=("bandwidth", weight_bytes(ours_auto) * new_tokens, bandwidth))
+    yield case("same, both fp32", "ours fp32", "GPT2LMHeadModel.generate fp32", times | {"ours": times["ours_fp32"]},
+               target=1.0, limit=("bandwidth", weight_bytes(ours) * new_tokens, bandwidth))
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -171,13 +178,15 @@ def distil_case(split, reps):
     teacher = torch.randn(len(split), 2)
     kd_split = Split(split.tokens, split.labels, teacher)
     auto = compute_dtype("auto", CPU)
+    tokens = default_micro_batch_tokens(CPU)
     models = {name: DistilRNN(RNNConfig()) for name in ("distil", "rnn")}
     opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
     times = alternate({
         "ours": lambda: train_epoch(models["distil"], kd_split, KDLoss(2.0, 0.5), opts["distil"], batch_size=128,
-                                    generator=generator, device=CPU, dtype=auto, clip=1.0),
+                                    generator=generator, device=CPU, dtype=auto, clip=1.0, micro_batch_tokens=tokens),
         "peer": lambda: train_epoch(models["rnn"], split, cross_entropy, opts["rnn"], batch_size=128,
-                                    generator=generator, device=CPU, dtype=auto, clip=1.0)}, reps)
+                                    generator=generator, device=CPU, dtype=auto, clip=1.0, micro_batch_tokens=tokens)},
+        reps)
     return case(f"distil epoch (after the first) vs rnn epoch, {len(split)} sentences", "distil epoch",
                 "rnn epoch", times, target=1.2, speedup=False)
 

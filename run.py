@@ -15,8 +15,9 @@ import torch
 
 from model import (GPT, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_frozen_linears,
                    count_parameters, inject_lora, looks_like_path, mark_only_lora_as_trainable, merge_lora)
-from train_utils import (KDLoss, Split, cross_entropy, evaluate, fit, format_table, majority_label, mcnemar_exact,
-                         plot_grid, plot_history, plot_summary, predict_logits, score_cells, scores)
+from train_utils import (KDLoss, Split, cross_entropy, default_micro_batch_tokens, evaluate, fit, format_table,
+                         majority_label, mcnemar_exact, plot_grid, plot_history, plot_summary, predict_logits,
+                         score_cells, scores)
 from utils import (ADAPTER_CONFIG, EOT, LABELS, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, append_jsonl, atomic_path,
                    barrier, compute_dtype, default_cola_dir, encode, file_sha256, get_tokenizer, init_distributed,
                    is_main, load_adapter_weights, load_cola, main_first, read_adapter_config, read_cola_tsv, read_json,
@@ -117,7 +118,8 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     state_path = resume_state_path(out_path)
     history, best_epoch = fit(model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               device=device, dtype=dtype, seed=args.seed, clip=getattr(args, "clip", None),
-                              micro_batch_tokens=args.micro_batch_tokens, state_path=state_path,
+                              micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(device),
+                              state_path=state_path,
                               resume=args.resume, config=run_config(args))
     final = {name: evaluate(model, splits[name], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)
              for name in ("dev", "ood")}
@@ -584,9 +586,9 @@ def build_parser():
     train.add_argument("--resume", action="store_true", help="continue the interrupted run with these flags")
     train.add_argument("--batch_size", type=positive_int, default=128)
     train.add_argument("--lr", type=positive_float, default=1e-3)
-    train.add_argument("--micro_batch_tokens", type=non_negative_int, help="split each batch into pieces of at most this many "
-                       "padded tokens and accumulate gradients: bounds memory, same result (default: 512 on CPU, "
-                       "as fast as larger pieces there, 16384 on CUDA; 0: never split)")
+    train.add_argument("--micro_batch_tokens", type=positive_int, help="split each batch into pieces of at most "
+                       "this many padded tokens and accumulate gradients: bounds memory, same result (default: 512 "
+                       "on CPU, as fast as larger pieces there; 16384 on CUDA)")
 
     student = argparse.ArgumentParser(add_help=False)
     student.add_argument("--rnn_hidden", type=positive_int, default=768)
@@ -685,8 +687,6 @@ def finish_args(parser, args):
         args.model_path = args.model_path or f"models/LoRA-{variant_slug(args.gpt_variant)}"
     if args.mode == "distil" and args.model_path is None:
         args.model_path = f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}"
-    if getattr(args, "micro_batch_tokens", 0) is None:
-        args.micro_batch_tokens = 16384 if torch.cuda.is_available() and args.device != "cpu" else 512
     variant = getattr(args, "gpt_variant", None)
     if variant and looks_like_path(variant) and not Path(variant).is_dir():
         parser.error(f"--gpt_variant {variant}: no such folder")

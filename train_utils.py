@@ -167,6 +167,12 @@ class Diverged(UserError):
     """The loss became NaN or infinite."""
 
 
+def default_micro_batch_tokens(device):
+    """Padded tokens per piece of a batch: 512 on CPU (as fast as larger pieces there, and keeps a gpt2-medium
+    run under 3 GB), 16384 on a GPU."""
+    return 16384 if device.type == "cuda" else 512
+
+
 def micro_batches(index, lengths, max_tokens):
     """Cut a batch into consecutive pieces of at most `max_tokens` padded tokens (None: no cut). Gradients are
     accumulated over the pieces, so a step still sees the whole batch while activations stay bounded."""
