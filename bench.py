@@ -131,8 +131,8 @@ def lora_cases(split, reps, variant="gpt2", batch_size=128):
     yield case(f"LoRA train epoch, {len(split)} CoLA sentences, {variant} r=4, batch {batch_size}",
                f"run.py LoRA defaults ({dtype_name(auto)}, bucketing)", "HF + PEFT fp32, shuffled, padded", times,
                target=4.0, limit=("matmul", flops, matmul_gflops(auto)))
-    yield case("same, both fp32 and the same batches", "ours fp32", "HF + PEFT fp32", times | {"ours": times["ours_fp32"]},
-               target=1.0, limit=("matmul", flops, matmul_gflops(torch.float32)))
+    yield case("same, both fp32 and the same batches", "ours fp32", "HF + PEFT fp32",
+               times | {"ours": times["ours_fp32"]}, target=1.0, limit=("matmul", flops, matmul_gflops(torch.float32)))
 
 
 # ----------------------------------------------------------------------------- generation

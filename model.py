@@ -258,7 +258,8 @@ class Sampler:
 
 
 def apply_repetition_penalty(logits, context, penalty):
-    """CTRL's rule: every token already in the context has its logit divided by `penalty` if positive, else multiplied."""
+    """CTRL's rule: each token already in the context has its logit divided by `penalty` if positive, else
+    multiplied by it."""
     if penalty == 1.0 or not context:
         return logits
     seen = torch.tensor(sorted(set(context)), device=logits.device)
@@ -291,15 +292,15 @@ def looks_like_path(name):
     return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def checkpoint_folder(name_or_path):
-    """A local folder as is; a Hugging Face id downloaded (config + weights, with progress bars) and cached."""
+def checkpoint_folder(name_or_path, files=("config.json", "*.safetensors", "*.safetensors.index.json")):
+    """A local folder as is; a Hugging Face id downloaded (its `files`, with progress bars) and cached."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if looks_like_path(name_or_path):
         raise UserError(f"--gpt_variant {name_or_path}: no such folder")
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+        return snapshot_download(name_or_path, allow_patterns=list(files))
     except Exception as e:
         raise UserError(f"could not get '{name_or_path}' from the Hugging Face hub ({type(e).__name__}); check the "
                         "name and your connection, or pass a local folder with --gpt_variant") from e
@@ -309,7 +310,7 @@ def load_config(name_or_path):
     """GPTConfig of one of the four variants (no download), or read from a folder's / hub id's config.json."""
     if name_or_path in VARIANTS and not os.path.isdir(name_or_path):
         return GPTConfig(**VARIANTS[name_or_path])
-    folder = checkpoint_folder(name_or_path)
+    folder = checkpoint_folder(name_or_path, files=("config.json",))  # the architecture only, no weights
     path = os.path.join(folder, "config.json")
     try:
         with open(path, encoding="utf-8") as f:

@@ -1,4 +1,5 @@
-"""Command line: `python run.py {gen,LoRA,rnn,distil} ...`. Parse, validate, build, call, report."""
+"""Command line: `python run.py {gen,LoRA,rnn,distil,predict,export,tune} ...`. Parse, validate, build, call,
+report."""
 import argparse
 import codecs
 import itertools
@@ -14,15 +15,15 @@ from pathlib import Path
 import torch
 
 from model import (GPT, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_frozen_linears,
-                   count_parameters, inject_lora, looks_like_path, mark_only_lora_as_trainable, merge_lora)
+                   count_parameters, inject_lora, load_config, looks_like_path, mark_only_lora_as_trainable, merge_lora)
 from train_utils import (KDLoss, Split, cross_entropy, default_micro_batch_tokens, evaluate, fit, format_table,
                          majority_label, mcnemar_exact, plot_grid, plot_history, plot_summary, predict_logits,
                          score_cells, scores)
 from utils import (ADAPTER_CONFIG, EOT, LABELS, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, append_jsonl, atomic_path,
-                   barrier, compute_dtype, default_cola_dir, encode, file_sha256, get_tokenizer, init_distributed,
-                   is_main, load_adapter_weights, load_cola, main_first, read_adapter_config, read_cola_tsv, read_json,
-                   read_jsonl, read_tensors, resolve_device, save_adapter, save_checkpoint, seed_everything, UserError,
-                   write_text)
+                   barrier, compute_dtype, default_cola_dir, encode, everyone, file_sha256, get_tokenizer,
+                   init_distributed, is_main, load_adapter_weights, load_cola, main_first, read_adapter_config,
+                   read_cola_tsv, read_json, read_jsonl, read_tensors, resolve_device, save_adapter, save_checkpoint,
+                   seed_everything, UserError, write_text)
 
 TUNING_DIR, PLOTS_DIR = "tuning", "plots"
 
@@ -45,21 +46,26 @@ def build_classifier(variant, random_init, seed):
         return GPTClassifier.from_pretrained(variant)
 
 
-def load_lora_classifier(folder, variant=None):
-    """The fine-tuned classifier saved by `run.py LoRA` (or PEFT) in `folder`, LoRA merged, in eval mode."""
+def adapter_base(folder, variant=None):
+    """(LoRA settings, run info, GPT-2 base) of an adapter folder; `variant`, when given, must be its base."""
     cfg = read_adapter_config(folder)
     info = read_json(Path(folder) / RUN_INFO, "run info") if (Path(folder) / RUN_INFO).exists() else {}
     base = cfg["base_model"]
     if variant is not None and base is not None and variant_slug(variant) != variant_slug(base):
         raise UserError(f"{folder}: this adapter was trained on {base}, not on --gpt_variant {variant}")
-    variant = variant or base
-    if variant is None:
+    if (variant or base) is None:
         raise UserError(f"{folder}: the adapter names no base model; pass --gpt_variant")
+    return cfg, info, variant or base
+
+
+def load_lora_classifier(folder, variant=None):
+    """The fine-tuned classifier saved by `run.py LoRA` (or PEFT) in `folder`, LoRA merged, in eval mode."""
+    cfg, info, variant = adapter_base(folder, variant)
     model = build_classifier(variant, info.get("random_init", False), info.get("seed", 0))
     inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"])
     load_adapter_weights(model, folder)
     merge_lora(model)
-    return model.eval().requires_grad_(False), cfg, variant
+    return model.eval().requires_grad_(False)
 
 
 def print_parameter_table(model):
@@ -79,8 +85,8 @@ def load_splits(args, tokenizer, block_size=None):
         cola = load_cola(args.data_dir)
     for name, (sentences, labels) in cola.items():
         tokens = encode(tokenizer, sentences)
-        if block_size:
-            tokens = [t[:block_size] for t in tokens]
+        if block_size:  # never for CoLA (at most 45 tokens); past the context keep the end, whose last token is read
+            tokens = [t[-block_size:] for t in tokens]
         splits[name] = Split(tokens, torch.tensor(labels))
     if args.max_examples:
         keep = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(args.seed))
@@ -119,8 +125,7 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     history, best_epoch = fit(model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               device=device, dtype=dtype, seed=args.seed, clip=getattr(args, "clip", None),
                               micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(device),
-                              state_path=state_path,
-                              resume=args.resume, config=run_config(args))
+                              state_path=state_path, resume=args.resume, config=run_config(args))
     final = {name: evaluate(model, splits[name], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)
              for name in ("dev", "ood")}
     stats = {name: scores(final[name]["preds"], splits[name].labels) for name in ("dev", "ood")}
@@ -138,7 +143,8 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     record = {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args) | {"func": None},
               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
               "parameters": total, "trainable_parameters": trainable, "history": history, "best_epoch": best_epoch,
-              "baseline_dev_acc": baseline["dev"]["acc"], "baseline_ood_acc": baseline["ood"]["acc"],
+              "majority_label": majority, "baseline_dev_acc": baseline["dev"]["acc"],
+              "baseline_ood_acc": baseline["ood"]["acc"],
               **{f"{name}_{k}": v for name in ("dev", "ood") for k, v in stats[name].items()},
               "dev_sentences_per_s": final["dev"]["sentences_per_s"],
               "dev_preds": final["dev"]["preds"], "ood_preds": final["ood"]["preds"],
@@ -171,17 +177,18 @@ def cmd_gen(args):
             print(f"\n===== sample {i + 1} =====")
         sampler = Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)
         print_stream(tokenizer, prompt, model.generate(prompt_ids, args.max_new_tokens, sampler, eos_id=eos),
-                     stream=not args.no_stream)
+                     eos_id=eos, stream=not args.no_stream)
 
 
-def print_stream(tokenizer, prompt, token_ids, stream):
-    """Print the prompt, then each token as it arrives (bytes decoded incrementally: a character may span tokens)."""
+def print_stream(tokenizer, prompt, token_ids, eos_id, stream):
+    """Print the prompt, then each token as it arrives (bytes decoded incrementally: a character may span tokens),
+    up to `eos_id` (None: print <|endoftext|> like any other token)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = [prompt]
     if stream:
         print(prompt, end="", flush=True)
     for tok in token_ids:
-        if tok == tokenizer.eot_token:
+        if tok == eos_id:
             break
         text = decoder.decode(tokenizer.decode_single_token_bytes(tok))
         pieces.append(text)
@@ -247,23 +254,28 @@ def load_student(folder):
 def cmd_rnn(args):
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
-    splits = load_splits(args, get_tokenizer())
     model = build_student(args).to(device)
     print_parameter_table(model)
+    if args.epochs == 0:
+        return
+    splits = load_splits(args, get_tokenizer())
     train_and_report("rnn", model, cross_entropy, splits, args, device, dtype, args.model_path,
                      save=lambda: save_student(model, args.model_path, args))
 
 
-def teacher_logits(teacher, splits, adapter_folder, variant, args, device, dtype):
-    """The teacher's logits on every split, computed once and cached on disk under a key made of the adapter's
-    content, the base model and the data; a second run with the same teacher loads them and never runs it."""
-    key = file_sha256(*(p for p in sorted(Path(adapter_folder).iterdir()) if p.is_file()))[:16]
-    cache = Path("models/cache") / f"teacher-{key}-{variant_slug(variant)}-{data_fingerprint(splits)}.safetensors"
-    if cache.exists():
+def teacher_logits(splits, args, variant, device, dtype):
+    """The teacher's logits on every split, its size and speed, computed once and cached on disk under a key made
+    of the adapter's content, the base model and the data: a second run with the same teacher loads them and
+    neither builds nor runs the teacher."""
+    folder = Path(args.model_path)
+    key = file_sha256(*(p for p in sorted(folder.iterdir()) if p.is_file()))[:16]
+    name = f"teacher-{key}-{variant_slug(variant)}-{str(dtype).removeprefix('torch.')}-{data_fingerprint(splits)}"
+    cache = Path("models/cache") / f"{name}.safetensors"
+    if everyone(cache.exists()):  # every rank must have it (machines need not share a disk)
         print(f"teacher logits from cache {cache}")
         return read_tensors(cache)
-    teacher.to(device)
-    logits = {}
+    teacher = cast_frozen_linears(load_lora_classifier(folder, variant), dtype).to(device)
+    logits = {"parameters": torch.tensor(count_parameters(teacher)[0])}
     for name, split in splits.items():
         start = time.perf_counter()
         logits[name] = predict_logits(teacher, split.tokens, batch_size=args.batch_size, device=device, dtype=dtype)
@@ -282,30 +294,31 @@ def cmd_distil(args):
     if not (Path(args.model_path) / ADAPTER_CONFIG).exists():
         raise UserError(f"no LoRA adapter at {args.model_path}: train the teacher first with "
                         f"`python run.py LoRA --gpt_variant {args.gpt_variant or 'gpt2'}`, or pass --model_path")
-    teacher, _, variant = load_lora_classifier(args.model_path, args.gpt_variant)
-    cast_frozen_linears(teacher, dtype)
-    splits = load_splits(args, get_tokenizer(), teacher.config.block_size)
-    logits = teacher_logits(teacher, splits, args.model_path, variant, args, device, dtype)
-    for name, split in splits.items():
-        split.teacher = logits[name]
+    _, _, variant = adapter_base(args.model_path, args.gpt_variant)
     student = build_student(args).to(device)
     print_parameter_table(student)
+    if args.epochs == 0:
+        return
+    splits = load_splits(args, get_tokenizer(), load_config(variant).block_size)
+    logits = teacher_logits(splits, args, variant, device, dtype)
+    for name, split in splits.items():
+        split.teacher = logits[name]
     record = train_and_report("distil", student, KDLoss(args.temperature, args.alpha), splits, args, device, dtype,
                               args.student_path, save=lambda: save_student(student, args.student_path, args),
                               extra={"teacher": args.model_path})
     if record is None:  # not rank 0
         return
-    print_distil_report(teacher, logits, splits, record)
+    print_distil_report(logits, splits, record)
 
 
-def print_distil_report(teacher, logits, splits, kd_run):
+def print_distil_report(logits, splits, kd_run):
     """Teacher vs student with KD vs student without KD (latest matching `rnn` run) vs majority baseline, every
     number computed from saved predictions, with intervals; McNemar's test pairs the two students (or, without a
     no-KD run, the KD student and the baseline). Also draws plots/summary.png."""
     labels = {name: splits[name].labels for name in ("dev", "ood")}
     majority = majority_label(splits["train"].labels)
     entries = [
-        {"name": "teacher (GPT-2 + LoRA)", "params": count_parameters(teacher)[0],
+        {"name": "teacher (GPT-2 + LoRA)", "params": int(logits["parameters"]),
          "dev": logits["dev"].argmax(-1).tolist(), "ood": logits["ood"].argmax(-1).tolist(),
          "speed": len(splits["dev"]) / float(logits["dev_seconds"])},
         {"name": "student with KD", "params": kd_run["parameters"], "dev": kd_run["dev_preds"],
@@ -347,7 +360,7 @@ def load_predictor(folder, variant):
     """A trained classifier from its folder, recognised by its files: (model, block size or None for the RNN)."""
     folder = Path(folder)
     if (folder / ADAPTER_CONFIG).exists():
-        model, _, _ = load_lora_classifier(folder, variant)
+        model = load_lora_classifier(folder, variant)
         return model, model.config.block_size
     if (folder / STUDENT_CONFIG).exists():
         return load_student(folder), None
@@ -396,14 +409,15 @@ def cmd_predict(args):
     if labels is not None:
         s = scores([int(p >= 0.5) for p in p_acceptable], labels)
         majority = max(labels.count(0), labels.count(1)) / len(labels)
+        (acc_low, acc_high), (mcc_low, mcc_high) = s["acc_ci"], s["mcc_ci"]
         print(f"accuracy {s['acc']:.2%}  MCC {s['mcc']:+.3f}  on {len(labels)} labelled sentences; 95% intervals: "
-              f"accuracy {s['acc_ci'][0]:.1%}-{s['acc_ci'][1]:.1%}, MCC {s['mcc_ci'][0]:+.2f} to {s['mcc_ci'][1]:+.2f}; "
+              f"accuracy {acc_low:.1%}-{acc_high:.1%}, MCC {mcc_low:+.2f} to {mcc_high:+.2f}; "
               f"this file's majority class scores {majority:.2%} (MCC 0)",
               file=sys.stdout if args.format == "table" else sys.stderr)
 
 
 def cmd_export(args):
-    model, _, _ = load_lora_classifier(args.model_path, args.gpt_variant)
+    model = load_lora_classifier(args.model_path, args.gpt_variant)
     save_checkpoint(args.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
     print(f"merged classifier written to {args.out}: GPT2ForSequenceClassification.from_pretrained({args.out!r})")
 
@@ -425,11 +439,12 @@ def tune_plan(parser, args):
     name = args.name or "_".join([args.target] + [f"{k}-{'-'.join(v)}" for k, v in grid.items()])
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
     out_flag = "--student_path" if args.target == "distil" else "--model_path"
-    out = [] if out_flag in args.rest else [out_flag, f"models/tune/{name}/{args.target}"]
     plan = []
     for values in itertools.product(*grid.values()):
         config = dict(zip(grid, values))
         for seed in args.seeds:
+            slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in config_label(config).replace(", ", "_"))
+            out = [] if out_flag in args.rest else [out_flag, f"models/tune/{name}/{slug}_seed{seed}"]
             argv = [args.target, *args.rest, *out, "--seed", str(seed)]
             argv += [a for k, v in config.items() for a in (f"--{k}", v)]
             run_args = finish_args(parser, parser.parse_args(argv))
@@ -439,8 +454,8 @@ def tune_plan(parser, args):
 
 
 def logged_run(run, records):
-    """The logged record of a planned run (same flags), if any."""
-    flags = json.loads(json.dumps(run_config(run["args"])))
+    """The logged record of a planned run (same flags, same number of epochs), if any."""
+    flags = json.loads(json.dumps(run_config(run["args"]) | {"epochs": run["args"].epochs}))
     matches = [r for r in records if all(r["args"].get(k) == v for k, v in flags.items())]
     return matches[-1] if matches else None
 
@@ -496,7 +511,8 @@ def summarize_tune(name, target, grid, plan):
         runs = [r for r in runs if r is not None]
         if not runs:
             raise UserError(f"sweep {name}: no finished run of {config_label(config)}; see the messages above")
-        stats = {m: (statistics.mean(r[m] for r in runs), statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0)
+        stats = {m: (statistics.mean(r[m] for r in runs),
+                     statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0)
                  for m in ("dev_acc", "dev_mcc", "ood_acc")}
         configs.append({"config": config, "runs": runs, **stats})
     best = max(configs, key=lambda c: c["dev_acc"][0])
@@ -508,14 +524,15 @@ def summarize_tune(name, target, grid, plan):
              f"{len(labels) / 100:.0f} sentences.", "",
              "| configuration | seeds | dev accuracy | dev MCC | out-of-domain accuracy |", "|---|---|---|---|---|"]
     for c in configs:
-        lines.append(f"| {config_label(c['config'])} | {len(c['runs'])} | {c['dev_acc'][0]:.2%} ± {c['dev_acc'][1]:.2%} | "
-                     f"{c['dev_mcc'][0]:+.3f} ± {c['dev_mcc'][1]:.3f} | {c['ood_acc'][0]:.2%} ± {c['ood_acc'][1]:.2%} |")
+        (acc, acc_sd), (mcc, mcc_sd), (ood, ood_sd) = c["dev_acc"], c["dev_mcc"], c["ood_acc"]
+        lines.append(f"| {config_label(c['config'])} | {len(c['runs'])} | {acc:.2%} ± {acc_sd:.2%} | "
+                     f"{mcc:+.3f} ± {mcc_sd:.3f} | {ood:.2%} ± {ood_sd:.2%} |")
     lines += ["", f"Best by mean dev accuracy: **{config_label(best['config'])}**.", "",
               "McNemar's exact test of the best configuration against the baseline, per seed (sentences right only "
               "with the best / only with the baseline; a small p says the difference is unlikely to be chance):", ""]
     for r in best["runs"]:
         nokd = latest_matching_rnn_run(r) if target == "distil" else None
-        baseline = nokd["dev_preds"] if nokd else [int(r["baseline_dev_acc"] >= 0.5)] * len(r["dev_preds"])
+        baseline = nokd["dev_preds"] if nokd else [r["majority_label"]] * len(r["dev_preds"])
         only_best, only_base, p = mcnemar_exact(torch.tensor(r["dev_preds"]) == labels,
                                                 torch.tensor(baseline) == labels)
         lines.append(f"- seed {r['args']['seed']}: vs {'the no-KD student' if nokd else 'the majority class'}: "
@@ -551,6 +568,7 @@ non_negative_int = number_in(int, 0)
 positive_float = number_in(float, 0, low_open=True)
 non_negative_float = number_in(float, 0)
 fraction = number_in(float, 0, 1)
+seed_int = number_in(int, 0, 2 ** 32 - 1)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -568,7 +586,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="mode", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=seed_int, default=0)
     common.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 where the hardware runs it fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32")
@@ -657,7 +675,7 @@ def build_parser():
         "Example: python run.py tune distil --seeds 1 2 3 --grid temperature=1,2,4 alpha=0.3,0.5,0.9 --epochs 3. "
         "Any other flag is passed to every run."))
     tune.add_argument("target", choices=TUNABLE, help="the subcommand to sweep")
-    tune.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    tune.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2])
     tune.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="values to sweep, per flag")
     tune.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png (default: from the grid)")
     tune.add_argument("--parallel", type=positive_int, default=1,
@@ -699,6 +717,9 @@ def finish_args(parser, args):
     for flag in outputs.get(args.mode, []) + (["data_dir"] if hasattr(args, "data_dir") else []):
         if not writable(getattr(args, flag)):
             parser.error(f"--{flag} {getattr(args, flag)}: cannot write there (a file is in the way, or no permission)")
+    if args.mode in TUNABLE and args.dtype == "float16":
+        parser.error("--dtype float16 is for gen and predict; train in bfloat16 or float32 (float16 training "
+                     "needs loss scaling, which this loop does not do)")
     if args.mode == "tune":
         args.tune_name, args.grid_values, args.plan = tune_plan(parser, args)
     if args.mode in ("LoRA", "rnn", "distil", "tune"):
@@ -715,11 +736,11 @@ def main(argv=None):
     if rest and args.mode != "tune":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    args = finish_args(parser, args)
-    init_distributed()
-    if not is_main():  # under torchrun only rank 0 prints
-        sys.stdout = open(os.devnull, "w")
     try:
+        args = finish_args(parser, args)
+        init_distributed()
+        if not is_main():  # under torchrun only rank 0 prints
+            sys.stdout = open(os.devnull, "w")
         args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,6 @@ A mode (LoRA, rnn, distil) supplies a model `model(ids, lengths) -> logits (B, n
 `loss_fn(logits, labels, teacher) -> scalar`; nothing else differs.
 """
 import contextlib
-import copy
 import math
 import statistics
 import time
@@ -14,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import EOT, UserError, all_reduce_sum, atomic_path, barrier, is_main, rank, world_size
+from utils import (EOT, UserError, all_reduce_sum, atomic_path, barrier, broadcast_from_main, everyone, is_main, rank,
+                   world_size)
 
 
 # ----------------------------------------------------------------------------- data
@@ -208,7 +208,7 @@ def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, devi
         optimizer.zero_grad(set_to_none=True)
         share, weight = rank_share(index)
         pieces = micro_batches(share or index[:1], lengths, micro_batch_tokens)  # an empty share still syncs
-        batch_loss = 0.0
+        batch_loss, bad = 0.0, None
         for i, piece in enumerate(pieces):
             ids, lens, labels, teacher = collate(split, piece, device)
             sync = i == len(pieces) - 1 or not hasattr(model, "no_sync")
@@ -216,13 +216,15 @@ def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, devi
                 with autocast(device, dtype):
                     logits = model(ids, lens)
                 loss = loss_fn(logits, labels, teacher) * (len(piece) / len(share) if share else 0.0)
-                if not torch.isfinite(loss):
-                    raise Diverged(f"{desc}: loss became {loss.item()} at step {step}; try a lower --lr")
                 (loss * weight).backward()  # the losses are batch means: weight the pieces and shares
+            if bad is None and not torch.isfinite(loss):
+                bad = loss.item()
             batch_loss += loss.item() * weight / world_size()
             if share:
                 correct += int((logits.argmax(-1) == labels).sum())
                 tokens += int(lens.sum())
+        if not everyone(bad is None):  # decided together, so that no rank is left waiting for the others
+            raise Diverged(f"{desc}: loss became {'nan' if bad is None else bad} at step {step}; try a lower --lr")
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
@@ -277,20 +279,29 @@ class Interrupted(UserError):
     exit_code = 130
 
 
-def save_run_state(path, run, model, optimizer, generator, config):
+def rng_states():
+    """Every rank's RNG states (dropout draws differ per rank), gathered on all ranks."""
+    import torch.distributed as dist
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not dist.is_initialized():
+        return [mine]
+    everyone_states = [None] * world_size()
+    dist.all_gather_object(everyone_states, mine)
+    return everyone_states
+
+
+def save_run_state(path, run, model, optimizer, generator, config, rng):
     """Everything needed to continue after the last finished epoch, written atomically."""
     state = dict(run, model=trainable_state(model), optimizer=optimizer.state_dict(), generator=generator.get_state(),
-                 torch_rng=torch.get_rng_state(), config=config)
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+                 rng=rng, config=config)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_run_state(path, model, optimizer, generator, config):
-    """Restore a run saved by save_run_state, refusing one made with other flags."""
+def read_run_state(path, config):
+    """A saved run, refusing one made with other flags."""
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise UserError(f"--resume: no saved run at {path}; start the run without --resume") from None
     except Exception as e:
@@ -300,12 +311,29 @@ def load_run_state(path, model, optimizer, generator, config):
         k = changed[0]
         raise UserError(f"{path}: saved with --{k} {state['config'].get(k)}, this run has --{k} {config[k]}; "
                         "rerun with the same flags, or without --resume")
+    if len(state["rng"]) != world_size():
+        raise UserError(f"{path}: saved by {len(state['rng'])} processes, resumed by {world_size()}")
+    return state
+
+
+def load_run_state(path, model, optimizer, generator, config):
+    """Restore a run saved by save_run_state. Rank 0 reads the file and every rank gets its content (or the
+    same error), so several machines need not share a disk."""
+    state, error = None, None
+    if is_main():
+        try:
+            state = read_run_state(path, config)
+        except UserError as e:
+            error = str(e)
+    state, error = broadcast_from_main((state, error))
+    if error:
+        raise UserError(error)
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    torch.set_rng_state(state["rng"][rank()]["cpu"])
+    if state["rng"][rank()]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"][rank()]["cuda"])
     return {k: state[k] for k in ("epoch", "history", "best_epoch", "best_acc", "best_state")}
 
 
@@ -320,7 +348,8 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
     trained = model
     if world_size() > 1:  # under torchrun; gradients of the trainable parameters are averaged across ranks
         from torch.nn.parallel import DistributedDataParallel
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        trained = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda"
+                                          else None)
     run = {"epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0, "best_state": None}
     if resume:
         run = load_run_state(state_path, model, optimizer, generator, config)
@@ -348,9 +377,11 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
         if dev["acc"] > run["best_acc"]:
             run.update(best_epoch=epoch, best_acc=dev["acc"], best_state=trainable_state(model))
         run["epoch"] = epoch
-        if state_path and is_main():
-            save_run_state(state_path, run, model, optimizer, generator, config)
-        barrier()
+        if state_path:
+            rng = rng_states()
+            if is_main():
+                save_run_state(state_path, run, model, optimizer, generator, config, rng)
+            barrier()
     if run["best_state"] is not None:
         model.load_state_dict(run["best_state"], strict=False)
     return run["history"], run["best_epoch"]
@@ -389,8 +420,9 @@ def plot_history(history, mode, baseline_acc, best_acc_ci=None, plots_dir="plots
             best = max(history, key=lambda h: h["dev_acc"])
             if best_acc_ci:
                 low, high = best_acc_ci
-                ax.errorbar([best["epoch"]], [best["dev_acc"]], yerr=[[best["dev_acc"] - low], [high - best["dev_acc"]]],
-                            fmt="none", ecolor="black", capsize=4, label="best epoch, 95% Wilson interval")
+                acc = best["dev_acc"]
+                ax.errorbar([best["epoch"]], [acc], yerr=[[acc - low], [high - acc]], fmt="none", ecolor="black",
+                            capsize=4, label="best epoch, 95% Wilson interval")
             ax.annotate(f"MCC {best['dev_mcc']:+.3f}", (best["epoch"], best["dev_acc"]),
                         textcoords="offset points", xytext=(8, 8), ha="left")
         ax.set(title=f"{mode}: {label} per epoch", xlabel="epoch", ylabel=label)

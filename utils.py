@@ -49,7 +49,8 @@ def has_fast_bf16(device):
     """True where bf16 matmuls beat fp32: CUDA with bf16 support, or a CPU with AMX / AVX512-BF16."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def compute_dtype(flag, device):
@@ -62,14 +63,14 @@ def compute_dtype(flag, device):
 # ----------------------------------------------------------------------------- several processes (torchrun)
 
 def init_distributed():
-    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU); a plain
+    """Join the process group torchrun describes in the environment (NCCL for CUDA tensors, gloo for CPU); a plain
     `python run.py` has no WORLD_SIZE and stays a single process with no group at all."""
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")  # small CPU reductions use gloo
 
 
 def rank():
@@ -97,9 +98,26 @@ def main_first():
     """Rank 0 runs the block first (a download, a cache write); the other ranks run it once it has finished."""
     if not is_main():
         barrier()
-    yield
-    if is_main():
-        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def everyone(flag):
+    """True when `flag` is true on every rank (the flag itself in a single process)."""
+    return all_reduce_sum([0.0 if flag else 1.0])[0] == 0
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (`obj` itself in a single process)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(values):
@@ -333,8 +351,11 @@ def read_adapter_config(folder):
     if unknown or not targets:
         raise UserError(f"{path}: target_modules {unknown or wanted} are not GPT-2 layers we adapt "
                         f"(supported: {', '.join(LORA_TARGETS)})")
-    return {"r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "targets": targets,
-            "base_model": cfg.get("base_model_name_or_path")}
+    try:
+        return {"r": int(cfg["r"]), "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
+                "base_model": cfg.get("base_model_name_or_path")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: corrupt adapter config (r: {e})") from None
 
 
 def load_adapter_weights(model, folder):

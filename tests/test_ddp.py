@@ -48,28 +48,27 @@ def adapter_dir(tiny_gpt_dir, tmp_path_factory):
     return folder
 
 
-def test_lora_on_two_ranks_equals_one_process(tiny_gpt_dir, tmp_path):
-    args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", 256, "--batch_size", 64, "--epochs", 2,
-            "--dtype", "float32", "--model_path", "adapter"]
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    single = run_cli(*args, cwd=tmp_path / "one")
+def run_once_and_on_two_ranks(args, folder):
+    """The same command in folder/one (one process) and folder/two (torchrun, 2 ranks); returns torchrun's run."""
+    (folder / "one").mkdir()
+    (folder / "two").mkdir()
+    single = run_cli(*args, cwd=folder / "one")
     assert single.returncode == 0, single.stderr
-    ddp = torchrun(*args, cwd=tmp_path / "two")
+    ddp = torchrun(*args, cwd=folder / "two")
     assert ddp.returncode == 0, ddp.stderr
+    return ddp
+
+
+def test_lora_on_two_ranks_equals_one_process(tiny_gpt_dir, tmp_path):
+    ddp = run_once_and_on_two_ranks(["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", 256, "--batch_size", 64,
+                                     "--epochs", 2, "--dtype", "float32", "--model_path", "adapter"], tmp_path)
     assert ddp.stdout.count("Number of parameters") == 1  # only rank 0 prints
     assert_same_run(tmp_path / "one", tmp_path / "two", "LoRA", "adapter/adapter_model.safetensors")
 
 
 def test_distil_on_two_ranks_equals_one_process(adapter_dir, tmp_path):
-    args = ["distil", "--model_path", adapter_dir, "--max_examples", 256, "--batch_size", 64, "--epochs", 2,
-            "--rnn_hidden", 16, "--dtype", "float32"]
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    single = run_cli(*args, cwd=tmp_path / "one")
-    assert single.returncode == 0, single.stderr
-    ddp = torchrun(*args, cwd=tmp_path / "two")
-    assert ddp.returncode == 0, ddp.stderr
+    run_once_and_on_two_ranks(["distil", "--model_path", adapter_dir, "--max_examples", 256, "--batch_size", 64,
+                               "--epochs", 2, "--rnn_hidden", 16, "--dtype", "float32"], tmp_path)
     assert_same_run(tmp_path / "one", tmp_path / "two", "distil", "models/distil-rnn/model.safetensors")
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import run
 from conftest import run_cli
 from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters, inject_lora, mark_only_lora_as_trainable
-from train_utils import KDLoss, Split, cross_entropy, kd_loss, predict_logits, train_epoch
+from train_utils import KDLoss, Split, kd_loss, predict_logits, train_epoch
 from utils import EOT, save_adapter
 
 

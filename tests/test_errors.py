@@ -2,7 +2,6 @@
 right exit code, nothing half-written. Every row of README's "What happens when…" table is a case here."""
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -61,6 +60,8 @@ CASES = [
     ("an empty CoLA file", "rnn --data_dir cola-empty", 1, "error: cola-empty/out_of_domain_dev.tsv: no rows"),
     ("a CoLA file not in UTF-8", "rnn --data_dir cola-latin1", 1,
      "error: cola-latin1/in_domain_train.tsv:1: not UTF-8 text"),
+    ("a negative seed", "rnn --seed -1", 2, "error: argument --seed: must be in [0, 4294967295], got -1"),
+    ("float16 training", "LoRA --dtype float16", 2, "error: --dtype float16 is for gen and predict; train in bfloat16"),
     ("--resume with nothing to resume", "rnn --resume --max_examples 8", 1,
      "error: --resume: no saved run at models/rnn.resume.pt; start the run without --resume"),
 ]
@@ -173,8 +174,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_gpt_dir, tmp_path):
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
     assert not state.exists()
-    history = [json.loads(line)["history"] for line in (tmp_path / "b" / "tuning" / "LoRA.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history[-1]] == [1, 2, 3]
+    [record] = [json.loads(line) for line in (tmp_path / "b" / "tuning" / "LoRA.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
 
 
 def test_ctrl_c_saves_nothing_partial_and_resume_refuses_other_flags(tmp_path, monkeypatch, capsys):
@@ -199,3 +200,13 @@ def test_ctrl_c_saves_nothing_partial_and_resume_refuses_other_flags(tmp_path, m
     assert run.main(args + ["--resume"]) == 0
     assert (tmp_path / "models" / "rnn" / "model.safetensors").exists()
     assert not (tmp_path / "models" / "rnn.resume.pt").exists()
+
+
+@pytest.mark.parametrize("mode", ["rnn", "distil"])
+def test_zero_epochs_prints_the_student_size_and_writes_nothing(mode, workdir):
+    before = snapshot(workdir)
+    extra = ["--model_path", "adapter-tiny"] if mode == "distil" else []
+    result = run_cli(mode, "--epochs", 0, *extra, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "Number of parameters: 40.96M"
+    assert snapshot(workdir) == before

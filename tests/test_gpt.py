@@ -156,3 +156,14 @@ def test_cli_gen_hub_id_offline_is_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
     assert "no-such-org/no-such-gpt2" in result.stderr
+
+
+def test_streaming_stops_at_end_of_text_only_when_asked(tokenizer, capsys):
+    from run import print_stream
+    ids = tokenizer.encode_ordinary(" one") + [50256] + tokenizer.encode_ordinary(" two")
+    print_stream(tokenizer, "Count:", iter(ids), eos_id=50256, stream=True)
+    assert capsys.readouterr().out == "Count: one\n"
+    print_stream(tokenizer, "Count:", iter(ids), eos_id=None, stream=False)
+    assert capsys.readouterr().out == "Count: one<|endoftext|> two\n"
+    print_stream(tokenizer, "", iter(tokenizer.encode_ordinary("naïve 日本")), eos_id=None, stream=True)
+    assert capsys.readouterr().out == "naïve 日本\n"

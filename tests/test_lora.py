@@ -1,13 +1,12 @@
 """LoRA: the invariants of the wrapper, PEFT as the oracle for logits and the saved format, the CLI run."""
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import run_cli
-from model import GPTClassifier, LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, unmerge_lora
+from model import GPTClassifier, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, unmerge_lora
 from train_utils import Split, cross_entropy, evaluate, train_epoch
 from utils import EOT, load_adapter_weights, read_adapter_config, save_adapter
 

@@ -32,7 +32,7 @@ def peft_adapter(tiny_gpt_dir, folder, seed=0, **lora):
 ])
 def test_peft_adapter_into_ours(tiny_gpt_dir, tmp_path, lora):
     theirs = peft_adapter(tiny_gpt_dir, tmp_path / "peft", **lora)
-    ours, _, _ = run.load_lora_classifier(tmp_path / "peft")
+    ours = run.load_lora_classifier(tmp_path / "peft")
     ids, lengths = padded(PAD_BATCH)
     with torch.no_grad():
         assert (ours(ids, lengths) - theirs(input_ids=ids).logits).abs().max() <= 1e-4

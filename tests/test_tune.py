@@ -21,6 +21,10 @@ def test_sweep_writes_every_run_the_summary_and_the_plot_and_reruns_nothing(tmp_
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skipped") == 4 and "epoch" not in again.stdout
     assert len((tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()) == 4
+    longer = run_cli(*[2 if a == 1 and SWEEP[i - 1] == "--epochs" else a for i, a in enumerate(SWEEP)], cwd=tmp_path)
+    assert longer.returncode == 0 and "skipped" not in longer.stdout  # other epochs: other runs
+    assert len((tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()) == 8
+    assert len(list((tmp_path / "models" / "tune" / "small").iterdir())) == 4  # one model per configuration and seed
 
 
 def test_a_bad_grid_is_refused_before_anything_runs(tmp_path):
