@@ -52,3 +52,18 @@ def run_cli(*args, cwd, timeout=600, input=None):
     """Run `python run.py ARGS` in `cwd` as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=cwd, capture_output=True,
                           input=input, text=True, timeout=timeout, env=os.environ | {"PYTHONPATH": str(ROOT)})
+
+
+def count_classifier_rows(patch=setattr):
+    """Make GPTClassifier.forward record how many sentences each call gets (through `patch`, e.g.
+    monkeypatch.setattr); returns the list it appends to."""
+    from model import GPTClassifier
+    seen = []
+    forward = GPTClassifier.forward
+
+    def counting(self, idx, lengths):
+        seen.append(idx.size(0))
+        return forward(self, idx, lengths)
+
+    patch(GPTClassifier, "forward", counting)
+    return seen

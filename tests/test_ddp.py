@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, count_classifier_rows, run_cli
 from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable
 from utils import save_adapter
 
@@ -78,14 +78,7 @@ def count_teacher_rows(rank, world, port, adapter, workdir):
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     os.chdir(workdir)
     import run
-    seen = []
-    forward = GPTClassifier.forward
-
-    def counting(self, idx, lengths):
-        seen.append(idx.size(0))
-        return forward(self, idx, lengths)
-
-    GPTClassifier.forward = counting
+    seen = count_classifier_rows()
     code = run.main(["distil", "--model_path", str(adapter), "--max_examples", "64", "--epochs", "1",
                      "--rnn_hidden", "8", "--dtype", "float32"])
     Path(workdir, f"rank{rank}.json").write_text(json.dumps({"code": code, "rows": sum(seen)}))

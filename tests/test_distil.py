@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import run
-from conftest import run_cli
+from conftest import count_classifier_rows, run_cli
 from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters, inject_lora, mark_only_lora_as_trainable
 from train_utils import KDLoss, Split, kd_loss, predict_logits, train_epoch
 from utils import EOT, save_adapter
@@ -87,14 +87,7 @@ def adapter_dir(tiny_gpt_dir, tmp_path_factory):
 
 def test_teacher_runs_once_per_example_and_never_with_its_cache(adapter_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    seen = []
-    original = GPTClassifier.forward
-
-    def counting_forward(self, idx, lengths):
-        seen.append(idx.size(0))
-        return original(self, idx, lengths)
-
-    monkeypatch.setattr(GPTClassifier, "forward", counting_forward)
+    seen = count_classifier_rows(monkeypatch.setattr)
     args = ["distil", "--model_path", str(adapter_dir), "--max_examples", "64", "--epochs", "2", "--rnn_hidden", "32"]
     assert run.main(args) == 0
     assert sum(seen) == 64 + 527 + 516  # each training example once, plus dev and out-of-domain dev once
