@@ -358,6 +358,11 @@ def read_adapter_config(folder):
         raise UserError(f"{path}: corrupt adapter config (r: {e})") from None
 
 
+def injected_targets(named_parameters):
+    """The LoRA targets present in a model, e.g. ['attn.c_attn', 'mlp.c_fc']."""
+    return sorted({".".join(k.split(".")[3:5]) for k in named_parameters if ".lora_A." in k})
+
+
 def load_adapter_weights(model, folder):
     """Copy an adapter's tensors into a model that already has LoRA injected with the same settings."""
     path = Path(folder) / ADAPTER_WEIGHTS
@@ -365,12 +370,14 @@ def load_adapter_weights(model, folder):
     ours = dict(model.named_parameters())
     unknown = sorted(tensors.keys() - ours.keys())
     if unknown:
-        raise UserError(f"{path}: holds {unknown[0]}, which this model has not (another target set?)")
+        raise UserError(f"{path}: holds {unknown[0]}, outside the target set {injected_targets(ours)} that "
+                        f"{ADAPTER_CONFIG} declares")
     if "score.weight" not in tensors:
         raise UserError(f"{path}: no classification head (score.weight): not an adapter for sequence classification")
     missing = [k for k in ours if ".lora_" in k and k not in tensors]
     if missing:
-        raise UserError(f"{path}: lacks {missing[0]} (another target set?)")
+        raise UserError(f"{path}: lacks {missing[0]}, inside the target set {injected_targets(ours)} that "
+                        f"{ADAPTER_CONFIG} declares")
     with torch.no_grad():
         for key, value in tensors.items():
             if value.shape != ours[key].shape:

@@ -116,3 +116,12 @@ def test_predict_sentences_keep_their_order(student_dir, tmp_path):
 def test_predict_on_a_folder_that_is_neither(tmp_path):
     result = run_cli("predict", "--model_path", tmp_path, "--sentence", "x", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "neither" in result.stderr
+
+
+def test_weights_outside_the_declared_targets_are_refused_naming_both(tiny_gpt_dir, tmp_path):
+    peft_adapter(tiny_gpt_dir, tmp_path / "peft", r=4, target_modules=["c_attn", "c_fc"])
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config | {"target_modules": ["c_attn"]}))
+    with pytest.raises(UserError, match=r"holds transformer\.h\.0\.mlp\.c_fc\.lora_A\.weight, outside the target "
+                                        r"set \['attn\.c_attn'\]"):
+        run.load_lora_classifier(tmp_path / "peft")
