@@ -122,12 +122,13 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     kept for --resume is removed once all of that is written. Returns the run's record."""
     start = time.time()
     state_path = resume_state_path(out_path)
-    history, best_epoch = fit(model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              device=device, dtype=dtype, seed=args.seed, clip=getattr(args, "clip", None),
-                              micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(device),
-                              state_path=state_path, resume=args.resume, config=run_config(args))
-    final = {name: evaluate(model, splits[name], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)
-             for name in ("dev", "ood")}
+    history, best_epoch, best_dev = fit(
+        model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device, dtype=dtype,
+        seed=args.seed, clip=getattr(args, "clip", None),
+        micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(device),
+        state_path=state_path, resume=args.resume, config=run_config(args))
+    final = {"dev": best_dev,  # the best epoch's weights are restored: their dev evaluation is already done
+             "ood": evaluate(model, splits["ood"], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)}
     stats = {name: scores(final[name]["preds"], splits[name].labels) for name in ("dev", "ood")}
     majority = majority_label(splits["train"].labels)
     baseline = {name: scores([majority] * len(splits[name]), splits[name].labels) for name in ("dev", "ood")}
@@ -425,6 +426,11 @@ def cmd_export(args):
 TUNABLE = ("LoRA", "rnn", "distil")
 
 
+def file_safe(text):
+    """`text` with every character other than letters, digits, '.', '_' and '-' made '_'."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
 def tune_plan(parser, args):
     """Every (configuration, seed) run of a sweep, its arguments fully parsed and validated before any runs.
 
@@ -437,14 +443,14 @@ def tune_plan(parser, args):
             parser.error(f"--grid {item}: expected flag=value[,value...], e.g. temperature=1,2,4")
         grid[flag.lstrip("-")] = values.split(",")
     name = args.name or "_".join([args.target] + [f"{k}-{'-'.join(v)}" for k, v in grid.items()])
-    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    name = file_safe(name)
     out_flag = "--student_path" if args.target == "distil" else "--model_path"
     plan = []
     for values in itertools.product(*grid.values()):
         config = dict(zip(grid, values))
         for seed in args.seeds:
-            slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in config_label(config).replace(", ", "_"))
-            out = [] if out_flag in args.rest else [out_flag, f"models/tune/{name}/{slug}_seed{seed}"]
+            folder = f"models/tune/{name}/{file_safe(config_label(config))}_seed{seed}"
+            out = [] if out_flag in args.rest else [out_flag, folder]
             argv = [args.target, *args.rest, *out, "--seed", str(seed)]
             argv += [a for k, v in config.items() for a in (f"--{k}", v)]
             run_args = finish_args(parser, parser.parse_args(argv))

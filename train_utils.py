@@ -97,15 +97,19 @@ class KDLoss:
         return kd_loss(logits, teacher, labels, self.temperature, self.alpha)
 
 
+def mcc_rows(preds, labels):
+    """MCC of each row of binary predictions against the same row of labels (..., N) -> (...); 0 where a row or
+    column of the confusion matrix is empty (e.g. one class only)."""
+    p, y = preds.bool(), labels.bool()
+    tp, tn = (p & y).sum(-1).double(), (~p & ~y).sum(-1).double()
+    fp, fn = (p & ~y).sum(-1).double(), (~p & y).sum(-1).double()
+    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).sqrt()
+    return torch.where(denom > 0, (tp * tn - fp * fn) / denom.clamp_min(1e-12), torch.zeros_like(denom))
+
+
 def matthews_corrcoef(preds, labels):
-    """MCC of binary predictions; 0 when a row or column of the confusion matrix is empty (e.g. one class only)."""
-    preds, labels = torch.as_tensor(preds).bool(), torch.as_tensor(labels).bool()
-    tp = float((preds & labels).sum())
-    tn = float((~preds & ~labels).sum())
-    fp = float((preds & ~labels).sum())
-    fn = float((~preds & labels).sum())
-    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / denom if denom else 0.0
+    """MCC of binary predictions."""
+    return float(mcc_rows(torch.as_tensor(preds), torch.as_tensor(labels)))
 
 
 def wilson_interval(correct, n, level=0.95):
@@ -121,14 +125,10 @@ def wilson_interval(correct, n, level=0.95):
 
 def bootstrap_mcc(preds, labels, resamples=1000, seed=0, level=0.95):
     """Percentile bootstrap interval of the MCC: resample sentences with replacement (seeded)."""
-    preds, labels = torch.as_tensor(preds).bool(), torch.as_tensor(labels).bool()
+    preds, labels = torch.as_tensor(preds), torch.as_tensor(labels)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(labels), (resamples, len(labels)), generator=g)
-    p, y = preds[idx], labels[idx]
-    tp, tn = (p & y).sum(1).double(), (~p & ~y).sum(1).double()
-    fp, fn = (p & ~y).sum(1).double(), (~p & y).sum(1).double()
-    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).sqrt()
-    mcc = torch.where(denom > 0, (tp * tn - fp * fn) / denom.clamp_min(1e-12), torch.zeros_like(denom))
+    mcc = mcc_rows(preds[idx], labels[idx])
     low, high = torch.quantile(mcc, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double)).tolist()
     return low, high
 
@@ -334,14 +334,14 @@ def load_run_state(path, model, optimizer, generator, config):
     torch.set_rng_state(state["rng"][rank()]["cpu"])
     if state["rng"][rank()]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"][rank()]["cuda"])
-    return {k: state[k] for k in ("epoch", "history", "best_epoch", "best_acc", "best_state")}
+    return {k: state[k] for k in ("epoch", "history", "best_epoch", "best_acc", "best_state", "best_dev")}
 
 
 def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, clip=None, micro_batch_tokens=None,
         state_path=None, resume=False, config=None):
     """Train for `epochs` with Adam, evaluating on data['dev'] after each; the best epoch (dev accuracy) is
     restored at the end. After each epoch the run's state goes to `state_path`, from which `resume` continues
-    exactly. Returns the per-epoch history and the best epoch (0 if none ran)."""
+    exactly. Returns the per-epoch history, the best epoch (0 if none ran) and its dev evaluation."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)  # the same on every rank: all draw the same global batches
@@ -350,7 +350,7 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
         from torch.nn.parallel import DistributedDataParallel
         trained = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda"
                                           else None)
-    run = {"epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0, "best_state": None}
+    run = {"epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0, "best_state": None, "best_dev": None}
     if resume:
         run = load_run_state(state_path, model, optimizer, generator, config)
         tqdm.write(f"resuming after epoch {run['epoch']} from {state_path}")
@@ -375,7 +375,7 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
                    f"dev loss {dev['loss']:.4f} acc {dev['acc']:.2%} MCC {dev['mcc']:+.3f}  "
                    f"({train_seconds:.1f}s, {train['tokens'] / train_seconds:,.0f} tok/s)")
         if dev["acc"] > run["best_acc"]:
-            run.update(best_epoch=epoch, best_acc=dev["acc"], best_state=trainable_state(model))
+            run.update(best_epoch=epoch, best_acc=dev["acc"], best_state=trainable_state(model), best_dev=dev)
         run["epoch"] = epoch
         if state_path:
             rng = rng_states()
@@ -384,7 +384,7 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
             barrier()
     if run["best_state"] is not None:
         model.load_state_dict(run["best_state"], strict=False)
-    return run["history"], run["best_epoch"]
+    return run["history"], run["best_epoch"], run["best_dev"]
 
 
 # ----------------------------------------------------------------------------- reporting
