@@ -19,11 +19,11 @@ from model import (GPT, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, Sampl
 from train_utils import (KDLoss, Split, cross_entropy, default_micro_batch_tokens, evaluate, fit, format_table,
                          majority_label, mcnemar_exact, plot_grid, plot_history, plot_summary, predict_logits,
                          score_cells, scores)
-from utils import (ADAPTER_CONFIG, EOT, LABELS, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, append_jsonl, atomic_path,
-                   barrier, compute_dtype, default_cola_dir, encode, everyone, file_sha256, get_tokenizer,
-                   init_distributed, is_main, load_adapter_weights, load_cola, main_first, read_adapter_config,
-                   read_cola_tsv, read_json, read_jsonl, read_tensors, resolve_device, save_adapter, save_checkpoint,
-                   seed_everything, UserError, write_text)
+from utils import (ADAPTER_CONFIG, EOT, LABELS, RUN_INFO, STUDENT_CONFIG, STUDENT_WEIGHTS, Terminated, UserError,
+                   append_jsonl, atomic_path, compute_dtype, default_cola_dir, encode, everyone, file_sha256,
+                   get_tokenizer, init_distributed, interrupt_exit_code, is_main, load_adapter_weights, load_cola,
+                   main_first, on_main, read_adapter_config, read_cola_tsv, read_json, read_jsonl, read_tensors,
+                   resolve_device, save_adapter, save_checkpoint, seed_everything, sigterm_as_interrupt, write_text)
 
 TUNING_DIR, PLOTS_DIR = "tuning", "plots"
 
@@ -137,25 +137,25 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     print(format_table(["", "in-domain dev acc", "MCC", "out-of-domain acc", "MCC"],
                        [[mode, *score_cells(stats["dev"]), *score_cells(stats["ood"])],
                         ["majority baseline", *score_cells(baseline["dev"]), *score_cells(baseline["ood"])]]))
-    if not is_main():  # under torchrun only rank 0 draws, logs and saves
-        barrier()
-        return None
-    plots = plot_history(history, mode, baseline["dev"]["acc"], stats["dev"]["acc_ci"], PLOTS_DIR)
-    record = {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args) | {"func": None},
-              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
-              "parameters": total, "trainable_parameters": trainable, "history": history, "best_epoch": best_epoch,
-              "majority_label": majority, "baseline_dev_acc": baseline["dev"]["acc"],
-              "baseline_ood_acc": baseline["ood"]["acc"],
-              **{f"{name}_{k}": v for name in ("dev", "ood") for k, v in stats[name].items()},
-              "dev_sentences_per_s": final["dev"]["sentences_per_s"],
-              "dev_preds": final["dev"]["preds"], "ood_preds": final["ood"]["preds"],
-              "wall_seconds": time.time() - start, "plots": plots, **(extra or {})}
-    append_jsonl(f"{TUNING_DIR}/{mode}.jsonl", record)
-    print(f"plots: {', '.join(plots)}; run logged to {TUNING_DIR}/{mode}.jsonl")
-    save()
-    state_path.unlink(missing_ok=True)
-    barrier()
-    return record
+
+    def write_results():  # under torchrun rank 0 alone draws, logs and saves
+        plots = plot_history(history, mode, baseline["dev"]["acc"], stats["dev"]["acc_ci"], PLOTS_DIR)
+        record = {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args) | {"func": None},
+                  "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
+                  "parameters": total, "trainable_parameters": trainable, "history": history,
+                  "best_epoch": best_epoch, "majority_label": majority, "baseline_dev_acc": baseline["dev"]["acc"],
+                  "baseline_ood_acc": baseline["ood"]["acc"],
+                  **{f"{name}_{k}": v for name in ("dev", "ood") for k, v in stats[name].items()},
+                  "dev_sentences_per_s": final["dev"]["sentences_per_s"],
+                  "dev_preds": final["dev"]["preds"], "ood_preds": final["ood"]["preds"],
+                  "wall_seconds": time.time() - start, "plots": plots, **(extra or {})}
+        append_jsonl(f"{TUNING_DIR}/{mode}.jsonl", record)
+        print(f"plots: {', '.join(plots)}; run logged to {TUNING_DIR}/{mode}.jsonl")
+        save()
+        state_path.unlink(missing_ok=True)
+        return record
+
+    return on_main(write_results)
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -281,11 +281,12 @@ def teacher_logits(splits, args, variant, device, dtype):
         start = time.perf_counter()
         logits[name] = predict_logits(teacher, split.tokens, batch_size=args.batch_size, device=device, dtype=dtype)
         logits[f"{name}_seconds"] = torch.tensor(time.perf_counter() - start)
-    if is_main():
+    def write_cache():
         from safetensors.torch import save_file
         with atomic_path(cache) as tmp:
             save_file({k: v.contiguous() for k, v in logits.items()}, tmp)
-    barrier()
+
+    on_main(write_cache)
     return logits
 
 
@@ -486,21 +487,37 @@ def cmd_tune(args):
 
 def run_side_by_side(pending, slots, log_dir):
     """Run the pending sweep runs as separate processes, `slots` at a time, each slot on its own GPU when there
-    are GPUs; each run's output goes to log_dir/<n>.log."""
+    are GPUs; each run's output goes to log_dir/<n>.log. Ctrl-C or SIGTERM is passed on to the running ones, which
+    stop as a plain run does (resume state kept), and no further run starts."""
+    import signal
     import subprocess
+    import threading
     from concurrent.futures import ThreadPoolExecutor
     log_dir.mkdir(parents=True, exist_ok=True)
+    running, lock, stopping = {}, threading.Lock(), threading.Event()
 
     def worker(slot):
         env = os.environ | ({"CUDA_VISIBLE_DEVICES": str(slot)} if torch.cuda.is_available() else {})
         for n, (label, run) in list(enumerate(pending))[slot::slots]:
             with open(log_dir / f"{n}.log", "w") as log:
-                code = subprocess.run([sys.executable, str(Path(__file__).resolve()), *run["argv"]], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT).returncode
+                with lock:
+                    if stopping.is_set():
+                        return
+                    running[n] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *run["argv"]],
+                                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+                code = running[n].wait()
             print(f"{label}: {'done' if code == 0 else f'FAILED (exit {code}), see {log_dir}/{n}.log'}", flush=True)
 
     with ThreadPoolExecutor(slots) as pool:
-        list(pool.map(worker, range(slots)))
+        try:
+            list(pool.map(worker, range(slots)))
+        except KeyboardInterrupt as e:
+            with lock:
+                stopping.set()
+                for proc in running.values():
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+            raise
 
 
 def config_label(config):
@@ -577,11 +594,22 @@ fraction = number_in(float, 0, 1)
 seed_int = number_in(int, 0, 2 ** 32 - 1)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default, so nobody has to open the code to learn it; an option without a fixed
+    default (None) says in its help what it falls back to."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), pointing at --help instead of the usage."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs | {"allow_abbrev": False})  # --seed must never be read as --seeds
+        super().__init__(*args, **kwargs | {"allow_abbrev": False,  # --seed must never be read as --seeds
+                                            "formatter_class": DefaultsHelpFormatter})
 
     def error(self, message):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
@@ -592,7 +620,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="mode", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seed", type=seed_int, default=0)
+    common.add_argument("--seed", type=seed_int, default=0, help="seeds weights, data order, dropout and sampling")
     common.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 where the hardware runs it fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32")
@@ -605,45 +633,47 @@ def build_parser():
 
     train = argparse.ArgumentParser(add_help=False)
     train.add_argument("--data_dir", default=default_cola_dir(), help="folder of the raw CoLA TSVs "
-                       "(downloaded there when missing; default $COLA_DATA_DIR or data/cola)")
+                       "(downloaded there when missing; $COLA_DATA_DIR when set, else data/cola)")
     train.add_argument("--max_examples", type=positive_int, help="train on a seeded random subset of this size")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run with these flags")
-    train.add_argument("--batch_size", type=positive_int, default=128)
-    train.add_argument("--lr", type=positive_float, default=1e-3)
+    train.add_argument("--batch_size", type=positive_int, default=128, help="sentences per optimizer step")
+    train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     train.add_argument("--micro_batch_tokens", type=positive_int, help="split each batch into pieces of at most "
                        "this many padded tokens and accumulate gradients: bounds memory, same result (default: 512 "
                        "on CPU, as fast as larger pieces there; 16384 on CUDA)")
 
     student = argparse.ArgumentParser(add_help=False)
-    student.add_argument("--rnn_hidden", type=positive_int, default=768)
-    student.add_argument("--rnn_layers", type=positive_int, default=2)
-    student.add_argument("--rnn_cell", default="rnn", choices=["rnn", "gru", "lstm"])
+    student.add_argument("--rnn_hidden", type=positive_int, default=768, help="student embedding and hidden size")
+    student.add_argument("--rnn_layers", type=positive_int, default=2, help="stacked recurrent layers")
+    student.add_argument("--rnn_cell", default="rnn", choices=["rnn", "gru", "lstm"], help="recurrent cell")
     student.add_argument("--clip", type=non_negative_float, default=1.0,
                          help="gradient-norm clipping, 0 for none (ReLU RNNs explode without it)")
-    student.add_argument("--epochs", type=non_negative_int, default=5)
+    student.add_argument("--epochs", type=non_negative_int, default=5, help="0 prints the parameter table only")
 
     g = sub.add_parser("gen", parents=[common, gpt], help="generate text")
     prompt = g.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="Hello, I'm a language model,")
+    prompt.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     prompt.add_argument("--prompt_file", help="read the prompt from this file")
-    g.add_argument("--max_new_tokens", type=positive_int, default=100)
+    g.add_argument("--max_new_tokens", type=positive_int, default=100, help="tokens to generate per sample")
     g.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 means greedy")
-    g.add_argument("--top_k", type=positive_int, default=50)
+    g.add_argument("--top_k", type=positive_int, default=50, help="sample among the k most likely tokens")
     g.add_argument("--top_p", type=number_in(float, 0, 1, low_open=True), default=None,
                    help="nucleus sampling: keep the most likely tokens up to this probability mass")
     g.add_argument("--repetition_penalty", type=positive_float, default=1.0, help="CTRL's penalty; 1 is none")
     g.add_argument("--greedy", action="store_true", help="always the most likely token")
     g.add_argument("--ignore_eos", action="store_true", help="keep going past <|endoftext|>")
-    g.add_argument("--num_samples", type=positive_int, default=1)
+    g.add_argument("--num_samples", type=positive_int, default=1, help="samples to draw (seeds --seed, --seed+1, ...)")
     g.add_argument("--no_stream", action="store_true", help="print each sample when it is complete")
     g.set_defaults(func=cmd_gen)
 
     lora = sub.add_parser("LoRA", parents=[common, gpt, train], help="LoRA fine-tuning of GPT-2 on CoLA")
-    lora.add_argument("--LoRA_rank", "--lora_rank", type=positive_int, default=4)
+    lora.add_argument("--LoRA_rank", "--lora_rank", type=positive_int, default=4, help="rank r of the update B A")
     lora.add_argument("--lora_alpha", type=positive_float, help="scale numerator (default: the rank, i.e. scale 1)")
-    lora.add_argument("--lora_dropout", type=number_in(float, 0, 1, high_open=True), default=0.0)
-    lora.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS))
-    lora.add_argument("--epochs", type=non_negative_int, default=10)
+    lora.add_argument("--lora_dropout", type=number_in(float, 0, 1, high_open=True), default=0.0,
+                      help="dropout on the LoRA branch's input")
+    lora.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS),
+                      help="the linear layers of each block that get LoRA")
+    lora.add_argument("--epochs", type=non_negative_int, default=10, help="0 prints the parameter table only")
     lora.add_argument("--model_path", help="adapter folder to write (default models/LoRA-<variant>)")
     lora.set_defaults(func=cmd_lora)
 
@@ -666,8 +696,8 @@ def build_parser():
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--sentence", action="append", help="a sentence to classify (repeatable)")
     source.add_argument("--input", help="one sentence per line, or a CoLA-format TSV (then accuracy and MCC too)")
-    predict.add_argument("--format", default="table", choices=["table", "jsonl", "tsv"])
-    predict.add_argument("--batch_size", type=positive_int, default=128)
+    predict.add_argument("--format", default="table", choices=["table", "jsonl", "tsv"], help="output format")
+    predict.add_argument("--batch_size", type=positive_int, default=128, help="sentences per forward pass")
     predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser("export", parents=[common],
@@ -681,7 +711,7 @@ def build_parser():
         "Example: python run.py tune distil --seeds 1 2 3 --grid temperature=1,2,4 alpha=0.3,0.5,0.9 --epochs 3. "
         "Any other flag is passed to every run."))
     tune.add_argument("target", choices=TUNABLE, help="the subcommand to sweep")
-    tune.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2])
+    tune.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2], help="each configuration runs once per seed")
     tune.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="values to sweep, per flag")
     tune.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png (default: from the grid)")
     tune.add_argument("--parallel", type=positive_int, default=1,
@@ -721,6 +751,8 @@ def finish_args(parser, args):
         parser.error(f"--model_path {args.model_path}: no such folder")
     outputs = {"LoRA": ["model_path"], "rnn": ["model_path"], "distil": ["student_path"], "export": ["out"]}
     for flag in outputs.get(args.mode, []) + (["data_dir"] if hasattr(args, "data_dir") else []):
+        if Path(getattr(args, flag)).exists() and not Path(getattr(args, flag)).is_dir():
+            parser.error(f"--{flag} {getattr(args, flag)}: exists and is not a folder (nothing was written to it)")
         if not writable(getattr(args, flag)):
             parser.error(f"--{flag} {getattr(args, flag)}: cannot write there (a file is in the way, or no permission)")
     if args.mode in TUNABLE and args.dtype == "float16":
@@ -747,15 +779,16 @@ def main(argv=None):
         init_distributed()
         if not is_main():  # under torchrun only rank 0 prints
             sys.stdout = open(os.devnull, "w")
-        args.func(args)
+        with sigterm_as_interrupt():  # SIGTERM stops a run as Ctrl-C does
+            args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if args.debug:
             traceback.print_exc()
         return getattr(e, "exit_code", 1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return interrupt_exit_code(e)
     except Exception as e:
         if args.debug:
             raise

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import (EOT, UserError, all_reduce_sum, atomic_path, barrier, broadcast_from_main, everyone, is_main, rank,
-                   world_size)
+from utils import (EOT, Terminated, UserError, all_reduce_sum, atomic_path, broadcast_from_main, everyone,
+                   interrupt_exit_code, is_main, on_main, rank, world_size)
 
 
 # ----------------------------------------------------------------------------- data
@@ -276,7 +276,11 @@ def trainable_state(model):
 
 
 class Interrupted(UserError):
-    exit_code = 130
+    """A run stopped by Ctrl-C or SIGTERM, with the exit code the signal calls for."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def rng_states():
@@ -354,8 +358,9 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
     if resume:
         run = load_run_state(state_path, model, optimizer, generator, config)
         tqdm.write(f"resuming after epoch {run['epoch']} from {state_path}")
+    saved = run["epoch"] if state_path else 0  # the last epoch whose state is on disk
     for epoch in range(run["epoch"] + 1, epochs + 1):
-        kept = f"the state after epoch {epoch - 1} is in {state_path}" if state_path and epoch > 1 else "nothing saved"
+        kept = f"the state after epoch {saved} is in {state_path}" if saved else "nothing saved"
         start = time.perf_counter()
         try:
             train = train_epoch(trained, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
@@ -363,25 +368,26 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
                                 desc=f"epoch {epoch}/{epochs}")
             train_seconds = time.perf_counter() - start
             dev = evaluate(model, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
-        except KeyboardInterrupt:
-            hint = "; rerun the same command with --resume to continue" if epoch > 1 and state_path else ""
-            raise Interrupted(f"interrupted during epoch {epoch}; {kept}{hint}") from None
+            run["history"].append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
+                                   "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"],
+                                   "train_seconds": train_seconds,
+                                   "train_tokens_per_s": train["tokens"] / train_seconds})
+            tqdm.write(f"epoch {epoch:>2}/{epochs}  train loss {train['loss']:.4f} acc {train['acc']:.2%}  |  "
+                       f"dev loss {dev['loss']:.4f} acc {dev['acc']:.2%} MCC {dev['mcc']:+.3f}  "
+                       f"({train_seconds:.1f}s, {train['tokens'] / train_seconds:,.0f} tok/s)")
+            if dev["acc"] > run["best_acc"]:
+                run.update(best_epoch=epoch, best_acc=dev["acc"], best_state=trainable_state(model), best_dev=dev)
+            run["epoch"] = epoch
+            if state_path:
+                rng = rng_states()
+                on_main(lambda: save_run_state(state_path, run, model, optimizer, generator, config, rng))
+                saved = epoch
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (utils.Terminated)
+            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            hint = "; rerun the same command with --resume to continue" if saved else ""
+            raise Interrupted(f"{what} during epoch {epoch}; {kept}{hint}", interrupt_exit_code(e)) from None
         except Diverged as e:
             raise Diverged(f"{e} ({kept})") from None
-        run["history"].append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
-                               "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"],
-                               "train_seconds": train_seconds, "train_tokens_per_s": train["tokens"] / train_seconds})
-        tqdm.write(f"epoch {epoch:>2}/{epochs}  train loss {train['loss']:.4f} acc {train['acc']:.2%}  |  "
-                   f"dev loss {dev['loss']:.4f} acc {dev['acc']:.2%} MCC {dev['mcc']:+.3f}  "
-                   f"({train_seconds:.1f}s, {train['tokens'] / train_seconds:,.0f} tok/s)")
-        if dev["acc"] > run["best_acc"]:
-            run.update(best_epoch=epoch, best_acc=dev["acc"], best_state=trainable_state(model), best_dev=dev)
-        run["epoch"] = epoch
-        if state_path:
-            rng = rng_states()
-            if is_main():
-                save_run_state(state_path, run, model, optimizer, generator, config, rng)
-            barrier()
     if run["best_state"] is not None:
         model.load_state_dict(run["best_state"], strict=False)
     return run["history"], run["best_epoch"], run["best_dev"]

@@ -6,8 +6,10 @@ import io
 import json
 import os
 import random
-import shutil
+import signal
+import stat
 import tempfile
+import threading
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -24,6 +26,35 @@ LABELS = ("unacceptable", "acceptable")  # CoLA's labels 0 and 1
 
 class UserError(Exception):
     """A failure the user can fix; run.py prints its message as one line and exits 1."""
+
+
+# ----------------------------------------------------------------------------- signals
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which SLURM, Kubernetes, `timeout` and systemd send before killing: raised like Ctrl-C's
+    KeyboardInterrupt, so that a run stops the same way (resume state kept, one line), with exit code 143."""
+    exit_code = 143
+
+
+def interrupt_exit_code(interrupt):
+    return getattr(interrupt, "exit_code", 130)  # 128 + SIGINT
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises Terminated; a second SIGTERM then ends the process at once."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------- seeding and devices
@@ -110,6 +141,21 @@ def everyone(flag):
     return all_reduce_sum([0.0 if flag else 1.0])[0] == 0
 
 
+def on_main(fn):
+    """Run `fn` on rank 0 alone (writing results), then tell every rank whether it worked: if it failed there, the
+    other ranks stop too instead of waiting at the next collective until torchrun's timeout. Returns fn's result
+    (None on the other ranks)."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as e:  # an interrupt too: the other ranks must not be left waiting
+            error = e
+    if not everyone(error is None):
+        raise error if error is not None else UserError(f"rank {rank()}: stopping, rank 0 failed (its line says why)")
+    return result
+
+
 def broadcast_from_main(obj):
     """Rank 0's `obj` on every rank (`obj` itself in a single process)."""
     import torch.distributed as dist
@@ -147,19 +193,45 @@ def encode(tokenizer, sentences):
 
 # ----------------------------------------------------------------------------- atomic files
 
+def current_umask():
+    """The process's umask (Python has no getter: set it and put it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def mode_for(path):
+    """The mode a plain open(path, "w") would leave: an existing file keeps its own, a new one gets 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes. The result has the
+    mode open() would give it (mkstemp makes its files private, 0o600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, mode_for(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_files(folder, names):
+    """Yield {name: temporary path} inside `folder` (created if missing). Once the block finishes, every file is
+    complete, and only then does each temporary replace its name; if the block fails, the previous files stay as
+    they were. Nothing else in the folder is touched: it may hold the user's own files."""
+    with contextlib.ExitStack() as stack:
+        yield {name: stack.enter_context(atomic_path(Path(folder) / name)) for name in names}
 
 
 def write_text(path, text):
@@ -168,14 +240,18 @@ def write_text(path, text):
 
 
 def append_jsonl(path, record):
-    """Append one JSON line by rewriting the file atomically (a crash never leaves half a line), under a lock so
-    that runs side by side (tune --parallel) never lose each other's lines."""
+    """Append one JSON line by rewriting the file atomically (a crash never leaves half a line), holding a lock on
+    its folder so that runs side by side (tune --parallel) never lose each other's lines; the lock leaves no file."""
     import fcntl
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         old = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
         write_text(path, old + json.dumps(record) + "\n")
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def read_jsonl(path):
@@ -212,16 +288,24 @@ def download(url, dest):
 
 
 def ensure_cola(data_dir):
-    """Make sure the three raw CoLA TSVs are in `data_dir`, downloading the public release when they are not."""
+    """Make sure the three raw CoLA TSVs are in `data_dir`, downloading the public release when they are not.
+    Folders made for the download are removed again if it fails (only if still empty)."""
     data_dir = Path(data_dir)
     if all((data_dir / name).exists() for name in COLA_SPLITS.values()):
         return data_dir
+    made = [p for p in [data_dir, *data_dir.parents] if not p.exists()]
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--data_dir {data_dir}: cannot create it ({e.strerror})") from None
     zip_path = data_dir / "cola_public_1.1.zip"
-    download(COLA_URL, zip_path)
+    try:
+        download(COLA_URL, zip_path)
+    except BaseException:
+        for folder in made:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     with zipfile.ZipFile(zip_path) as z:
         for name in COLA_SPLITS.values():
             with atomic_path(data_dir / name) as tmp, open(tmp, "wb") as f:
@@ -271,24 +355,6 @@ RUN_INFO = "run_info.json"  # how the run that wrote a checkpoint was configured
 PEFT_PREFIX = "base_model.model."
 
 
-@contextlib.contextmanager
-def atomic_folder(path):
-    """Yield a temporary folder beside `path`; it replaces `path` as a whole only if the block finishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def read_json(path, what):
     try:
         with open(path, encoding="utf-8") as f:
@@ -311,13 +377,14 @@ def read_tensors(path):
 
 
 def save_checkpoint(folder, weights_name, tensors, json_files):
-    """Write `tensors` (safetensors, fp32) and `json_files` ({name: object}) into `folder`, atomically as a whole."""
+    """Write `tensors` (safetensors, fp32) and `json_files` ({name: object}) into `folder`, as save_pretrained does:
+    these files are replaced together (all written before any is replaced), anything else there is left alone."""
     from safetensors.torch import save_file
-    with atomic_folder(folder) as tmp:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp / weights_name,
+    with atomic_files(folder, [weights_name, *json_files]) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp[weights_name],
                   metadata={"format": "pt"})
         for name, obj in json_files.items():
-            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+            Path(tmp[name]).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info):

@@ -1,0 +1,192 @@
+"""What a run writes: into the user's folders without removing anything of theirs, atomically, with the modes the
+umask gives; SIGTERM stops a run like Ctrl-C; a failure on rank 0 stops the other ranks; --help shows defaults."""
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run
+import utils
+from conftest import ROOT, run_cli
+
+TINY_RNN = ["--max_examples", "32", "--batch_size", "16", "--epochs", "1", "--rnn_hidden", "8"]
+
+
+def user_folder(path):
+    """A folder holding a user's own file, as it would before they point an output at it."""
+    path.mkdir()
+    (path / "thesis.tex").write_bytes(b"\\section{Results}\n% not ours to delete\n")
+    return path / "thesis.tex"
+
+
+def test_user_files_survive_in_every_output_folder(tiny_gpt_dir, tmp_path, monkeypatch):
+    from transformers import GPT2ForSequenceClassification
+    monkeypatch.chdir(tmp_path)
+    outputs = {"LoRA": user_folder(tmp_path / "lora"), "export": user_folder(tmp_path / "exported"),
+               "rnn": user_folder(tmp_path / "rnn"), "distil": user_folder(tmp_path / "distil")}
+    before = {mode: path.read_bytes() for mode, path in outputs.items()}
+    commands = {"LoRA": ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "32", "--epochs", "1",
+                         "--model_path", "lora"],
+                "export": ["export", "--model_path", "lora", "--out", "exported"],
+                "rnn": ["rnn", *TINY_RNN, "--model_path", "rnn"],
+                "distil": ["distil", *TINY_RNN, "--model_path", "lora", "--student_path", "distil"]}
+    for mode, argv in commands.items():
+        assert run.main(argv) == 0, mode
+        assert outputs[mode].read_bytes() == before[mode], mode
+    run.load_lora_classifier("lora")
+    GPT2ForSequenceClassification.from_pretrained("exported")
+    run.load_student("rnn")
+    run.load_student("distil")
+    assert run.main(commands["rnn"]) == 0  # a second run into the same folder replaces only our files
+    assert sorted(p.name for p in (tmp_path / "rnn").iterdir()) == ["config.json", "model.safetensors",
+                                                                   "run_info.json", "thesis.tex"]
+
+
+CRASH_MID_SAVE = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch, safetensors.torch, utils
+from model import DistilRNN, RNNConfig
+torch.manual_seed(1)
+utils.save_checkpoint("out", "model.safetensors", DistilRNN(RNNConfig(hidden=8)).state_dict(), {{"config.json": {{}}}})
+save_file = safetensors.torch.save_file
+def then_crash(*args, **kwargs):  # the power goes out right after the first file of the new checkpoint is written
+    save_file(*args, **kwargs)
+    os._exit(9)
+safetensors.torch.save_file = then_crash
+torch.manual_seed(2)
+utils.save_checkpoint("out", "model.safetensors", DistilRNN(RNNConfig(hidden=8)).state_dict(), {{"config.json": {{"new": 1}}}})
+"""
+
+
+def test_crash_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    from model import DistilRNN, RNNConfig
+    mine = user_folder(tmp_path / "out")
+    result = subprocess.run([sys.executable, "-c", CRASH_MID_SAVE.format(root=str(ROOT))], cwd=tmp_path)
+    assert result.returncode == 9
+    torch.manual_seed(1)
+    first = DistilRNN(RNNConfig(hidden=8)).state_dict()
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(saved[k], first[k]) for k in first)  # the old weights, not the new ones
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {}  # and the old config beside them
+    assert mine.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_and_folders_follow_the_umask(tmp_path, umask):
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "rnn", *TINY_RNN], cwd=tmp_path,
+                            capture_output=True, text=True, preexec_fn=lambda: os.umask(umask),
+                            env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    for path in ("models/rnn/model.safetensors", "models/rnn/config.json", "plots/rnn_acc.png", "tuning/rnn.jsonl"):
+        assert (tmp_path / path).stat().st_mode & 0o777 == 0o666 & ~umask, path
+    for path in ("models", "models/rnn", "plots"):
+        assert (tmp_path / path).stat().st_mode & 0o777 == 0o777 & ~umask, path
+
+
+def test_replacing_a_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("")
+    path.chmod(0o640)
+    utils.append_jsonl(path, {"a": 1})
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_log_lock_leaves_no_file(tmp_path):
+    utils.append_jsonl(tmp_path / "tuning" / "rnn.jsonl", {"a": 1})
+    utils.append_jsonl(tmp_path / "tuning" / "rnn.jsonl", {"a": 2})
+    assert [p.name for p in (tmp_path / "tuning").iterdir()] == ["rnn.jsonl"]
+    assert utils.read_jsonl(tmp_path / "tuning" / "rnn.jsonl") == [{"a": 1}, {"a": 2}]
+
+
+def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    def offline(url, dest):
+        raise utils.UserError("could not download")
+
+    monkeypatch.setattr(utils, "download", offline)
+    with pytest.raises(utils.UserError):
+        utils.ensure_cola(tmp_path / "data" / "cola")
+    assert list(tmp_path.iterdir()) == []
+    user_folder(tmp_path / "mine")
+    with pytest.raises(utils.UserError):
+        utils.ensure_cola(tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+
+
+def test_sigterm_stops_like_ctrl_c_and_resume_gives_the_same_weights(tiny_gpt_dir, tmp_path):
+    args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "1024", "--epochs", "3", "--dtype", "float32",
+            "--lora_dropout", "0.1", "--model_path", "adapter"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run_cli(*args, cwd=tmp_path / "a").returncode == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path / "b", text=True,
+                            env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    state = tmp_path / "b" / "adapter.resume.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # after epoch 1
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, stderr
+    saved_epoch = torch.load(state, weights_only=True)["epoch"]
+    assert stderr == (f"error: terminated (SIGTERM) during epoch {saved_epoch + 1}; the state after epoch "
+                      f"{saved_epoch} is in adapter.resume.pt; rerun the same command with --resume to continue\n")
+    resumed = run_cli(*args, "--resume", cwd=tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+
+def test_sigterm_handler_is_removed_after_the_run():
+    before = signal.getsignal(signal.SIGTERM)
+    assert run.main(["rnn", "--epochs", "0", "--rnn_hidden", "8"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def rank_fails_while_saving(rank, port, workdir):
+    """One rank of an rnn run (spawned) in which rank 0 cannot save the student."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    os.chdir(workdir)
+    import run
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    run.save_student = disk_full
+    code = run.main(["rnn", *TINY_RNN])
+    Path(workdir, f"rank{rank}.json").write_text(json.dumps({"code": code}))
+
+
+def test_a_rank_0_failure_while_saving_stops_the_other_ranks(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.time()
+    context = torch.multiprocessing.spawn(rank_fails_while_saving, args=(port, tmp_path), nprocs=2, join=False)
+    while not context.join(timeout=5):
+        assert time.time() - start < 180, "a rank is still waiting for rank 0"
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["code"] for r in range(2)] == [1, 1]
+
+
+def test_help_shows_every_default():
+    parser = run.build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for mode, subparser in sub.choices.items():
+        text = " ".join(subparser.format_help().split())
+        for action in subparser._actions:
+            if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+                assert action.help, (mode, action.option_strings)  # says what it falls back to
+            elif action.option_strings:
+                assert " ".join(f"(default: {action.default})".split()) in text, (mode, action.option_strings)
