@@ -6,14 +6,15 @@ PEFT adapters map onto this model name for name.
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from utils import UserError
+from utils import RUN_INFO, UserError, read_json, read_tensors, save_checkpoint
 
 
 class CausalSelfAttention(nn.Module):
@@ -292,6 +293,10 @@ def looks_like_path(name):
     return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
+def variant_slug(variant):
+    return Path(variant.rstrip("/")).name
+
+
 def checkpoint_folder(name_or_path, files=("config.json", "*.safetensors", "*.safetensors.index.json")):
     """A local folder as is; a Hugging Face id downloaded (its `files`, with progress bars) and cached."""
     if os.path.isdir(name_or_path):
@@ -372,16 +377,9 @@ class GPTClassifier(GPT):
                 "label2id": {"unacceptable": 0, "acceptable": 1}}
 
     def hf_state_dict(self):
-        """The weights in GPT2ForSequenceClassification's layout: LoRA must be merged; Conv1D weights are (in, out)."""
-        if any(not layer.merged for layer in lora_layers(self)):
-            raise ValueError("merge LoRA before exporting")
-        out = {}
-        for key, value in self.state_dict().items():
-            if ".lora_" in key or key.startswith("lm_head."):  # lm_head is wte, tied
-                continue
-            key = key.replace(".base.", ".")
-            out[key] = value.t() if key.endswith(CONV1D_WEIGHTS) else value
-        return out
+        """The weights in GPT2ForSequenceClassification's layout: Conv1D weights are (in, out); lm_head is wte."""
+        return {key: value.t() if key.endswith(CONV1D_WEIGHTS) else value
+                for key, value in self.state_dict().items() if not key.startswith("lm_head.")}
 
     def forward(self, idx, lengths):
         h = self.hidden(idx)  # (B, T, n_embd)
@@ -389,7 +387,29 @@ class GPTClassifier(GPT):
         return self.score(last)
 
 
+def cast_frozen_linears(model, dtype):
+    """Store the frozen linear layers of the blocks in `dtype` (bf16/fp16 training and inference).
+
+    Under autocast every matmul reads its weights in that dtype anyway, so the results are identical, while
+    memory halves and the per-step casts disappear. LayerNorms, embeddings and trainable tensors stay fp32.
+    """
+    if dtype == torch.float32:
+        return model
+    for module in model.transformer.h.modules():
+        if isinstance(module, nn.Linear) and not any(p.requires_grad for p in module.parameters()):
+            module.to(dtype)
+    return model
+
+
+def count_parameters(model):
+    """(all, trainable) parameters, a tied weight counted once."""
+    params = list(model.parameters())  # parameters() already yields a shared tensor once
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
 # ----------------------------------------------------------------------------- LoRA
+# All that LoRA means lives in this section: the layer, where it goes, what trains, merging, and PEFT's adapter
+# format on disk. The GPT and classifier code above never mentions it.
 
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -439,13 +459,18 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def inject_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
-    """Wrap the `targets` linear layers of every block in LoRALinear."""
+def target_slots(model, targets=LORA_TARGETS):
+    """(parent module, attribute name) of each `targets` layer in every block, e.g. (block.attn, "c_attn")."""
     for block in model.transformer.h:
         for target in targets:
             parent_name, child_name = target.split(".")
-            parent = getattr(block, parent_name)
-            setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha, dropout))
+            yield getattr(block, parent_name), child_name
+
+
+def inject_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Wrap the `targets` linear layers of every block in LoRALinear."""
+    for parent, name in target_slots(model, targets):
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
     return model
 
 
@@ -463,8 +488,20 @@ def unmerge_lora(model):
         layer.unmerge()
 
 
+def fold_lora(model):
+    """Merge every LoRA update into its weight and put the plain layer back in its place: the model no longer knows
+    LoRA existed (for inference and export)."""
+    for parent, name in target_slots(model):
+        layer = getattr(parent, name)
+        if isinstance(layer, LoRALinear):
+            layer.merge()
+            setattr(parent, name, layer.base)
+    return model
+
+
 def mark_only_lora_as_trainable(model):
-    """Train exactly the LoRA matrices, every LayerNorm, and the classification head; freeze the rest."""
+    """Train exactly the LoRA matrices, every LayerNorm, and the task head on top of the pretrained body (every child
+    module besides `transformer` and the tied `lm_head`: the classifier's `score`); freeze the rest."""
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, LoRALinear):
@@ -472,30 +509,116 @@ def mark_only_lora_as_trainable(model):
             module.lora_B.requires_grad_(True)
         elif isinstance(module, nn.LayerNorm):
             module.requires_grad_(True)
-    if hasattr(model, "score"):
-        model.score.requires_grad_(True)
+    for name, child in model.named_children():
+        if name not in ("transformer", "lm_head"):
+            child.requires_grad_(True)
     return model
 
 
-def cast_frozen_linears(model, dtype):
-    """Store the frozen linear layers of the blocks in `dtype` (bf16/fp16 training and inference).
-
-    Under autocast every matmul reads its weights in that dtype anyway, so the results are identical, while
-    memory halves and the per-step casts disappear. LayerNorms, embeddings and trainable tensors stay fp32.
-    """
-    if dtype == torch.float32:
-        return model
-    for module in model.transformer.h.modules():
-        if isinstance(module, nn.Linear) and not any(p.requires_grad for p in module.parameters()):
-            module.to(dtype)
-    return model
+# PEFT's adapter format: `PeftModel.from_pretrained(GPT2ForSequenceClassification..., folder)` loads what we save,
+# and adapters PEFT saved load here.
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
 
 
-def count_parameters(model):
-    """(all, trainable) parameters, a tied weight counted once."""
-    params = list(model.parameters())  # parameters() already yields a shared tensor once
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+def modules_to_save(model):
+    """PEFT's name for what trains beside LoRA: the short names of those modules, e.g. ['ln_1', 'ln_2', 'ln_f',
+    'score']."""
+    names = []
+    for name, module in model.named_modules():
+        trains = any(p.requires_grad for p in module.parameters(recurse=False))
+        short = name.rsplit(".", 1)[-1]
+        if trains and not short.startswith("lora_") and short not in names:
+            names.append(short)
+    return names
 
+
+def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info):
+    """Save the trainable tensors (LoRA A/B, LayerNorms, head) in PEFT's LoRA format for
+    GPT2ForSequenceClassification: `PeftModel.from_pretrained` loads the folder as it is."""
+    tensors = {PEFT_PREFIX + k: v for k, v in model.named_parameters() if v.requires_grad}
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
+              "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
+              "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
+              "bias": "none", "modules_to_save": modules_to_save(model),
+              "use_rslora": False, "use_dora": False, "inference_mode": True}
+    save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info})
+
+
+def read_adapter_config(folder):
+    """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model'}, refusing what we can't run."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder}: no such adapter folder")
+    cfg = read_json(path, "adapter config")
+    for key, ok in (("peft_type", "LORA"), ("use_dora", False), ("use_rslora", False), ("bias", "none")):
+        if cfg.get(key, ok) != ok:
+            raise UserError(f"{path}: {key}={cfg[key]!r} is not supported (only plain LoRA: {key}={ok!r})")
+    if cfg.get("layers_to_transform") is not None or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise UserError(f"{path}: per-layer ranks or layer subsets are not supported")
+    wanted = cfg.get("target_modules") or []
+    wanted = [wanted] if isinstance(wanted, str) else wanted
+    targets = [t for t in LORA_TARGETS if any(t == w or t.endswith("." + w) for w in wanted)]
+    unknown = [w for w in wanted if not any(t == w or t.endswith("." + w) for t in LORA_TARGETS)]
+    if unknown or not targets:
+        raise UserError(f"{path}: target_modules {unknown or wanted} are not GPT-2 layers we adapt "
+                        f"(supported: {', '.join(LORA_TARGETS)})")
+    try:
+        return {"r": int(cfg["r"]), "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
+                "base_model": cfg.get("base_model_name_or_path")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: corrupt adapter config (r: {e})") from None
+
+
+def adapter_base(folder, variant=None):
+    """(LoRA settings, run info, GPT-2 base) of an adapter folder; `variant`, when given, must be its base."""
+    cfg = read_adapter_config(folder)
+    info = read_json(Path(folder) / RUN_INFO, "run info") if (Path(folder) / RUN_INFO).exists() else {}
+    base = cfg["base_model"]
+    if variant is not None and base is not None and variant_slug(variant) != variant_slug(base):
+        raise UserError(f"{folder}: this adapter was trained on {base}, not on --gpt_variant {variant}")
+    if (variant or base) is None:
+        raise UserError(f"{folder}: the adapter names no base model; pass --gpt_variant")
+    return cfg, info, variant or base
+
+
+def load_lora_model(folder, variant, build_base):
+    """The model an adapter folder describes, LoRA folded in, in eval mode: `build_base(variant, random_init, seed)`
+    makes the base (pretrained, or random from the seed the adapter's run_info.json records)."""
+    cfg, info, variant = adapter_base(folder, variant)
+    model = build_base(variant, info.get("random_init", False), info.get("seed", 0))
+    inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"])
+    load_adapter_weights(model, folder)
+    return fold_lora(model).eval().requires_grad_(False)
+
+
+def injected_targets(named_parameters):
+    """The LoRA targets present in a model, e.g. ['attn.c_attn', 'mlp.c_fc']."""
+    return sorted({".".join(k.split(".")[3:5]) for k in named_parameters if ".lora_A." in k})
+
+
+def load_adapter_weights(model, folder):
+    """Copy an adapter's tensors into a model that already has LoRA injected with the same settings."""
+    path = Path(folder) / ADAPTER_WEIGHTS
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_tensors(path).items()}
+    ours = dict(model.named_parameters())
+    unknown = sorted(tensors.keys() - ours.keys())
+    if unknown:
+        raise UserError(f"{path}: holds {unknown[0]}, outside the target set {injected_targets(ours)} that "
+                        f"{ADAPTER_CONFIG} declares")
+    if "score.weight" not in tensors:
+        raise UserError(f"{path}: no classification head (score.weight): not an adapter for sequence classification")
+    missing = [k for k in ours if ".lora_" in k and k not in tensors]
+    if missing:
+        raise UserError(f"{path}: lacks {missing[0]}, inside the target set {injected_targets(ours)} that "
+                        f"{ADAPTER_CONFIG} declares")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if value.shape != ours[key].shape:
+                raise UserError(f"{path}: {key} has shape {tuple(value.shape)} but this model's is "
+                                f"{tuple(ours[key].shape)} (an adapter of another variant or rank)")
+            ours[key].copy_(value)
+    return sorted(tensors)
 
 # ----------------------------------------------------------------------------- the student
 
@@ -533,3 +656,26 @@ class DistilRNN(nn.Module):
         if isinstance(h, tuple):  # an LSTM returns (h, c)
             h = h[0]
         return self.head(h[-1])  # top layer's state after each sequence's last real token
+
+
+# A student checkpoint: config.json names the architecture, model.safetensors holds the weights.
+STUDENT_CONFIG, STUDENT_WEIGHTS = "config.json", "model.safetensors"
+
+
+def save_student(model, folder, run_info):
+    save_checkpoint(folder, STUDENT_WEIGHTS, model.state_dict(),
+                    {STUDENT_CONFIG: {"model_type": "DistilRNN", **asdict(model.config)}, RUN_INFO: run_info})
+
+
+def load_student(folder):
+    """A DistilRNN checkpoint written by `run.py rnn` or `run.py distil`, in eval mode."""
+    cfg = read_json(Path(folder) / STUDENT_CONFIG, "student config")
+    if cfg.get("model_type") != "DistilRNN":
+        raise UserError(f"{folder}: not a DistilRNN checkpoint")
+    model = DistilRNN(RNNConfig.from_dict(cfg))
+    state = read_tensors(Path(folder) / STUDENT_WEIGHTS)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{folder}: weights do not fit its config ({str(e).splitlines()[0]})") from None
+    return model.eval()

@@ -5,16 +5,23 @@ A mode (LoRA, rnn, distil) supplies a model `model(ids, lengths) -> logits (B, n
 """
 import contextlib
 import math
+import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import (EOT, Terminated, UserError, all_reduce_sum, atomic_path, broadcast_from_main, everyone,
-                   interrupt_exit_code, is_main, on_main, rank, world_size)
+from model import count_parameters
+from utils import (EOT, LABELS, Terminated, UserError, all_reduce_sum, append_jsonl, atomic_path, broadcast_from_main,
+                   data_fingerprint, encode, everyone, flags, interrupt_exit_code, is_main, load_cola, main_first, on_main,
+                   rank, read_jsonl, read_tensors, result_flags, world_size)
+
+TUNING_DIR, PLOTS_DIR = "tuning", "plots"  # run logs and plots, relative to where a run is started
 
 
 # ----------------------------------------------------------------------------- data
@@ -29,9 +36,23 @@ class Split:
     def __len__(self):
         return len(self.tokens)
 
-    def head(self, n):
-        teacher = None if self.teacher is None else self.teacher[:n]
-        return Split(self.tokens[:n], self.labels[:n], teacher)
+
+def load_splits(data_dir, tokenizer, *, block_size=None, max_examples=None, seed=0):
+    """Tokenized CoLA splits {'train', 'dev', 'ood'}; `max_examples` takes a seeded random subset of the training set."""
+    splits = {}
+    with main_first():  # one download, not one per rank
+        cola = load_cola(data_dir)
+    for name, (sentences, labels) in cola.items():
+        tokens = encode(tokenizer, sentences)
+        if block_size:  # never for CoLA (at most 45 tokens); past the context keep the end, whose last token is read
+            tokens = [t[-block_size:] for t in tokens]
+        splits[name] = Split(tokens, torch.tensor(labels))
+    if max_examples:
+        keep = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(seed))
+        keep = keep[:max_examples].tolist()
+        train = splits["train"]
+        splits["train"] = Split([train.tokens[i] for i in keep], train.labels[keep])
+    return splits
 
 
 def collate(split, index, device):
@@ -87,6 +108,28 @@ def kd_loss(student, teacher, labels, temperature, alpha):
                     reduction="batchmean", log_target=True)
     hard = F.cross_entropy(student.float(), labels)
     return alpha * T * T * soft + (1 - alpha) * hard
+
+
+def cached_teacher_logits(cache, build_teacher, splits, *, batch_size, device, dtype):
+    """The teacher's logits on every split, its size and speed: read from the file `cache` when every rank has it
+    (machines need not share a disk), else computed with the model `build_teacher()` returns and written there."""
+    if everyone(cache.exists()):
+        print(f"teacher logits from cache {cache}")
+        return read_tensors(cache)
+    teacher = build_teacher()
+    logits = {"parameters": torch.tensor(count_parameters(teacher)[0])}
+    for name, split in splits.items():
+        start = time.perf_counter()
+        logits[name] = predict_logits(teacher, split.tokens, batch_size=batch_size, device=device, dtype=dtype)
+        logits[f"{name}_seconds"] = torch.tensor(time.perf_counter() - start)
+
+    def write_cache():
+        from safetensors.torch import save_file
+        with atomic_path(cache) as tmp:
+            save_file({k: v.contiguous() for k, v in logits.items()}, tmp)
+
+    on_main(write_cache)
+    return logits
 
 
 class KDLoss:
@@ -183,55 +226,59 @@ def micro_batches(index, lengths, max_tokens):
 
 
 def rank_share(index):
-    """This rank's contiguous share of a global batch, and the weight that makes DDP's gradient average over
-    ranks equal the gradient of the whole batch's mean loss. A single process gets the whole batch, weight 1."""
-    world = world_size()
-    size = -(-len(index) // world)
+    """This rank's rows of a global batch and whether they count (the whole batch in a single process). A rank left
+    without rows, when a batch is smaller than the world, runs one row that counts 0, to join the gradient sync."""
+    size = -(-len(index) // world_size())
     share = index[rank() * size:(rank() + 1) * size]
-    return share, len(share) * world / len(index)
+    return (share, 1) if share else (index[:1], 0)
 
 
 def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, device, dtype, clip=None,
                 micro_batch_tokens=None, desc="train"):
-    """One pass over `split` in length-bucketed batches; returns mean loss, accuracy and real tokens seen.
-
-    Under torchrun `model` is DistributedDataParallel: every rank draws the same global batches and trains on its
-    share of each, and gradients are reduced once per step (after the last piece)."""
+    """One pass over `split` in length-bucketed batches, each cut into micro-batches whose gradients accumulate.
+    Returns this process's sums {loss, correct, tokens} (summed over ranks by the caller under torchrun)."""
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     lengths = [len(t) for t in split.tokens]
-    total_loss, correct, tokens = 0.0, 0, 0
-    batches = bucketed_batches(lengths, batch_size, generator)
+    sums = {"loss": 0.0, "correct": 0, "tokens": 0}
     # disable=None: a bar on a terminal, none in logs and CI (and on ranks other than 0)
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
+    bar = tqdm(bucketed_batches(lengths, batch_size, generator), desc=desc, leave=False, dynamic_ncols=True,
+               disable=None if is_main() else True)
     for step, index in enumerate(bar, start=1):
         optimizer.zero_grad(set_to_none=True)
-        share, weight = rank_share(index)
-        pieces = micro_batches(share or index[:1], lengths, micro_batch_tokens)  # an empty share still syncs
-        batch_loss, bad = 0.0, None
+        # torchrun, 1 of 2: every rank draws the same global batch and trains its share. DDP averages gradients
+        # over ranks, so weighting each row world/len(index) makes the result the gradient of the batch's mean loss.
+        rows, counts = rank_share(index)
+        row_weight = counts * world_size() / len(index)
+        pieces = micro_batches(rows, lengths, micro_batch_tokens)
+        bad, batch_loss = None, 0.0
         for i, piece in enumerate(pieces):
+            # torchrun, 2 of 2: gradients are reduced across ranks once per step, after the last piece (setting
+            # the flag, as nanoGPT does, spares wrapping each piece in the no_sync() context manager).
+            model.require_backward_grad_sync = i == len(pieces) - 1
             ids, lens, labels, teacher = collate(split, piece, device)
-            sync = i == len(pieces) - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with autocast(device, dtype):
-                    logits = model(ids, lens)
-                loss = loss_fn(logits, labels, teacher) * (len(piece) / len(share) if share else 0.0)
-                (loss * weight).backward()  # the losses are batch means: weight the pieces and shares
-            if bad is None and not torch.isfinite(loss):
-                bad = loss.item()
-            batch_loss += loss.item() * weight / world_size()
-            if share:
-                correct += int((logits.argmax(-1) == labels).sum())
-                tokens += int(lens.sum())
-        if not everyone(bad is None):  # decided together, so that no rank is left waiting for the others
+            with autocast(device, dtype):
+                logits = model(ids, lens)
+            loss = loss_fn(logits, labels, teacher)
+            (loss * len(piece) * row_weight).backward()
+            value = loss.item()
+            bad = value if bad is None and not math.isfinite(value) else bad
+            batch_loss += value * len(piece) * row_weight
+            sums["loss"] += value * len(piece) * counts
+            sums["correct"] += int((logits.argmax(-1) == labels).sum()) * counts
+            sums["tokens"] += int(lens.sum()) * counts
+        if not gradients_are_finite(params):  # the same answer on every rank: the gradients are already synced
             raise Diverged(f"{desc}: loss became {'nan' if bad is None else bad} at step {step}; try a lower --lr")
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
-        total_loss += batch_loss * len(index)
         bar.set_postfix(loss=f"{batch_loss:.4f}")
-    total_loss, correct, tokens = all_reduce_sum([total_loss, correct, tokens])
-    return {"loss": total_loss / len(split), "acc": correct / len(split), "tokens": int(tokens)}
+    return sums
+
+
+def gradients_are_finite(params):
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
 
 
 @torch.no_grad()
@@ -341,40 +388,66 @@ def load_run_state(path, model, optimizer, generator, config):
     return {k: state[k] for k in ("epoch", "history", "best_epoch", "best_acc", "best_state", "best_dev")}
 
 
+def for_all_ranks(model, device):
+    """Under torchrun, the model wrapped so that gradients of its trainable parameters are averaged across ranks;
+    the model itself in a single process."""
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+
+
+def epoch_record(epoch, train, n, train_seconds, dev):
+    """One row of the run's history, from this epoch's training sums (over all ranks) and dev evaluation."""
+    return {"epoch": epoch, "train_loss": train["loss"] / n, "train_acc": train["correct"] / n,
+            "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"], "train_seconds": train_seconds,
+            "train_tokens_per_s": train["tokens"] / train_seconds}
+
+
+def print_epoch(h, epochs):
+    tqdm.write(f"epoch {h['epoch']:>2}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  |  "
+               f"dev loss {h['dev_loss']:.4f} acc {h['dev_acc']:.2%} MCC {h['dev_mcc']:+.3f}  "
+               f"({h['train_seconds']:.1f}s, {h['train_tokens_per_s']:,.0f} tok/s)")
+
+
+@contextlib.contextmanager
+def stopping_keeps_state(epoch, saved, state_path):
+    """Turn Ctrl-C, SIGTERM and a diverged loss during `epoch` into one line saying what is kept on disk."""
+    kept = f"the state after epoch {saved} is in {state_path}" if saved else "nothing saved"
+    try:
+        yield
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (utils.Terminated)
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        hint = "; rerun the same command with --resume to continue" if saved else ""
+        raise Interrupted(f"{what} during epoch {epoch}; {kept}{hint}", interrupt_exit_code(e)) from None
+    except Diverged as e:
+        raise Diverged(f"{e} ({kept})") from None
+
+
 def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, clip=None, micro_batch_tokens=None,
         state_path=None, resume=False, config=None):
     """Train for `epochs` with Adam, evaluating on data['dev'] after each; the best epoch (dev accuracy) is
     restored at the end. After each epoch the run's state goes to `state_path`, from which `resume` continues
     exactly. Returns the per-epoch history, the best epoch (0 if none ran) and its dev evaluation."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)  # the same on every rank: all draw the same global batches
-    trained = model
-    if world_size() > 1:  # under torchrun; gradients of the trainable parameters are averaged across ranks
-        from torch.nn.parallel import DistributedDataParallel
-        trained = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda"
-                                          else None)
+    trained = for_all_ranks(model, device)
     run = {"epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0, "best_state": None, "best_dev": None}
     if resume:
         run = load_run_state(state_path, model, optimizer, generator, config)
         tqdm.write(f"resuming after epoch {run['epoch']} from {state_path}")
     saved = run["epoch"] if state_path else 0  # the last epoch whose state is on disk
     for epoch in range(run["epoch"] + 1, epochs + 1):
-        kept = f"the state after epoch {saved} is in {state_path}" if saved else "nothing saved"
-        start = time.perf_counter()
-        try:
+        with stopping_keeps_state(epoch, saved, state_path):
+            start = time.perf_counter()
             train = train_epoch(trained, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
                                 device=device, dtype=dtype, clip=clip, micro_batch_tokens=micro_batch_tokens,
                                 desc=f"epoch {epoch}/{epochs}")
-            train_seconds = time.perf_counter() - start
+            train = dict(zip(train, all_reduce_sum(list(train.values()))))  # summed over ranks
+            seconds = time.perf_counter() - start
             dev = evaluate(model, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
-            run["history"].append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
-                                   "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"],
-                                   "train_seconds": train_seconds,
-                                   "train_tokens_per_s": train["tokens"] / train_seconds})
-            tqdm.write(f"epoch {epoch:>2}/{epochs}  train loss {train['loss']:.4f} acc {train['acc']:.2%}  |  "
-                       f"dev loss {dev['loss']:.4f} acc {dev['acc']:.2%} MCC {dev['mcc']:+.3f}  "
-                       f"({train_seconds:.1f}s, {train['tokens'] / train_seconds:,.0f} tok/s)")
+            run["history"].append(epoch_record(epoch, train, len(data["train"]), seconds, dev))
+            print_epoch(run["history"][-1], epochs)
             if dev["acc"] > run["best_acc"]:
                 run.update(best_epoch=epoch, best_acc=dev["acc"], best_state=trainable_state(model), best_dev=dev)
             run["epoch"] = epoch
@@ -382,18 +455,151 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
                 rng = rng_states()
                 on_main(lambda: save_run_state(state_path, run, model, optimizer, generator, config, rng))
                 saved = epoch
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (utils.Terminated)
-            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-            hint = "; rerun the same command with --resume to continue" if saved else ""
-            raise Interrupted(f"{what} during epoch {epoch}; {kept}{hint}", interrupt_exit_code(e)) from None
-        except Diverged as e:
-            raise Diverged(f"{e} ({kept})") from None
     if run["best_state"] is not None:
         model.load_state_dict(run["best_state"], strict=False)
     return run["history"], run["best_epoch"], run["best_dev"]
 
 
+# ----------------------------------------------------------------------------- one training run, start to finish
+
+def resume_state_path(out_path):
+    return Path(f"{str(out_path).rstrip('/')}.resume.pt")
+
+
+def final_scores(final, splits):
+    """Scores of the best epoch's predictions and of the majority baseline on dev and out-of-domain dev."""
+    majority = majority_label(splits["train"].labels)
+    return {"majority": majority,
+            "model": {name: scores(final[name]["preds"], splits[name].labels) for name in ("dev", "ood")},
+            "baseline": {name: scores([majority] * len(splits[name]), splits[name].labels) for name in ("dev", "ood")}}
+
+
+def print_run_summary(mode, best_epoch, epochs, s):
+    print(f"\n{mode}: best epoch {best_epoch} of {epochs} (95% intervals: Wilson for accuracy, bootstrap for MCC)")
+    print(format_table(["", "in-domain dev acc", "MCC", "out-of-domain acc", "MCC"],
+                       [[mode, *score_cells(s["model"]["dev"]), *score_cells(s["model"]["ood"])],
+                        ["majority baseline", *score_cells(s["baseline"]["dev"]), *score_cells(s["baseline"]["ood"])]]))
+
+
+def run_record(mode, args, device, dtype, splits, model, fitted, final, s, seconds, plots):
+    """The run's line in tuning/<mode>.jsonl: every flag, per-epoch metrics, the best epoch, predictions, timing."""
+    history, best_epoch, _ = fitted
+    total, trainable = count_parameters(model)
+    return {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": flags(args),
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
+            "parameters": total, "trainable_parameters": trainable, "history": history, "best_epoch": best_epoch,
+            "majority_label": s["majority"], "baseline_dev_acc": s["baseline"]["dev"]["acc"],
+            "baseline_ood_acc": s["baseline"]["ood"]["acc"],
+            **{f"{name}_{k}": v for name in ("dev", "ood") for k, v in s["model"][name].items()},
+            "dev_sentences_per_s": final["dev"]["sentences_per_s"],
+            "dev_preds": final["dev"]["preds"], "ood_preds": final["ood"]["preds"],
+            "wall_seconds": seconds, "plots": plots}
+
+
+def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path, save, extra=None):
+    """Train with the shared loop, evaluate the best epoch on dev and out-of-domain dev and print the summary; then
+    rank 0 alone draws the plots, appends the run to tuning/<mode>.jsonl and `save()`s the model to `out_path`,
+    removing the --resume state once all of that is written. Returns the run's record (None on other ranks)."""
+    start = time.time()
+    state_path = resume_state_path(out_path)
+    fitted = fit(model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
+                 dtype=dtype, seed=args.seed, clip=getattr(args, "clip", None),
+                 micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(device),
+                 state_path=state_path, resume=args.resume, config=result_flags(args))
+    final = {"dev": fitted[2],  # the best epoch's weights are restored: their dev evaluation is already done
+             "ood": evaluate(model, splits["ood"], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)}
+    s = final_scores(final, splits)
+    print_run_summary(mode, fitted[1], args.epochs, s)
+
+    def write_results():
+        plots = plot_history(fitted[0], mode, s["baseline"]["dev"]["acc"], s["model"]["dev"]["acc_ci"], PLOTS_DIR)
+        record = run_record(mode, args, device, dtype, splits, model, fitted, final, s, time.time() - start, plots)
+        append_jsonl(f"{TUNING_DIR}/{mode}.jsonl", record | (extra or {}))
+        print(f"plots: {', '.join(plots)}; run logged to {TUNING_DIR}/{mode}.jsonl")
+        save()
+        state_path.unlink(missing_ok=True)
+        return record | (extra or {})
+
+    return on_main(write_results)
+
+
 # ----------------------------------------------------------------------------- reporting
+
+def print_distil_report(logits, splits, kd_run):
+    """Teacher vs student with KD vs student without KD (latest matching `rnn` run) vs majority baseline, every
+    number computed from saved predictions, with intervals; McNemar's test pairs the two students (or, without a
+    no-KD run, the KD student and the baseline). Also draws plots/summary.png."""
+    labels = {name: splits[name].labels for name in ("dev", "ood")}
+    majority = majority_label(splits["train"].labels)
+    entries = [
+        {"name": "teacher (GPT-2 + LoRA)", "params": int(logits["parameters"]),
+         "dev": logits["dev"].argmax(-1).tolist(), "ood": logits["ood"].argmax(-1).tolist(),
+         "speed": len(splits["dev"]) / float(logits["dev_seconds"])},
+        {"name": "student with KD", "params": kd_run["parameters"], "dev": kd_run["dev_preds"],
+         "ood": kd_run["ood_preds"], "speed": kd_run["dev_sentences_per_s"]}]
+    nokd = latest_matching_rnn_run(kd_run)
+    if nokd:
+        entries.append({"name": "student without KD", "params": nokd["parameters"], "dev": nokd["dev_preds"],
+                        "ood": nokd["ood_preds"], "speed": nokd["dev_sentences_per_s"]})
+    entries.append({"name": "majority baseline", "params": 0, "dev": [majority] * len(labels["dev"]),
+                    "ood": [majority] * len(labels["ood"]), "speed": 0})
+    rows = []
+    for e in entries:
+        e["scores"] = scores(e["dev"], labels["dev"])
+        ood = scores(e["ood"], labels["ood"])
+        rows.append([e["name"], f"{e['params'] / 1e6:.2f}M" if e["params"] else "-", *score_cells(e["scores"]),
+                     score_cells(ood)[0], f"{e['speed']:,.0f}" if e["speed"] else "-"])
+    print("\nDistillation report (95% intervals: Wilson for accuracy, bootstrap for MCC)")
+    print(format_table(["model", "params", "dev acc", "dev MCC", "ood acc", "sentences/s"], rows))
+    other = entries[2]
+    correct = {e["name"]: torch.tensor(e["dev"]) == labels["dev"] for e in (entries[1], other)}
+    only_kd, only_other, p = mcnemar_exact(correct["student with KD"], correct[other["name"]])
+    print(f"McNemar's exact test, student with KD vs {other['name']} on the {len(labels['dev'])} dev sentences: "
+          f"{only_kd} right only with KD, {only_other} right only without; p = {p:.3g}")
+    if not nokd:
+        print("(no `run.py rnn` run on the same data and student shape in tuning/rnn.jsonl: "
+              "run it for the without-KD row)")
+    print(f"comparison chart: {plot_summary(entries, PLOTS_DIR)}")
+
+
+def latest_matching_rnn_run(run):
+    """The latest `run.py rnn` run on the same data, student shape and seed as `run` (a distil run), if any."""
+    same = ("rnn_hidden", "rnn_layers", "rnn_cell", "max_examples", "seed")
+    matches = [r for r in read_jsonl(f"{TUNING_DIR}/rnn.jsonl") if r["data"] == run["data"]
+               and all(r["args"].get(k) == run["args"].get(k) for k in same)]
+    return matches[-1] if matches else None
+
+
+
+def print_parameter_table(model):
+    """The parameter counts, as the seed printed them (a tied weight counted once)."""
+    total, trainable = count_parameters(model)
+    print(f"Number of parameters: {total / 1e6:.2f}M")
+    print(f"Number of trainable parameters: {trainable / 1e6:.2f}M")
+    print(f"Reduction: {100 * (1 - trainable / total):.2f}%")
+
+
+def print_predictions(sentences, p_acceptable, labels, fmt):
+    """One line per sentence (its label and the probability it is acceptable) as a table, jsonl or tsv; with
+    labels, then the accuracy and MCC with their intervals beside the majority class (on stderr unless a table)."""
+    rows = [{"sentence": s, "label": LABELS[p >= 0.5], "p_acceptable": round(p, 6)}
+            for s, p in zip(sentences, p_acceptable)]
+    if fmt == "jsonl":
+        print("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    elif fmt == "tsv":
+        print("\n".join(f"{r['label']}\t{r['p_acceptable']:.4f}\t{r['sentence']}" for r in rows))
+    else:
+        print(format_table(["label", "p_acceptable", "sentence"],
+                           [[r["label"], f"{r['p_acceptable']:.4f}", r["sentence"]] for r in rows]))
+    if labels is not None:
+        s = scores([int(p >= 0.5) for p in p_acceptable], labels)
+        majority = scores([majority_label(labels)] * len(labels), labels)["acc"]
+        (acc_low, acc_high), (mcc_low, mcc_high) = s["acc_ci"], s["mcc_ci"]
+        print(f"accuracy {s['acc']:.2%}  MCC {s['mcc']:+.3f}  on {len(labels)} labelled sentences; 95% intervals: "
+              f"accuracy {acc_low:.1%}-{acc_high:.1%}, MCC {mcc_low:+.2f} to {mcc_high:+.2f}; "
+              f"this file's majority class scores {majority:.2%} (MCC 0)",
+              file=sys.stdout if fmt == "table" else sys.stderr)
+
 
 def format_table(headers, rows):
     """A plain-text table with right-aligned columns."""

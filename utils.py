@@ -1,4 +1,5 @@
 """Everything around the models: errors, seeding, devices, tokenizer, CoLA data, atomic files, checkpoints."""
+import codecs
 import contextlib
 import csv
 import hashlib
@@ -8,6 +9,7 @@ import os
 import random
 import signal
 import stat
+import sys
 import tempfile
 import threading
 import urllib.request
@@ -191,6 +193,24 @@ def encode(tokenizer, sentences):
     return [tokenizer.encode_ordinary(s) for s in sentences]
 
 
+def print_stream(tokenizer, prompt, token_ids, eos_id, stream):
+    """Print the prompt, then each token as it arrives (bytes decoded incrementally: a character may span tokens),
+    up to `eos_id` (None: print <|endoftext|> like any other token)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = [prompt]
+    if stream:
+        print(prompt, end="", flush=True)
+    for tok in token_ids:
+        if tok == eos_id:
+            break
+        text = decoder.decode(tokenizer.decode_single_token_bytes(tok))
+        pieces.append(text)
+        if stream:
+            print(text, end="", flush=True)
+    pieces.append(decoder.decode(b"", final=True))
+    print(pieces[-1] if stream else "".join(pieces), flush=True)
+
+
 # ----------------------------------------------------------------------------- atomic files
 
 def current_umask():
@@ -258,6 +278,18 @@ def read_jsonl(path):
     if not Path(path).exists():
         return []
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def writable(path):
+    """True if `path` can be created or replaced: its nearest existing ancestor is a writable folder (or it is
+    itself an existing writable file)."""
+    path = Path(path).absolute()
+    first = path
+    while not path.exists():
+        path = path.parent
+    if path.is_dir():
+        return os.access(path, os.W_OK)
+    return path == first and os.access(path.parent, os.W_OK)
 
 
 def file_sha256(*paths):
@@ -341,18 +373,53 @@ def read_cola_tsv(path):
     return sentences, labels
 
 
+def read_sentences(sentences=None, input_path=None):
+    """(sentences, labels or None) from a list, a file (plain lines, or a CoLA TSV with labels) or standard input."""
+    if sentences:
+        return sentences, None
+    if input_path:
+        path = Path(input_path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--input {path}: cannot read it ({e})") from None
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        if first.count("\t") == 3:  # a CoLA-format TSV: source, label, original mark, sentence
+            return read_cola_tsv(path)
+    else:
+        text = sys.stdin.read()
+    return text.splitlines(), None
+
+
 def load_cola(data_dir):
     """{'train'|'dev'|'ood': (sentences, labels)} from the raw release in `data_dir`."""
     data_dir = ensure_cola(data_dir)
     return {split: read_cola_tsv(data_dir / name) for split, name in COLA_SPLITS.items()}
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def data_fingerprint(splits):
+    """A short hash of the exact training and evaluation data ({name: object with .tokens and .labels})."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        h.update(repr((splits[name].tokens, splits[name].labels.tolist())).encode())
+    return h.hexdigest()[:16]
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-STUDENT_CONFIG, STUDENT_WEIGHTS = "config.json", "model.safetensors"
+
+# ----------------------------------------------------------------------------- run flags and checkpoints
+
+def flags(args):
+    """A parsed command line's flags: the namespace less the subcommand's function and check, which argparse keeps
+    beside them."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "check")}
+
+
+def result_flags(args):
+    """The flags that decide a run's result: a resumed run must share them with the run it continues, and a sweep
+    skips a run already logged with them (and the same --epochs). Where it runs and how it reports do not count."""
+    return {k: v for k, v in flags(args).items() if k not in ("resume", "debug", "epochs", "device")}
+
+
 RUN_INFO = "run_info.json"  # how the run that wrote a checkpoint was configured (ignored by PEFT)
-PEFT_PREFIX = "base_model.model."
 
 
 def read_json(path, what):
@@ -385,70 +452,3 @@ def save_checkpoint(folder, weights_name, tensors, json_files):
                   metadata={"format": "pt"})
         for name, obj in json_files.items():
             Path(tmp[name]).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info):
-    """Save the trainable tensors (LoRA A/B, LayerNorms, head) in PEFT's LoRA format for
-    GPT2ForSequenceClassification: `PeftModel.from_pretrained` loads the folder as it is."""
-    tensors = {PEFT_PREFIX + k: v for k, v in model.named_parameters() if v.requires_grad}
-    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
-              "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
-              "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
-              "bias": "none", "modules_to_save": ["ln_1", "ln_2", "ln_f", "score"],
-              "use_rslora": False, "use_dora": False, "inference_mode": True}
-    save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info})
-
-
-def read_adapter_config(folder):
-    """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model'}, refusing what we can't run."""
-    from model import LORA_TARGETS
-    path = Path(folder) / ADAPTER_CONFIG
-    if not Path(folder).is_dir():
-        raise UserError(f"{folder}: no such adapter folder")
-    cfg = read_json(path, "adapter config")
-    for key, ok in (("peft_type", "LORA"), ("use_dora", False), ("use_rslora", False), ("bias", "none")):
-        if cfg.get(key, ok) != ok:
-            raise UserError(f"{path}: {key}={cfg[key]!r} is not supported (only plain LoRA: {key}={ok!r})")
-    if cfg.get("layers_to_transform") is not None or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise UserError(f"{path}: per-layer ranks or layer subsets are not supported")
-    wanted = cfg.get("target_modules") or []
-    wanted = [wanted] if isinstance(wanted, str) else wanted
-    targets = [t for t in LORA_TARGETS if any(t == w or t.endswith("." + w) for w in wanted)]
-    unknown = [w for w in wanted if not any(t == w or t.endswith("." + w) for t in LORA_TARGETS)]
-    if unknown or not targets:
-        raise UserError(f"{path}: target_modules {unknown or wanted} are not GPT-2 layers we adapt "
-                        f"(supported: {', '.join(LORA_TARGETS)})")
-    try:
-        return {"r": int(cfg["r"]), "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
-                "base_model": cfg.get("base_model_name_or_path")}
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: corrupt adapter config (r: {e})") from None
-
-
-def injected_targets(named_parameters):
-    """The LoRA targets present in a model, e.g. ['attn.c_attn', 'mlp.c_fc']."""
-    return sorted({".".join(k.split(".")[3:5]) for k in named_parameters if ".lora_A." in k})
-
-
-def load_adapter_weights(model, folder):
-    """Copy an adapter's tensors into a model that already has LoRA injected with the same settings."""
-    path = Path(folder) / ADAPTER_WEIGHTS
-    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_tensors(path).items()}
-    ours = dict(model.named_parameters())
-    unknown = sorted(tensors.keys() - ours.keys())
-    if unknown:
-        raise UserError(f"{path}: holds {unknown[0]}, outside the target set {injected_targets(ours)} that "
-                        f"{ADAPTER_CONFIG} declares")
-    if "score.weight" not in tensors:
-        raise UserError(f"{path}: no classification head (score.weight): not an adapter for sequence classification")
-    missing = [k for k in ours if ".lora_" in k and k not in tensors]
-    if missing:
-        raise UserError(f"{path}: lacks {missing[0]}, inside the target set {injected_targets(ours)} that "
-                        f"{ADAPTER_CONFIG} declares")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if value.shape != ours[key].shape:
-                raise UserError(f"{path}: {key} has shape {tuple(value.shape)} but this model's is "
-                                f"{tuple(ours[key].shape)} (an adapter of another variant or rank)")
-            ours[key].copy_(value)
-    return sorted(tensors)

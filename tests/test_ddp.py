@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, count_classifier_rows, run_cli
 from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable
-from utils import save_adapter
+from model import save_adapter
 
 
 def torchrun(*args, cwd):

@@ -10,7 +10,8 @@ import run
 from conftest import count_classifier_rows, run_cli
 from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters, inject_lora, mark_only_lora_as_trainable
 from train_utils import KDLoss, Split, kd_loss, predict_logits, train_epoch
-from utils import EOT, save_adapter
+from model import save_adapter
+from utils import EOT
 
 
 @pytest.mark.parametrize("T, alpha", [(1.0, 1.0), (2.0, 0.5), (4.0, 0.1), (0.5, 0.9)])

@@ -14,7 +14,7 @@ import torch
 import run
 from conftest import ROOT, run_cli, save_tiny_gpt2
 from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable
-from utils import save_adapter
+from model import save_adapter
 
 # (what the user did, the command after `python run.py`, exit code, the start of the stderr line)
 CASES = [
@@ -125,7 +125,7 @@ def test_readme_shows_every_case():
 
 
 def test_unexpected_failure_is_one_line_with_a_hint(monkeypatch, capsys):
-    def broken(args):
+    def broken(args, device, dtype):
         raise RuntimeError("something deep broke\nwith detail")
 
     monkeypatch.setattr(run, "cmd_gen", broken)

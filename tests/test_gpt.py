@@ -159,7 +159,7 @@ def test_cli_gen_hub_id_offline_is_one_clear_line(tmp_path):
 
 
 def test_streaming_stops_at_end_of_text_only_when_asked(tokenizer, capsys):
-    from run import print_stream
+    from utils import print_stream
     ids = tokenizer.encode_ordinary(" one") + [50256] + tokenizer.encode_ordinary(" two")
     print_stream(tokenizer, "Count:", iter(ids), eos_id=50256, stream=True)
     assert capsys.readouterr().out == "Count: one\n"

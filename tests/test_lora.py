@@ -8,7 +8,8 @@ import torch
 from conftest import run_cli
 from model import GPTClassifier, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, unmerge_lora
 from train_utils import Split, cross_entropy, evaluate, train_epoch
-from utils import EOT, load_adapter_weights, read_adapter_config, save_adapter
+from model import load_adapter_weights, read_adapter_config, save_adapter
+from utils import EOT
 
 PAD_BATCH = [[464, 3797, 3332, 13], [40, 716, 257, 3290, 351, 617, 2456, 13], [15496, 13]]
 

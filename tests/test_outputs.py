@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import run
 import utils
+from model import load_student
 from conftest import ROOT, run_cli
 
 TINY_RNN = ["--max_examples", "32", "--batch_size", "16", "--epochs", "1", "--rnn_hidden", "8"]
@@ -44,8 +45,8 @@ def test_user_files_survive_in_every_output_folder(tiny_gpt_dir, tmp_path, monke
         assert outputs[mode].read_bytes() == before[mode], mode
     run.load_lora_classifier("lora")
     GPT2ForSequenceClassification.from_pretrained("exported")
-    run.load_student("rnn")
-    run.load_student("distil")
+    load_student("rnn")
+    load_student("distil")
     assert run.main(commands["rnn"]) == 0  # a second run into the same folder replaces only our files
     assert sorted(p.name for p in (tmp_path / "rnn").iterdir()) == ["config.json", "model.safetensors",
                                                                    "run_info.json", "thesis.tex"]

@@ -1,0 +1,157 @@
+"""`python run.py tune`: a sweep over seeds and a grid of flags of LoRA, rnn or distil, each run exactly the plain
+subcommand's, logged as usual; then the summary (mean and spread over seeds, the best, McNemar's test) and its plot."""
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from train_utils import PLOTS_DIR, TUNING_DIR, latest_matching_rnn_run, mcnemar_exact, plot_grid
+from utils import Terminated, UserError, load_cola, read_jsonl, result_flags, write_text
+
+TUNABLE = ("LoRA", "rnn", "distil")
+
+
+def file_safe(text):
+    """`text` with every character other than letters, digits, '.', '_' and '-' made '_'."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def tune_plan(parser, args, rest, finish_args):
+    """(name, grid, plan): every (configuration, seed) run of a sweep, its arguments parsed and checked by
+    `finish_args(parser, namespace)` before any run starts.
+
+    Each run is the mode's own command line plus --seed and the grid's flags, so a sweep run is exactly the plain
+    subcommand's run, and a logged run with the same flags counts as done."""
+    grid = {}
+    for item in args.grid:
+        flag, _, values = item.partition("=")
+        if not flag or not values:
+            parser.error(f"--grid {item}: expected flag=value[,value...], e.g. temperature=1,2,4")
+        grid[flag.lstrip("-")] = values.split(",")
+    name = args.name or "_".join([args.target] + [f"{k}-{'-'.join(v)}" for k, v in grid.items()])
+    name = file_safe(name)
+    out_flag = "--student_path" if args.target == "distil" else "--model_path"
+    plan = []
+    for values in itertools.product(*grid.values()):
+        config = dict(zip(grid, values))
+        for seed in args.seeds:
+            folder = f"models/tune/{name}/{file_safe(config_label(config))}_seed{seed}"
+            out = [] if out_flag in rest else [out_flag, folder]
+            argv = [args.target, *rest, *out, "--seed", str(seed)]
+            argv += [a for k, v in config.items() for a in (f"--{k}", v)]
+            run_args = finish_args(parser, parser.parse_args(argv))
+            plan.append({"config": config, "seed": seed, "argv": argv, "args": run_args})
+    return name, grid, plan
+
+
+def logged_run(run, records):
+    """The logged record of a planned run (same flags, same number of epochs), if any."""
+    wanted = json.loads(json.dumps(result_flags(run["args"]) | {"epochs": run["args"].epochs}))
+    matches = [r for r in records if all(r["args"].get(k) == v for k, v in wanted.items())]
+    return matches[-1] if matches else None
+
+
+def sweep(args, plan_of_sweep, execute):
+    """Run a sweep (configurations x seeds), skipping runs already logged, then summarize it. `plan_of_sweep` is
+    tune_plan's result; `execute(run_args)` runs one planned run in this process."""
+    name, grid, plan = plan_of_sweep
+    log = f"{TUNING_DIR}/{args.target}.jsonl"
+    pending = []
+    for i, run in enumerate(plan, start=1):
+        label = f"{config_label(run['config'])} seed={run['seed']}"
+        if logged_run(run, read_jsonl(log)):
+            print(f"[{i}/{len(plan)}] {label}: already in {log}, skipped")
+        else:
+            pending.append((label, run))
+    if args.parallel > 1:
+        run_side_by_side(pending, args.parallel, Path(TUNING_DIR) / f"{name}-logs")
+    for label, run in [] if args.parallel > 1 else pending:
+        print(f"\n[{plan.index(run) + 1}/{len(plan)}] {args.target} {label}")
+        execute(run["args"])
+    summarize_tune(name, args.target, grid, plan)
+
+
+def run_side_by_side(pending, slots, log_dir):
+    """Run the pending sweep runs as separate processes, `slots` at a time, each slot on its own GPU when there
+    are GPUs; each run's output goes to log_dir/<n>.log. Ctrl-C or SIGTERM is passed on to the running ones, which
+    stop as a plain run does (resume state kept), and no further run starts."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    running, lock, stopping = {}, threading.Lock(), threading.Event()
+
+    def worker(slot):
+        env = os.environ | ({"CUDA_VISIBLE_DEVICES": str(slot)} if torch.cuda.is_available() else {})
+        for n, (label, run) in list(enumerate(pending))[slot::slots]:
+            with open(log_dir / f"{n}.log", "w") as log:
+                with lock:
+                    if stopping.is_set():
+                        return
+                    running[n] = subprocess.Popen([sys.executable, str(Path(__file__).resolve().with_name("run.py")), *run["argv"]],
+                                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+                code = running[n].wait()
+            print(f"{label}: {'done' if code == 0 else f'FAILED (exit {code}), see {log_dir}/{n}.log'}", flush=True)
+
+    with ThreadPoolExecutor(slots) as pool:
+        try:
+            list(pool.map(worker, range(slots)))
+        except KeyboardInterrupt as e:
+            with lock:
+                stopping.set()
+                for proc in running.values():
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+            raise
+
+
+def config_label(config):
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
+def summarize_tune(name, target, grid, plan):
+    """tuning/<name>.md and plots/tune_<name>.png: mean ± std over seeds per configuration, the best one, and
+    McNemar's test of the best against the baseline (the no-KD student for distil, else the majority class)."""
+    records = read_jsonl(f"{TUNING_DIR}/{target}.jsonl")
+    configs = []
+    for config in [dict(zip(grid, v)) for v in itertools.product(*grid.values())]:
+        runs = [logged_run(run, records) for run in plan if run["config"] == config]
+        runs = [r for r in runs if r is not None]
+        if not runs:
+            raise UserError(f"sweep {name}: no finished run of {config_label(config)}; see the messages above")
+        stats = {m: (statistics.mean(r[m] for r in runs),
+                     statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0)
+                 for m in ("dev_acc", "dev_mcc", "ood_acc")}
+        configs.append({"config": config, "runs": runs, **stats})
+    best = max(configs, key=lambda c: c["dev_acc"][0])
+    seeds = sorted({run["seed"] for run in plan})
+    labels = torch.tensor(load_cola(plan[0]["args"].data_dir)["dev"][1])
+    lines = [f"# Sweep `{name}` ({target})", "",
+             f"Mean ± standard deviation over seeds {seeds}. Majority baseline: "
+             f"{best['runs'][0]['baseline_dev_acc']:.2%} dev accuracy, MCC 0; one dev-accuracy point is about "
+             f"{len(labels) / 100:.0f} sentences.", "",
+             "| configuration | seeds | dev accuracy | dev MCC | out-of-domain accuracy |", "|---|---|---|---|---|"]
+    for c in configs:
+        (acc, acc_sd), (mcc, mcc_sd), (ood, ood_sd) = c["dev_acc"], c["dev_mcc"], c["ood_acc"]
+        lines.append(f"| {config_label(c['config'])} | {len(c['runs'])} | {acc:.2%} ± {acc_sd:.2%} | "
+                     f"{mcc:+.3f} ± {mcc_sd:.3f} | {ood:.2%} ± {ood_sd:.2%} |")
+    lines += ["", f"Best by mean dev accuracy: **{config_label(best['config'])}**.", "",
+              "McNemar's exact test of the best configuration against the baseline, per seed (sentences right only "
+              "with the best / only with the baseline; a small p says the difference is unlikely to be chance):", ""]
+    for r in best["runs"]:
+        nokd = latest_matching_rnn_run(r) if target == "distil" else None
+        baseline = nokd["dev_preds"] if nokd else [r["majority_label"]] * len(r["dev_preds"])
+        only_best, only_base, p = mcnemar_exact(torch.tensor(r["dev_preds"]) == labels,
+                                                torch.tensor(baseline) == labels)
+        lines.append(f"- seed {r['args']['seed']}: vs {'the no-KD student' if nokd else 'the majority class'}: "
+                     f"{only_best} / {only_base}, p = {p:.3g}")
+    text = "\n".join(lines) + "\n"
+    write_text(f"{TUNING_DIR}/{name}.md", text)
+    plot = plot_grid([config_label(c["config"]) for c in configs], configs, best["runs"][0]["baseline_dev_acc"],
+                     f"{PLOTS_DIR}/tune_{name}.png")
+    print("\n" + text + f"\nsummary: {TUNING_DIR}/{name}.md; plot: {plot}")
