@@ -329,11 +329,11 @@ def build_parser():
 
 
 # Checks argparse cannot express, and defaults that depend on other flags: usage errors (exit 2) before anything
-# is downloaded or built. Each subcommand names its own in build_parser.
+# is downloaded or built. Each subcommand names its `check` in build_parser; main() calls it.
 
 def check_gen(parser, args):
     check_variant(parser, args.gpt_variant)
-    check_input_file(parser, "prompt_file", args.prompt_file)
+    check_exists(parser, "prompt_file", args.prompt_file)
 
 
 def check_lora(parser, args):
@@ -355,29 +355,25 @@ def check_distil(parser, args):
 
 def check_predict(parser, args):
     check_variant(parser, args.gpt_variant)
-    check_input_file(parser, "input", args.input)
-    check_model_folder(parser, args.model_path)
+    check_exists(parser, "input", args.input)
+    check_exists(parser, "model_path", args.model_path, folder=True)
 
 
 def check_export(parser, args):
     check_variant(parser, args.gpt_variant)
-    check_model_folder(parser, args.model_path)
+    check_exists(parser, "model_path", args.model_path, folder=True)
     check_output_folder(parser, "out", args.out)
 
 
 def check_variant(parser, variant):
-    if variant and looks_like_path(variant) and not Path(variant).is_dir():
-        parser.error(f"--gpt_variant {variant}: no such folder")
+    if variant and looks_like_path(variant):  # else a Hugging Face id, looked up when it is loaded
+        check_exists(parser, "gpt_variant", variant, folder=True)
 
 
-def check_input_file(parser, flag, path):
-    if path and not Path(path).is_file():
-        parser.error(f"--{flag} {path}: no such file")
-
-
-def check_model_folder(parser, path):
-    if not Path(path).is_dir():
-        parser.error(f"--model_path {path}: no such folder")
+def check_exists(parser, flag, path, folder=False):
+    """--flag PATH, when given, must name an existing folder (or file)."""
+    if path and not (Path(path).is_dir() if folder else Path(path).is_file()):
+        parser.error(f"--{flag} {path}: no such {'folder' if folder else 'file'}")
 
 
 def check_output_folder(parser, flag, path):
@@ -403,11 +399,6 @@ def check_results_writable(parser, args):
             parser.error(f"{folder}/: cannot write run results there (permission denied)")
 
 
-def finish_args(parser, args):
-    args.check(parser, args)
-    return args
-
-
 def execute(args):
     """Run a parsed subcommand on the device and dtype its flags ask for, resolved here once."""
     device = resolve_device(args.device)
@@ -421,8 +412,8 @@ def main(argv=None):
     if rest and args.mode != "tune":  # a sweep passes the flags it does not know to every run
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        finish_args(parser, args)
-        plan = tune.tune_plan(parser, args, rest, finish_args) if args.mode == "tune" else None
+        args.check(parser, args)
+        plan = tune.tune_plan(parser, args, rest) if args.mode == "tune" else None
         init_distributed()
         if not is_main():  # under torchrun only rank 0 prints
             sys.stdout = open(os.devnull, "w")

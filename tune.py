@@ -24,9 +24,9 @@ def file_safe(text):
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
-def tune_plan(parser, args, rest, finish_args):
-    """(name, grid, plan): every (configuration, seed) run of a sweep, its arguments parsed and checked by
-    `finish_args(parser, namespace)` before any run starts.
+def tune_plan(parser, args, rest):
+    """(name, grid, plan): every (configuration, seed) run of a sweep, its arguments parsed and checked (by the
+    subcommand's own `check`, as run.py's main does) before any run starts.
 
     Each run is the mode's own command line plus --seed and the grid's flags, so a sweep run is exactly the plain
     subcommand's run, and a logged run with the same flags counts as done."""
@@ -47,7 +47,8 @@ def tune_plan(parser, args, rest, finish_args):
             out = [] if out_flag in rest else [out_flag, folder]
             argv = [args.target, *rest, *out, "--seed", str(seed)]
             argv += [a for k, v in config.items() for a in (f"--{k}", v)]
-            run_args = finish_args(parser, parser.parse_args(argv))
+            run_args = parser.parse_args(argv)
+            run_args.check(parser, run_args)
             plan.append({"config": config, "seed": seed, "argv": argv, "args": run_args})
     return name, grid, plan
 
