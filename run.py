@@ -1,6 +1,7 @@
 """Command line: `python run.py {gen,LoRA,rnn,distil,predict,export,tune} ...`. Parse, validate, build, call,
 report."""
 import argparse
+import importlib.util
 import os
 import sys
 import traceback
@@ -15,10 +16,11 @@ from model import (ADAPTER_CONFIG, GPT, LORA_TARGETS, STUDENT_CONFIG, DistilRNN,
 from train_utils import (PLOTS_DIR, TUNING_DIR, KDLoss, cached_teacher_logits, cross_entropy, load_splits,
                          predict_logits, print_distil_report, print_parameter_table, print_predictions,
                          train_and_report)
-from utils import (EOT, Terminated, UserError, compute_dtype, data_fingerprint, default_cola_dir, encode,
-                   file_sha256, get_tokenizer, init_distributed, interrupt_exit_code, is_main, main_first,
-                   print_stream, read_sentences, resolve_device, save_checkpoint, seed_everything, sigterm_as_interrupt,
-                   writable)
+from utils import (EOT, OneLineParser, SeedFromSrNo, Terminated, UserError, compute_dtype, data_fingerprint,
+                   default_cola_dir, encode, file_sha256, fraction, get_tokenizer, gpu_device, init_distributed,
+                   interrupt_exit_code, is_main, main_first, non_negative_float, non_negative_int, number_in,
+                   positive_float, positive_int, print_stream, read_sentences, resolve_device, save_checkpoint,
+                   seed_everything, seed_int, sigterm_as_interrupt, writable)
 
 
 # ----------------------------------------------------------------------------- building models
@@ -176,59 +178,18 @@ def cmd_export(args, device, dtype):
 
 # ----------------------------------------------------------------------------- arguments
 
-def number_in(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: `kind` (int or float) within [low, high], each end optionally open."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or value != value:  # value != value: NaN
-            left, right = "(" if low_open else "[", ")" if high_open else "]"
-            bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
-        return value
-    return parse
-
-
-positive_int = number_in(int, 1)
-non_negative_int = number_in(int, 0)
-positive_float = number_in(float, 0, low_open=True)
-non_negative_float = number_in(float, 0)
-fraction = number_in(float, 0, 1)
-seed_int = number_in(int, 0, 2 ** 32 - 1)
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every option's default, so nobody has to open the code to learn it; an option without a fixed
-    default (None) says in its help what it falls back to."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), pointing at --help instead of the usage."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs | {"allow_abbrev": False,  # --seed must never be read as --seeds
-                                            "formatter_class": DefaultsHelpFormatter})
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
-
-
 def build_parser():
     parser = OneLineParser(description="GPT-2 generation, LoRA fine-tuning and distillation on CoLA.")
     sub = parser.add_subparsers(dest="mode", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--seed", type=seed_int, default=0, help="seeds weights, data order, dropout and sampling")
-    common.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    common.add_argument("sr_no", nargs="?", action=SeedFromSrNo, default=argparse.SUPPRESS,
+                        help="the assignment's SR number, used as the seed: the same as --seed")
+    common.add_argument("--device", default="auto", help="auto (CUDA, else an Apple GPU, else the CPU), cpu, cuda, "
+                        "cuda:N, mps")
+    common.add_argument("--gpu_id", dest="device", type=gpu_device, default=argparse.SUPPRESS,
+                        help="the assignment's GPU index N: the same as --device cuda:N")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 where the hardware runs it fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32")
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -245,12 +206,15 @@ def build_parser():
     train.add_argument("--resume", action="store_true", help="continue the interrupted run with these flags")
     train.add_argument("--batch_size", type=positive_int, default=128, help="sentences per optimizer step")
     train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--tensorboard", nargs="?", const="auto", metavar="DIR", help="log steps and epochs for "
+                       "TensorBoard in DIR (given alone: runs/<mode>-<time>)")
     train.add_argument("--micro_batch_tokens", type=positive_int, help="split each batch into pieces of at most "
                        "this many padded tokens and accumulate gradients: bounds memory, same result (default: 512 "
                        "on CPU, as fast as larger pieces there; 16384 on CUDA)")
 
     student = argparse.ArgumentParser(add_help=False)
-    student.add_argument("--rnn_hidden", type=positive_int, default=768, help="student embedding and hidden size")
+    student.add_argument("--rnn_hidden", "--hidden_dim", type=positive_int, default=768,
+                         help="student embedding and hidden size (--hidden_dim: the assignment's name)")
     student.add_argument("--rnn_layers", type=positive_int, default=2, help="stacked recurrent layers")
     student.add_argument("--rnn_cell", default="rnn", choices=["rnn", "gru", "lstm"], help="recurrent cell")
     student.add_argument("--clip", type=non_negative_float, default=1.0,
@@ -318,7 +282,8 @@ def build_parser():
         "Example: python run.py tune distil --seeds 1 2 3 --grid temperature=1,2,4 alpha=0.3,0.5,0.9 --epochs 3. "
         "Any other flag is passed to every run."))
     sweep.add_argument("target", choices=tune.TUNABLE, help="the subcommand to sweep")
-    sweep.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2], help="each configuration runs once per seed")
+    sweep.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2],
+                       help="each configuration runs once per seed")
     sweep.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="values to sweep, per flag")
     sweep.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png (default: from the grid)")
     sweep.add_argument("--parallel", type=positive_int, default=1,
@@ -390,7 +355,13 @@ def check_training(parser, args, output_flag):
     if args.dtype == "float16":
         parser.error("--dtype float16 is for gen and predict; train in bfloat16 or float32 (float16 training "
                      "needs loss scaling, which this loop does not do)")
+    check_tensorboard(parser, args)
     check_results_writable(parser, args)
+
+
+def check_tensorboard(parser, args):
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def check_results_writable(parser, args):

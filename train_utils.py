@@ -9,6 +9,7 @@ import json
 import statistics
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import count_parameters
-from utils import (EOT, LABELS, Terminated, UserError, all_reduce_sum, append_jsonl, atomic_path, broadcast_from_main,
-                   data_fingerprint, encode, everyone, flags, interrupt_exit_code, is_main, load_cola, main_first, on_main,
-                   rank, read_jsonl, read_tensors, result_flags, world_size)
+from utils import (EOT, LABELS, Terminated, UserError, all_reduce_sum, atomic_path, broadcast_from_main,
+                   data_fingerprint, encode, everyone, flags, interrupt_exit_code, is_main, load_cola, main_first,
+                   on_main, rank, read_jsonl, read_tensors, result_flags, world_size, write_jsonl_record)
 
 TUNING_DIR, PLOTS_DIR = "tuning", "plots"  # run logs and plots, relative to where a run is started
 
@@ -38,7 +39,8 @@ class Split:
 
 
 def load_splits(data_dir, tokenizer, *, block_size=None, max_examples=None, seed=0):
-    """Tokenized CoLA splits {'train', 'dev', 'ood'}; `max_examples` takes a seeded random subset of the training set."""
+    """Tokenized CoLA splits {'train', 'dev', 'ood'}; `max_examples` takes a seeded random subset of the training
+    set."""
     splits = {}
     with main_first():  # one download, not one per rank
         cola = load_cola(data_dir)
@@ -234,7 +236,7 @@ def rank_share(index):
 
 
 def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, device, dtype, clip=None,
-                micro_batch_tokens=None, desc="train"):
+                micro_batch_tokens=None, desc="train", on_step=None):
     """One pass over `split` in length-bucketed batches, each cut into micro-batches whose gradients accumulate.
     Returns this process's sums {loss, correct, tokens} (summed over ranks by the caller under torchrun)."""
     model.train()
@@ -273,6 +275,8 @@ def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, devi
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         bar.set_postfix(loss=f"{batch_loss:.4f}")
+        if on_step:
+            on_step(batch_loss)
     return sums
 
 
@@ -385,7 +389,7 @@ def load_run_state(path, model, optimizer, generator, config):
     torch.set_rng_state(state["rng"][rank()]["cpu"])
     if state["rng"][rank()]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"][rank()]["cuda"])
-    return {k: state[k] for k in ("epoch", "history", "best_epoch", "best_acc", "best_state", "best_dev")}
+    return {k: state[k] for k in ("run_id", "epoch", "history", "best_epoch", "best_acc", "best_state", "best_dev")}
 
 
 def for_all_ranks(model, device):
@@ -425,14 +429,16 @@ def stopping_keeps_state(epoch, saved, state_path):
 
 
 def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, clip=None, micro_batch_tokens=None,
-        state_path=None, resume=False, config=None):
+        state_path=None, resume=False, config=None, on_step=None, on_epoch=None):
     """Train for `epochs` with Adam, evaluating on data['dev'] after each; the best epoch (dev accuracy) is
     restored at the end. After each epoch the run's state goes to `state_path`, from which `resume` continues
-    exactly. Returns the per-epoch history, the best epoch (0 if none ran) and its dev evaluation."""
+    exactly, and `on_epoch(run)` is called; `on_step(loss)` after each step. Returns the run: its id, per-epoch
+    history, best epoch (0 if none ran) and that epoch's dev evaluation."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)  # the same on every rank: all draw the same global batches
     trained = for_all_ranks(model, device)
-    run = {"epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0, "best_state": None, "best_dev": None}
+    run = {"run_id": uuid.uuid4().hex[:12], "epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0,
+           "best_state": None, "best_dev": None}
     if resume:
         run = load_run_state(state_path, model, optimizer, generator, config)
         tqdm.write(f"resuming after epoch {run['epoch']} from {state_path}")
@@ -442,7 +448,7 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
             start = time.perf_counter()
             train = train_epoch(trained, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
                                 device=device, dtype=dtype, clip=clip, micro_batch_tokens=micro_batch_tokens,
-                                desc=f"epoch {epoch}/{epochs}")
+                                desc=f"epoch {epoch}/{epochs}", on_step=on_step)
             train = dict(zip(train, all_reduce_sum(list(train.values()))))  # summed over ranks
             seconds = time.perf_counter() - start
             dev = evaluate(model, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
@@ -455,15 +461,23 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
                 rng = rng_states()
                 on_main(lambda: save_run_state(state_path, run, model, optimizer, generator, config, rng))
                 saved = epoch
+            if on_epoch:
+                on_epoch(run)
     if run["best_state"] is not None:
         model.load_state_dict(run["best_state"], strict=False)
-    return run["history"], run["best_epoch"], run["best_dev"]
+    return run
 
 
 # ----------------------------------------------------------------------------- one training run, start to finish
 
 def resume_state_path(out_path):
     return Path(f"{str(out_path).rstrip('/')}.resume.pt")
+
+
+def majority_accuracy(splits):
+    """Dev accuracy of always answering the training set's most common label."""
+    majority = majority_label(splits["train"].labels)
+    return scores([majority] * len(splits["dev"]), splits["dev"].labels)["acc"]
 
 
 def final_scores(final, splits):
@@ -481,9 +495,9 @@ def print_run_summary(mode, best_epoch, epochs, s):
                         ["majority baseline", *score_cells(s["baseline"]["dev"]), *score_cells(s["baseline"]["ood"])]]))
 
 
-def run_record(mode, args, device, dtype, splits, model, fitted, final, s, seconds, plots):
+def run_record(mode, args, device, dtype, splits, model, run, final, s, seconds, plots):
     """The run's line in tuning/<mode>.jsonl: every flag, per-epoch metrics, the best epoch, predictions, timing."""
-    history, best_epoch, _ = fitted
+    history, best_epoch = run["history"], run["best_epoch"]
     total, trainable = count_parameters(model)
     return {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": flags(args),
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
@@ -496,31 +510,101 @@ def run_record(mode, args, device, dtype, splits, model, fitted, final, s, secon
             "wall_seconds": seconds, "plots": plots}
 
 
+def progress_record(mode, args, device, dtype, data, run):
+    """The run's line in tuning/<mode>.jsonl while it trains: rewritten after every epoch and marked unfinished,
+    so that a run stopped midway still shows its epochs and a sweep never counts it as done."""
+    return {"mode": mode, "run_id": run["run_id"], "finished": False, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "args": flags(args), "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data,
+            "history": run["history"], "best_epoch": run["best_epoch"]}
+
+
+def draw_history(run, mode, splits, baseline_acc):
+    """plots/<mode>_loss.png and _acc.png for the epochs so far, the best one with its 95% Wilson interval."""
+    n = len(splits["dev"])
+    best_ci = wilson_interval(round(run["best_acc"] * n), n)
+    return plot_history(run["history"], mode, baseline_acc, best_ci, PLOTS_DIR)
+
+
 def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path, save, extra=None):
-    """Train with the shared loop, evaluate the best epoch on dev and out-of-domain dev and print the summary; then
-    rank 0 alone draws the plots, appends the run to tuning/<mode>.jsonl and `save()`s the model to `out_path`,
-    removing the --resume state once all of that is written. Returns the run's record (None on other ranks)."""
-    start = time.time()
+    """Train with the shared loop, evaluate the best epoch on dev and out-of-domain dev and print the summary.
+    Rank 0 alone writes: after every epoch the plots and the run's (unfinished) line in tuning/<mode>.jsonl, at
+    the end the finished line and the model (`save()` to `out_path`), then it removes the --resume state.
+    Returns the run's record (None on other ranks)."""
+    start, log = time.time(), f"{TUNING_DIR}/{mode}.jsonl"
     state_path = resume_state_path(out_path)
-    fitted = fit(model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
-                 dtype=dtype, seed=args.seed, clip=getattr(args, "clip", None),
-                 micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(device),
-                 state_path=state_path, resume=args.resume, config=result_flags(args))
-    final = {"dev": fitted[2],  # the best epoch's weights are restored: their dev evaluation is already done
+    data, baseline_acc = data_fingerprint(splits), majority_accuracy(splits)
+    board = TensorBoardLog.open(args, mode) if is_main() else None
+
+    def after_epoch(run):
+        draw_history(run, mode, splits, baseline_acc)
+        write_jsonl_record(log, progress_record(mode, args, device, dtype, data, run), key="run_id")
+        if board:
+            board.epoch(run["history"][-1], args.lr)
+
+    try:
+        run = fit(model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
+                  dtype=dtype, seed=args.seed, clip=getattr(args, "clip", None),
+                  micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(device),
+                  state_path=state_path, resume=args.resume, config=result_flags(args),
+                  on_step=board.step if board else None, on_epoch=lambda run: on_main(lambda: after_epoch(run)))
+    finally:
+        if board:
+            board.close()
+    final = {"dev": run["best_dev"],  # the best epoch's weights are restored: their dev evaluation is already done
              "ood": evaluate(model, splits["ood"], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)}
     s = final_scores(final, splits)
-    print_run_summary(mode, fitted[1], args.epochs, s)
+    print_run_summary(mode, run["best_epoch"], args.epochs, s)
 
     def write_results():
-        plots = plot_history(fitted[0], mode, s["baseline"]["dev"]["acc"], s["model"]["dev"]["acc_ci"], PLOTS_DIR)
-        record = run_record(mode, args, device, dtype, splits, model, fitted, final, s, time.time() - start, plots)
-        append_jsonl(f"{TUNING_DIR}/{mode}.jsonl", record | (extra or {}))
-        print(f"plots: {', '.join(plots)}; run logged to {TUNING_DIR}/{mode}.jsonl")
+        plots = draw_history(run, mode, splits, baseline_acc)
+        record = run_record(mode, args, device, dtype, splits, model, run, final, s, time.time() - start, plots)
+        record |= {"run_id": run["run_id"], "finished": True, **(extra or {})}
+        write_jsonl_record(log, record, key="run_id")
+        print(f"plots: {', '.join(plots)}; run logged to {log}")
         save()
         state_path.unlink(missing_ok=True)
-        return record | (extra or {})
+        return record
 
     return on_main(write_results)
+
+
+class TensorBoardLog:
+    """--tensorboard: each step's training loss; each epoch's train and dev loss, accuracy and MCC, the learning
+    rate and tokens/s; the run's flags as hyper-parameters. `tensorboard --logdir runs` compares runs."""
+
+    def __init__(self, log_dir, hyper_parameters):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+        self.writer, self.steps = SummaryWriter(log_dir), 0
+        metrics = {"dev/acc": 0.0, "dev/mcc": 0.0, "dev/loss": 0.0}  # HParams reads their values from the scalars
+        experiment, start, self.end = hparams(hyper_parameters, metrics)
+        self.writer.file_writer.add_summary(experiment)
+        self.writer.file_writer.add_summary(start)
+
+    @classmethod
+    def open(cls, args, mode):
+        """The log --tensorboard asks for (its folder, or runs/<mode>-<time>), or None."""
+        if not getattr(args, "tensorboard", None):
+            return None
+        folder = args.tensorboard if args.tensorboard != "auto" else f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"TensorBoard log: {folder} (view with `tensorboard --logdir {Path(folder).parent}`)")
+        plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flags(args).items()}
+        return cls(folder, plain)
+
+    def step(self, loss):
+        self.steps += 1
+        self.writer.add_scalar("train/step_loss", loss, self.steps)
+
+    def epoch(self, row, lr):
+        for tag, key in (("train/loss", "train_loss"), ("train/acc", "train_acc"), ("dev/loss", "dev_loss"),
+                         ("dev/acc", "dev_acc"), ("dev/mcc", "dev_mcc"), ("train/tokens_per_s", "train_tokens_per_s")):
+            self.writer.add_scalar(tag, row[key], row["epoch"])
+        self.writer.add_scalar("train/lr", lr, row["epoch"])
+        self.writer.flush()
+
+    def close(self):
+        self.writer.file_writer.add_summary(self.end)
+        self.writer.close()
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -565,8 +649,8 @@ def print_distil_report(logits, splits, kd_run):
 def latest_matching_rnn_run(run):
     """The latest `run.py rnn` run on the same data, student shape and seed as `run` (a distil run), if any."""
     same = ("rnn_hidden", "rnn_layers", "rnn_cell", "max_examples", "seed")
-    matches = [r for r in read_jsonl(f"{TUNING_DIR}/rnn.jsonl") if r["data"] == run["data"]
-               and all(r["args"].get(k) == run["args"].get(k) for k in same)]
+    matches = [r for r in read_jsonl(f"{TUNING_DIR}/rnn.jsonl") if r.get("finished", True)
+               and r["data"] == run["data"] and all(r["args"].get(k) == run["args"].get(k) for k in same)]
     return matches[-1] if matches else None
 
 

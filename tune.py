@@ -17,6 +17,7 @@ from train_utils import PLOTS_DIR, TUNING_DIR, latest_matching_rnn_run, mcnemar_
 from utils import Terminated, UserError, load_cola, read_jsonl, result_flags, write_text
 
 TUNABLE = ("LoRA", "rnn", "distil")
+RUN_PY = Path(__file__).resolve().with_name("run.py")
 
 
 def file_safe(text):
@@ -56,7 +57,8 @@ def tune_plan(parser, args, rest):
 def logged_run(run, records):
     """The logged record of a planned run (same flags, same number of epochs), if any."""
     wanted = json.loads(json.dumps(result_flags(run["args"]) | {"epochs": run["args"].epochs}))
-    matches = [r for r in records if all(r["args"].get(k) == v for k, v in wanted.items())]
+    matches = [r for r in records if r.get("finished", True)  # a run stopped midway is not done
+               and all(r["args"].get(k) == v for k, v in wanted.items())]
     return matches[-1] if matches else None
 
 
@@ -94,8 +96,8 @@ def run_side_by_side(pending, slots, log_dir):
                 with lock:
                     if stopping.is_set():
                         return
-                    running[n] = subprocess.Popen([sys.executable, str(Path(__file__).resolve().with_name("run.py")), *run["argv"]],
-                                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+                    running[n] = subprocess.Popen([sys.executable, str(RUN_PY), *run["argv"]], env=env, stdout=log,
+                                                  stderr=subprocess.STDOUT)
                 code = running[n].wait()
             print(f"{label}: {'done' if code == 0 else f'FAILED (exit {code}), see {log_dir}/{n}.log'}", flush=True)
 

@@ -1,4 +1,5 @@
 """Everything around the models: errors, seeding, devices, tokenizer, CoLA data, atomic files, checkpoints."""
+import argparse
 import codecs
 import contextlib
 import csv
@@ -68,14 +69,19 @@ def seed_everything(seed):
 
 
 def resolve_device(name):
+    """`--device` as a torch.device: auto is CUDA if present, else an Apple GPU (MPS) if present, else the CPU."""
     if name == "auto":
-        return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{torch.cuda.current_device()}")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: no Apple GPU (MPS) is available here (use --device cpu)")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name}: not a device name (try auto, cpu, cuda, cuda:1)") from None
+        raise UserError(f"--device {name}: not a device name (try auto, cpu, cuda, cuda:1, mps)") from None
 
 
 def has_fast_bf16(device):
@@ -259,17 +265,20 @@ def write_text(path, text):
         Path(tmp).write_text(text, encoding="utf-8")
 
 
-def append_jsonl(path, record):
-    """Append one JSON line by rewriting the file atomically (a crash never leaves half a line), holding a lock on
-    its folder so that runs side by side (tune --parallel) never lose each other's lines; the lock leaves no file."""
+def write_jsonl_record(path, record, key=None):
+    """Add `record` as one JSON line to `path`, replacing the line whose `key` field has the same value if there is
+    one. The file is rewritten atomically (a crash never leaves half a line) under a lock on its folder, so that
+    runs side by side (tune --parallel) never lose each other's lines; the lock leaves no file behind."""
     import fcntl
     folder = Path(path).parent
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        old = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
-        write_text(path, old + json.dumps(record) + "\n")
+        lines = Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
+        if key is not None:
+            lines = [line for line in lines if not line.strip() or json.loads(line).get(key) != record[key]]
+        write_text(path, "".join(line + "\n" for line in lines) + json.dumps(record) + "\n")
     finally:
         os.close(fd)  # releases the lock
 
@@ -452,3 +461,67 @@ def save_checkpoint(folder, weights_name, tensors, json_files):
                   metadata={"format": "pt"})
         for name, obj in json_files.items():
             Path(tmp[name]).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- command-line plumbing
+
+def number_in(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: `kind` (int or float) within [low, high], each end optionally open."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or value != value:  # value != value: NaN
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+    return parse
+
+
+positive_int = number_in(int, 1)
+non_negative_int = number_in(int, 0)
+positive_float = number_in(float, 0, low_open=True)
+non_negative_float = number_in(float, 0)
+fraction = number_in(float, 0, 1)
+seed_int = number_in(int, 0, 2 ** 32 - 1)
+
+
+def gpu_device(text):
+    """The assignment's --gpu_id N, as the device cuda:N."""
+    return f"cuda:{non_negative_int(text)}"
+
+
+class SeedFromSrNo(argparse.Action):
+    """The assignment's positional 5-digit SR number, which it used as the seed: stored as --seed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values not in (None, argparse.SUPPRESS):  # argparse passes SUPPRESS when the argument is absent
+            try:
+                namespace.seed = seed_int(values)
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentError(self, str(e)) from None
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default, so nobody has to open the code to learn it; an option without a fixed
+    default (None) says in its help what it falls back to."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), pointing at --help instead of the usage."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs | {"allow_abbrev": False,  # --seed must never be read as --seeds
+                                            "formatter_class": DefaultsHelpFormatter})
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")

@@ -98,13 +98,13 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text("")
     path.chmod(0o640)
-    utils.append_jsonl(path, {"a": 1})
+    utils.write_jsonl_record(path, {"a": 1})
     assert path.stat().st_mode & 0o777 == 0o640
 
 
 def test_the_log_lock_leaves_no_file(tmp_path):
-    utils.append_jsonl(tmp_path / "tuning" / "rnn.jsonl", {"a": 1})
-    utils.append_jsonl(tmp_path / "tuning" / "rnn.jsonl", {"a": 2})
+    utils.write_jsonl_record(tmp_path / "tuning" / "rnn.jsonl", {"a": 1})
+    utils.write_jsonl_record(tmp_path / "tuning" / "rnn.jsonl", {"a": 2})
     assert [p.name for p in (tmp_path / "tuning").iterdir()] == ["rnn.jsonl"]
     assert utils.read_jsonl(tmp_path / "tuning" / "rnn.jsonl") == [{"a": 1}, {"a": 2}]
 

@@ -1,0 +1,128 @@
+"""Watching a run while it runs: plots and the run's record after every epoch, TensorBoard, the device choice
+(CUDA, then an Apple GPU, then the CPU), and the assignment's flag names."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run
+import tune
+import utils
+from conftest import ROOT, run_cli
+
+
+def planned(argv):
+    """A run's arguments as `tune` plans them: parsed and checked."""
+    parser = run.build_parser()
+    args = parser.parse_args(argv)
+    args.check(parser, args)
+    return {"args": args}
+
+
+def test_a_killed_run_leaves_its_epochs_plotted_and_logged_unfinished_and_resume_finishes_the_record(
+        tiny_gpt_dir, tmp_path):
+    from PIL import Image
+    argv = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "1024", "--epochs", "3", "--model_path",
+            "adapter"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv], cwd=tmp_path,
+                            env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "tuning" / "LoRA.jsonl"
+
+    def epochs_logged():
+        records = utils.read_jsonl(log) if log.exists() else []
+        return len(records[0]["history"]) if records else 0
+
+    deadline = time.time() + 300
+    while epochs_logged() < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # during epoch 3
+    proc.wait()
+    [record] = utils.read_jsonl(log)
+    assert record["finished"] is False and [h["epoch"] for h in record["history"]] == [1, 2]
+    for name in ("LoRA_loss.png", "LoRA_acc.png"):
+        with Image.open(tmp_path / "plots" / name) as image:
+            image.verify()
+    os.chdir(tmp_path)
+    try:
+        assert tune.logged_run(planned(argv), utils.read_jsonl(log)) is None  # a sweep would run it again
+        resumed = run_cli(*argv, "--resume", cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        [final] = utils.read_jsonl(log)  # the same record, finished
+        assert final["run_id"] == record["run_id"] and final["finished"] is True
+        assert [h["epoch"] for h in final["history"]] == [1, 2, 3]
+        assert tune.logged_run(planned(argv), utils.read_jsonl(log)) == final
+    finally:
+        os.chdir(ROOT)
+
+
+def test_tensorboard_holds_the_step_losses_and_the_printed_epoch_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    result = run_cli("rnn", "--max_examples", 64, "--batch_size", 16, "--epochs", 2, "--rnn_hidden", 8,
+                     "--tensorboard", "runs/mine", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "runs" / "mine"))
+    events.Reload()
+    assert len(events.Scalars("train/step_loss")) == 2 * 4  # 64 sentences in batches of 16, two epochs
+    printed = re.findall(r"train loss ([\d.]+) acc ([\d.]+)%  \|  dev loss ([\d.]+) acc ([\d.]+)% MCC ([-+\d.]+)",
+                         result.stdout)
+    assert len(printed) == 2
+    for epoch, line in enumerate(printed, start=1):
+        values = {tag: events.Scalars(tag)[epoch - 1] for tag in
+                  ("train/loss", "train/acc", "dev/loss", "dev/acc", "dev/mcc", "train/lr", "train/tokens_per_s")}
+        assert all(v.step == epoch for v in values.values())
+        train_loss, train_acc, dev_loss, dev_acc, dev_mcc = map(float, line)
+        assert f"{values['train/loss'].value:.4f}" == f"{train_loss:.4f}"
+        assert f"{100 * values['train/acc'].value:.2f}" == f"{train_acc:.2f}"
+        assert f"{values['dev/loss'].value:.4f}" == f"{dev_loss:.4f}"
+        assert f"{100 * values['dev/acc'].value:.2f}" == f"{dev_acc:.2f}"
+        assert f"{values['dev/mcc'].value:+.3f}" == f"{dev_mcc:+.3f}"
+        assert values["train/lr"].value == pytest.approx(1e-3)
+    assert events.Tags()["tensors"] or os.listdir(tmp_path / "runs" / "mine")  # the hyper-parameters summary
+
+
+def test_tensorboard_missing_is_one_line_before_training(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    real = run.importlib.util.find_spec
+    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
+    with pytest.raises(SystemExit) as stop:
+        run.main(["rnn", "--tensorboard"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tensorboard needs the tensorboard package: pip install tensorboard")
+    assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda:0"), (True, False, "cuda:0"),
+                                                 (False, True, "mps"), (False, False, "cpu")])
+def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert str(utils.resolve_device("auto")) == expected
+    if not mps:
+        with pytest.raises(utils.UserError, match="--device mps: no Apple GPU"):
+            utils.resolve_device("mps")
+
+
+def test_the_assignments_command_line_runs_unchanged(tiny_gpt_dir, tmp_path):
+    common = ["--gpt_variant", tiny_gpt_dir, "--max_examples", 64, "--epochs", 1, "--dtype", "float32",
+              "--model_path", "adapter"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run_cli("LoRA", 12345, *common, cwd=tmp_path / "a").returncode == 0
+    assert run_cli("LoRA", "--seed", 12345, *common, cwd=tmp_path / "b").returncode == 0
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    [record] = utils.read_jsonl(tmp_path / "a" / "tuning" / "LoRA.jsonl")
+    assert record["args"]["seed"] == 12345
+    args = run.build_parser().parse_args(["rnn", "54321", "--hidden_dim", "32", "--gpu_id", "1"])
+    assert (args.seed, args.rnn_hidden, args.device) == (54321, 32, "cuda:1")
