@@ -207,7 +207,7 @@ def build_parser():
     train.add_argument("--batch_size", type=positive_int, default=128, help="sentences per optimizer step")
     train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     train.add_argument("--tensorboard", nargs="?", const="auto", metavar="DIR", help="log steps and epochs for "
-                       "TensorBoard in DIR (given alone: runs/<mode>-<time>)")
+                       "TensorBoard in DIR (given alone: runs/<mode>-<time>-<pid>)")
     train.add_argument("--micro_batch_tokens", type=positive_int, help="split each batch into pieces of at most "
                        "this many padded tokens and accumulate gradients: bounds memory, same result (default: 512 "
                        "on CPU, as fast as larger pieces there; 16384 on CUDA)")

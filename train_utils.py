@@ -4,8 +4,9 @@ A mode (LoRA, rnn, distil) supplies a model `model(ids, lengths) -> logits (B, n
 `loss_fn(logits, labels, teacher) -> scalar`; nothing else differs.
 """
 import contextlib
-import math
 import json
+import math
+import os
 import statistics
 import sys
 import time
@@ -583,10 +584,11 @@ class TensorBoardLog:
 
     @classmethod
     def open(cls, args, mode):
-        """The log --tensorboard asks for (its folder, or runs/<mode>-<time>), or None."""
+        """The log --tensorboard asks for (its folder, or runs/<mode>-<time>-<process id>), or None."""
         if not getattr(args, "tensorboard", None):
             return None
-        folder = args.tensorboard if args.tensorboard != "auto" else f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # unique among a sweep's runs side by side
+        folder = args.tensorboard if args.tensorboard != "auto" else f"runs/{mode}-{stamp}"
         print(f"TensorBoard log: {folder} (view with `tensorboard --logdir {Path(folder).parent}`)")
         plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flags(args).items()}
         return cls(folder, plain)
