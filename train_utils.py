@@ -544,9 +544,8 @@ def print_run_summary(mode, best_epoch, epochs, s, splits):
     print(f"\n{mode}{on}: best epoch {best_epoch} of {epochs} (95% intervals: Wilson for accuracy, bootstrap for "
           f"{'MCC and macro-F1' if len(splits.labels) > 2 else 'MCC'})")
     headers = [h for name in splits.evaluated for h in score_headers(splits.titles[name], len(splits.labels))]
-    print(format_table(["", *headers],
-                       [[mode, *[c for name in splits.evaluated for c in score_cells(s["model"][name])]],
-                        ["majority baseline", *[c for name in splits.evaluated for c in score_cells(s["baseline"][name])]]]))
+    cells = {who: [c for name in splits.evaluated for c in score_cells(s[who][name])] for who in ("model", "baseline")}
+    print(format_table(["", *headers], [[mode, *cells["model"]], ["majority baseline", *cells["baseline"]]]))
     for note in splits.notes:
         print(f"note: {note}")
 
@@ -706,7 +705,8 @@ def print_predictions(sentences, probs, names, labels, fmt):
     elif fmt == "tsv":
         print("\n".join(f"{r['label']}\t{r[p_key]:.4f}\t{r['sentence']}" for r in rows))
     else:
-        print(format_table(["label", p_key, "sentence"], [[r["label"], f"{r[p_key]:.4f}", r["sentence"]] for r in rows]))
+        print(format_table(["label", p_key, "sentence"],
+                           [[r["label"], f"{r[p_key]:.4f}", r["sentence"]] for r in rows]))
     if labels is not None:
         print_prediction_scores(preds, labels, names, file=sys.stdout if fmt == "table" else sys.stderr)
 

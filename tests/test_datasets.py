@@ -14,7 +14,8 @@ import run
 from conftest import run_cli
 from model import GPTClassifier
 from test_lora import PAD_BATCH, padded
-from train_utils import Split, bootstrap, kd_loss, macro_f1, macro_f1_rows, matthews_corrcoef, predict_logits, train_epoch
+from train_utils import (Split, bootstrap, kd_loss, macro_f1, macro_f1_rows, matthews_corrcoef, predict_logits,
+                         train_epoch)
 from utils import DataSpec, UserError, encode, load_text_data
 
 TOPICS = {"sport": ["goal", "match", "team", "coach", "league"], "tech": ["chip", "code", "robot", "laptop", "server"],
