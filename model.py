@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from utils import RUN_INFO, UserError, read_json, read_tensors, save_checkpoint
+from utils import LABELS, RUN_INFO, UserError, read_json, read_tensors, save_checkpoint
 
 
 class CausalSelfAttention(nn.Module):
@@ -354,16 +354,16 @@ def open_checkpoint(folder):
 
 class GPTClassifier(GPT):
     """GPT-2 with a `score` head (n_embd -> n_classes, no bias) on the last real token, like HF's
-    GPT2ForSequenceClassification.
+    GPT2ForSequenceClassification; `labels` names the classes (CoLA's two by default).
 
     Batches are right-padded. Attention is causal, so a real token never sees the padding after it: the hidden
     state of the last real token is the same with or without padding, and no attention mask is needed.
     """
 
-    def __init__(self, config, n_classes=2):
+    def __init__(self, config, labels=LABELS):
         super().__init__(config)
-        self.n_classes = n_classes
-        self.score = nn.Linear(config.n_embd, n_classes, bias=False)
+        self.labels, self.n_classes = tuple(labels), len(labels)
+        self.score = nn.Linear(config.n_embd, self.n_classes, bias=False)
         nn.init.normal_(self.score.weight, std=0.02)
 
     def hf_config(self):
@@ -373,8 +373,8 @@ class GPTClassifier(GPT):
                 "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
                 "layer_norm_epsilon": c.layer_norm_eps, "activation_function": "gelu_new",
                 "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50256,  # padding = <|endoftext|>
-                "id2label": {"0": "unacceptable", "1": "acceptable"},
-                "label2id": {"unacceptable": 0, "acceptable": 1}}
+                "id2label": {str(i): name for i, name in enumerate(self.labels)},
+                "label2id": {name: i for i, name in enumerate(self.labels)}}
 
     def hf_state_dict(self):
         """The weights in GPT2ForSequenceClassification's layout: Conv1D weights are (in, out); lm_head is wte."""
@@ -583,10 +583,11 @@ def adapter_base(folder, variant=None):
 
 
 def load_lora_model(folder, variant, build_base):
-    """The model an adapter folder describes, LoRA folded in, in eval mode: `build_base(variant, random_init, seed)`
-    makes the base (pretrained, or random from the seed the adapter's run_info.json records)."""
+    """The model an adapter folder describes, LoRA folded in, in eval mode: `build_base(variant, random_init, seed,
+    labels)` makes the base (pretrained, or random from the seed the adapter's run_info.json records) with the
+    labels it records (CoLA's when it records none, as PEFT's adapters)."""
     cfg, info, variant = adapter_base(folder, variant)
-    model = build_base(variant, info.get("random_init", False), info.get("seed", 0))
+    model = build_base(variant, info.get("random_init", False), info.get("seed", 0), info.get("labels", LABELS))
     inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"])
     load_adapter_weights(model, folder)
     return fold_lora(model).eval().requires_grad_(False)
@@ -628,11 +629,14 @@ class RNNConfig:
     hidden: int = 768
     layers: int = 2
     cell: str = "rnn"
-    n_classes: int = 2
+    labels: tuple = LABELS  # the class names; a checkpoint from before labels were saved is CoLA's
+
+    def __post_init__(self):
+        self.labels = tuple(self.labels)
 
     @classmethod
     def from_dict(cls, d):
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 class DistilRNN(nn.Module):
@@ -644,11 +648,11 @@ class DistilRNN(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.n_classes = config.n_classes
+        self.labels, self.n_classes = config.labels, len(config.labels)
         cells = {"rnn": lambda *a, **k: nn.RNN(*a, nonlinearity="relu", **k), "gru": nn.GRU, "lstm": nn.LSTM}
         self.embed = nn.Embedding(config.vocab_size, config.hidden)
         self.rnn = cells[config.cell](config.hidden, config.hidden, num_layers=config.layers, batch_first=True)
-        self.head = nn.Linear(config.hidden, config.n_classes)
+        self.head = nn.Linear(config.hidden, self.n_classes)
 
     def forward(self, idx, lengths):
         packed = pack_padded_sequence(self.embed(idx), lengths.cpu(), batch_first=True, enforce_sorted=False)

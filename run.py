@@ -13,33 +13,33 @@ import tune
 from model import (ADAPTER_CONFIG, GPT, LORA_TARGETS, STUDENT_CONFIG, DistilRNN, GPTClassifier, RNNConfig, Sampler,
                    adapter_base, cast_frozen_linears, inject_lora, load_config, load_lora_model, load_student,
                    looks_like_path, mark_only_lora_as_trainable, save_adapter, save_student, variant_slug)
-from train_utils import (PLOTS_DIR, TUNING_DIR, KDLoss, cached_teacher_logits, cross_entropy, load_splits,
-                         predict_logits, print_distil_report, print_parameter_table, print_predictions,
-                         train_and_report)
-from utils import (EOT, OneLineParser, SeedFromSrNo, Terminated, UserError, compute_dtype, data_fingerprint,
-                   default_cola_dir, encode, file_sha256, fraction, get_tokenizer, gpu_device, init_distributed,
-                   interrupt_exit_code, is_main, main_first, non_negative_float, non_negative_int, number_in,
-                   positive_float, positive_int, print_stream, read_sentences, resolve_device, save_checkpoint,
-                   seed_everything, seed_int, sigterm_as_interrupt, writable)
+from train_utils import (PLOTS_DIR, TUNING_DIR, KDLoss, cached_teacher_logits, check_teacher_data, cross_entropy,
+                         load_splits, predict_logits, print_distil_report, print_parameter_table, print_predictions,
+                         run_stem, train_and_report)
+from utils import (EOT, LABELS, DataSpec, OneLineParser, SeedFromSrNo, Terminated, UserError, compute_dtype,
+                   data_fingerprint, default_cola_dir, encode, file_sha256, fraction, get_tokenizer, gpu_device,
+                   init_distributed, interrupt_exit_code, is_main, main_first, non_negative_float, non_negative_int,
+                   number_in, positive_float, positive_int, print_stream, read_sentences, resolve_device,
+                   save_checkpoint, seed_everything, seed_int, sigterm_as_interrupt, writable)
 
 
 # ----------------------------------------------------------------------------- building models
 
-def gpt_weights(cls, variant, random_init):
+def gpt_weights(cls, variant, random_init, **kwargs):
     """`cls` (GPT or GPTClassifier) with the variant's pretrained weights, or (random_init) random ones."""
     if random_init:
         print(f"note: {variant} architecture with random weights (--random_init), nothing downloaded",
               file=sys.stderr)
-        return cls.from_random(variant)
+        return cls.from_random(variant, **kwargs)
     with main_first():  # one download, not one per rank
-        return cls.from_pretrained(variant)
+        return cls.from_pretrained(variant, **kwargs)
 
 
-def build_classifier(variant, random_init, seed):
-    """GPT-2 + score head: pretrained weights, or (random_init) weights drawn from `seed`, so a later run can
-    rebuild the very same base from the seed alone."""
+def build_classifier(variant, random_init, seed, labels=LABELS):
+    """GPT-2 + score head for `labels`: pretrained weights, or (random_init) weights drawn from `seed`, so a later
+    run can rebuild the very same base from the seed alone."""
     seed_everything(seed)
-    return gpt_weights(GPTClassifier, variant, random_init)
+    return gpt_weights(GPTClassifier, variant, random_init, labels=labels)
 
 
 def load_lora_classifier(folder, variant=None):
@@ -47,9 +47,11 @@ def load_lora_classifier(folder, variant=None):
     return load_lora_model(folder, variant, build_classifier)
 
 
-def build_student(args):
+def build_student(args, splits=None):
+    """The student for the data's labels (CoLA's when no data is read: --epochs 0 prints its size only)."""
     seed_everything(args.seed)
-    return DistilRNN(RNNConfig(hidden=args.rnn_hidden, layers=args.rnn_layers, cell=args.rnn_cell))
+    return DistilRNN(RNNConfig(hidden=args.rnn_hidden, layers=args.rnn_layers, cell=args.rnn_cell,
+                               labels=splits.labels if splits else LABELS))
 
 
 def student_saver(model, folder, args):
@@ -60,8 +62,8 @@ def student_saver(model, folder, args):
     return save
 
 
-def cola_splits(args, tokenizer, block_size=None):
-    return load_splits(args.data_dir, tokenizer, block_size=block_size, max_examples=args.max_examples,
+def data_splits(args, tokenizer, block_size=None):
+    return load_splits(DataSpec.from_args(args), tokenizer, block_size=block_size, max_examples=args.max_examples,
                        seed=args.seed)
 
 
@@ -88,41 +90,43 @@ def cmd_lora(args, device, dtype):
             model = GPTClassifier.from_random(args.gpt_variant)
         return print_parameter_table(mark_only_lora_as_trainable(inject_lora(
             model, args.LoRA_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)))
-    tokenizer = get_tokenizer()
-    model = build_classifier(args.gpt_variant, args.random_init, args.seed)
+    splits = data_splits(args, get_tokenizer(), load_config(args.gpt_variant).block_size)
+    model = build_classifier(args.gpt_variant, args.random_init, args.seed, splits.labels)
     inject_lora(model, args.LoRA_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     mark_only_lora_as_trainable(model)
     print_parameter_table(model)
-    splits = cola_splits(args, tokenizer, model.config.block_size)
     cast_frozen_linears(model, dtype).to(device)
 
     def save():
         save_adapter(model, args.model_path, rank=args.LoRA_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      targets=args.lora_targets, base_model=args.gpt_variant,
-                     run_info={"random_init": args.random_init, "seed": args.seed, "gpt_variant": args.gpt_variant})
+                     run_info={"random_init": args.random_init, "seed": args.seed, "gpt_variant": args.gpt_variant,
+                               **splits.identity()})
         print(f"adapter saved to {args.model_path} (PEFT format)")
 
     train_and_report("LoRA", model, cross_entropy, splits, args, device, dtype, args.model_path, save)
 
 
 def cmd_rnn(args, device, dtype):
-    model = build_student(args).to(device)
+    splits = data_splits(args, get_tokenizer()) if args.epochs else None
+    model = build_student(args, splits).to(device)
     print_parameter_table(model)
     if args.epochs:
-        train_and_report("rnn", model, cross_entropy, cola_splits(args, get_tokenizer()), args, device, dtype,
-                         args.model_path, save=student_saver(model, args.model_path, args))
+        train_and_report("rnn", model, cross_entropy, splits, args, device, dtype, args.model_path,
+                         save=student_saver(model, args.model_path, args))
 
 
 def cmd_distil(args, device, dtype):
     if not (Path(args.model_path) / ADAPTER_CONFIG).exists():
         raise UserError(f"no LoRA adapter at {args.model_path}: train the teacher first with "
                         f"`python run.py LoRA --gpt_variant {args.gpt_variant or 'gpt2'}`, or pass --model_path")
-    _, _, variant = adapter_base(args.model_path, args.gpt_variant)
-    student = build_student(args).to(device)
+    _, info, variant = adapter_base(args.model_path, args.gpt_variant)
+    splits = data_splits(args, get_tokenizer(), load_config(variant).block_size) if args.epochs else None
+    check_teacher_data(args.model_path, info, splits)
+    student = build_student(args, splits).to(device)
     print_parameter_table(student)
     if args.epochs == 0:
         return
-    splits = cola_splits(args, get_tokenizer(), load_config(variant).block_size)
     logits = teacher_logits(splits, args, variant, device, dtype)
     for name, split in splits.items():
         split.teacher = logits[name]
@@ -138,36 +142,34 @@ def teacher_logits(splits, args, variant, device, dtype):
     dtype and the data: a second run with the same teacher neither builds nor runs it."""
     folder = Path(args.model_path)
     key = file_sha256(*(p for p in sorted(folder.iterdir()) if p.is_file()))[:16]
-    name = f"teacher-{key}-{variant_slug(variant)}-{str(dtype).removeprefix('torch.')}-{data_fingerprint(splits)}"
-
-    def build():
-        return cast_frozen_linears(load_lora_classifier(folder, variant), dtype).to(device)
-
-    return cached_teacher_logits(Path("models/cache") / f"{name}.safetensors", build, splits,
-                                 batch_size=args.batch_size, device=device, dtype=dtype)
+    name = "-".join([run_stem("teacher", splits.spec), key, variant_slug(variant), str(dtype).removeprefix("torch."),
+                     data_fingerprint(splits)])
+    return cached_teacher_logits(Path("models/cache") / f"{name}.safetensors",
+                                 lambda: cast_frozen_linears(load_lora_classifier(folder, variant), dtype).to(device),
+                                 splits, batch_size=args.batch_size, device=device, dtype=dtype)
 
 
 def load_predictor(folder, variant):
-    """A trained classifier from its folder, recognised by its files: (model, block size or None for the RNN)."""
+    """A trained classifier (GPT-2 + LoRA or a student) from its folder, recognised by its files."""
     folder = Path(folder)
     if (folder / ADAPTER_CONFIG).exists():
-        model = load_lora_classifier(folder, variant)
-        return model, model.config.block_size
+        return load_lora_classifier(folder, variant)
     if (folder / STUDENT_CONFIG).exists():
-        return load_student(folder), None
+        return load_student(folder)
     raise UserError(f"{folder}: neither a LoRA adapter folder ({ADAPTER_CONFIG}) nor a student checkpoint "
                     f"({STUDENT_CONFIG}); train one with `python run.py LoRA` or `python run.py rnn`")
 
 
 def cmd_predict(args, device, dtype):
-    sentences, labels = read_sentences(args.sentence, args.input)
-    model, block_size = load_predictor(args.model_path, args.gpt_variant)
+    sentences, labels = read_sentences(args.sentence, args.input, DataSpec.from_args(args))
+    model = load_predictor(args.model_path, args.gpt_variant)
+    block_size = model.config.block_size if isinstance(model, GPTClassifier) else None
     if block_size:
         cast_frozen_linears(model, dtype)
     # An empty line becomes <|endoftext|> alone; GPT-2 keeps the last block_size tokens, whose final one it reads.
     tokens = [(t or [EOT])[-block_size:] if block_size else (t or [EOT]) for t in encode(get_tokenizer(), sentences)]
     logits = predict_logits(model.to(device), tokens, batch_size=args.batch_size, device=device, dtype=dtype)
-    print_predictions(sentences, torch.softmax(logits, -1)[:, 1].tolist(), labels, args.format)
+    print_predictions(sentences, torch.softmax(logits, -1), model.labels, labels, args.format)
 
 
 def cmd_export(args, device, dtype):
@@ -212,6 +214,15 @@ def build_parser():
                        "this many padded tokens and accumulate gradients: bounds memory, same result (default: 512 "
                        "on CPU, as fast as larger pieces there; 16384 on CUDA)")
 
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--dataset", default="cola", help="cola (raw TSVs in --data_dir), a Hugging Face dataset id, "
+                      "or a folder: train/validation[/test] csv, tsv, json, jsonl, parquet, or save_to_disk's")
+    for flag, about in (("dataset_config", "the hub dataset's configuration, e.g. sst2"), ("train_split", "default: "
+                        "train"), ("text_column", "default: sentence, else text"), ("label_column", "default: label, "
+                        "else labels"), ("eval_split", "default: validation, else dev"), ("test_split", "the second "
+                        "evaluation, if labelled (default: test)")):
+        data.add_argument(f"--{flag}", help=about)
+
     student = argparse.ArgumentParser(add_help=False)
     student.add_argument("--rnn_hidden", "--hidden_dim", type=positive_int, default=768,
                          help="student embedding and hidden size (--hidden_dim: the assignment's name)")
@@ -237,7 +248,8 @@ def build_parser():
     g.add_argument("--no_stream", action="store_true", help="print each sample when it is complete")
     g.set_defaults(func=cmd_gen, check=check_gen)
 
-    lora = sub.add_parser("LoRA", parents=[common, gpt, train], help="LoRA fine-tuning of GPT-2 on CoLA")
+    lora = sub.add_parser("LoRA", parents=[common, gpt, train, data],
+                          help="LoRA fine-tuning of GPT-2 on CoLA or another dataset")
     lora.add_argument("--LoRA_rank", "--lora_rank", type=positive_int, default=4, help="rank r of the update B A")
     lora.add_argument("--lora_alpha", type=positive_float, help="scale numerator (default: the rank, i.e. scale 1)")
     lora.add_argument("--lora_dropout", type=number_in(float, 0, 1, high_open=True), default=0.0,
@@ -248,11 +260,11 @@ def build_parser():
     lora.add_argument("--model_path", help="adapter folder to write (default models/LoRA-<variant>)")
     lora.set_defaults(func=cmd_lora, check=check_lora)
 
-    rnn = sub.add_parser("rnn", parents=[common, train, student], help="train the DistilRNN student on labels")
+    rnn = sub.add_parser("rnn", parents=[common, train, data, student], help="train the DistilRNN student on labels")
     rnn.add_argument("--model_path", default="models/rnn", help="student checkpoint folder to write")
-    rnn.set_defaults(func=cmd_rnn, check=check_rnn)
+    rnn.set_defaults(func=cmd_rnn, check=lambda parser, args: check_training(parser, args, "model_path"))
 
-    distil = sub.add_parser("distil", parents=[common, train, student],
+    distil = sub.add_parser("distil", parents=[common, train, data, student],
                             help="distil the LoRA-tuned GPT-2 into the DistilRNN student")
     distil.add_argument("--gpt_variant", help="the teacher's base (default: the one the adapter names)")
     distil.add_argument("--model_path", help="the teacher's adapter folder (default models/LoRA-<variant>)")
@@ -261,22 +273,23 @@ def build_parser():
     distil.add_argument("--alpha", type=fraction, default=0.5, help="weight of the soft (KL) part; 1-alpha on labels")
     distil.set_defaults(func=cmd_distil, check=check_distil)
 
-    predict = sub.add_parser("predict", parents=[common], help="classify sentences with a trained model")
+    predict = sub.add_parser("predict", parents=[common, data], help="classify sentences with a trained model")
     predict.add_argument("--model_path", required=True, help="a LoRA adapter folder or a student checkpoint")
     predict.add_argument("--gpt_variant", help="GPT-2 base for an adapter (default: the one it names)")
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--sentence", action="append", help="a sentence to classify (repeatable)")
-    source.add_argument("--input", help="one sentence per line, or a CoLA-format TSV (then accuracy and MCC too)")
+    source.add_argument("--input", help="one sentence per line, a CoLA-format TSV, or a csv / tsv / json / jsonl "
+                        "/ parquet file read with --text_column, --label_column (with labels, the scores too)")
     predict.add_argument("--format", default="table", choices=["table", "jsonl", "tsv"], help="output format")
     predict.add_argument("--batch_size", type=positive_int, default=128, help="sentences per forward pass")
-    predict.set_defaults(func=cmd_predict, check=check_predict)
+    predict.set_defaults(func=cmd_predict, check=check_model_use)
 
     export = sub.add_parser("export", parents=[common],
                             help="write a LoRA-tuned classifier as a plain Hugging Face checkpoint, LoRA merged")
     export.add_argument("--model_path", required=True, help="the adapter folder")
     export.add_argument("--gpt_variant", help="GPT-2 base (default: the one the adapter names)")
     export.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
-    export.set_defaults(func=cmd_export, check=check_export)
+    export.set_defaults(func=cmd_export, check=check_model_use)
 
     sweep = sub.add_parser("tune", help="sweep seeds x a grid of flags of LoRA, rnn or distil", description=(
         "Example: python run.py tune distil --seeds 1 2 3 --grid temperature=1,2,4 alpha=0.3,0.5,0.9 --epochs 3. "
@@ -308,26 +321,19 @@ def check_lora(parser, args):
     check_training(parser, args, "model_path")
 
 
-def check_rnn(parser, args):
-    check_training(parser, args, "model_path")
-
-
 def check_distil(parser, args):
     args.model_path = args.model_path or f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}"
     check_variant(parser, args.gpt_variant)
     check_training(parser, args, "student_path")
 
 
-def check_predict(parser, args):
+def check_model_use(parser, args):
+    """predict and export read a trained model's folder; predict may read an --input file, export writes --out."""
     check_variant(parser, args.gpt_variant)
-    check_exists(parser, "input", args.input)
+    check_exists(parser, "input", getattr(args, "input", None))
     check_exists(parser, "model_path", args.model_path, folder=True)
-
-
-def check_export(parser, args):
-    check_variant(parser, args.gpt_variant)
-    check_exists(parser, "model_path", args.model_path, folder=True)
-    check_output_folder(parser, "out", args.out)
+    if args.mode == "export":
+        check_output_folder(parser, "out", args.out)
 
 
 def check_variant(parser, variant):

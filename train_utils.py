@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import count_parameters
-from utils import (EOT, LABELS, Terminated, UserError, all_reduce_sum, atomic_path, broadcast_from_main,
-                   data_fingerprint, encode, everyone, flags, interrupt_exit_code, is_main, load_cola, main_first,
+from utils import (EOT, LABELS, DataSpec, Terminated, UserError, all_reduce_sum, atomic_path, broadcast_from_main,
+                   data_fingerprint, encode, everyone, flags, interrupt_exit_code, is_main, load_text_data, main_first,
                    on_main, rank, read_jsonl, read_tensors, result_flags, world_size, write_jsonl_record)
 
 TUNING_DIR, PLOTS_DIR = "tuning", "plots"  # run logs and plots, relative to where a run is started
@@ -30,7 +30,7 @@ TUNING_DIR, PLOTS_DIR = "tuning", "plots"  # run logs and plots, relative to whe
 
 @dataclass
 class Split:
-    """Tokenized sentences of one CoLA split, with labels and (for distillation) the teacher's logits."""
+    """Tokenized sentences of one split, with label ids and (for distillation) the teacher's logits."""
     tokens: list
     labels: torch.Tensor
     teacher: torch.Tensor = None
@@ -39,13 +39,36 @@ class Split:
         return len(self.tokens)
 
 
-def load_splits(data_dir, tokenizer, *, block_size=None, max_examples=None, seed=0):
-    """Tokenized CoLA splits {'train', 'dev', 'ood'}; `max_examples` takes a seeded random subset of the training
-    set."""
-    splits = {}
+class Splits(dict):
+    """{'train', 'dev'[, 'ood']}: Split, with the dataset they come from (`spec`), its label names, what reports call
+    each evaluation split, and notes for the summary."""
+
+    def __init__(self, spec, data):
+        super().__init__()
+        self.spec, self.labels, self.titles, self.notes = spec, tuple(data.labels), data.titles, data.notes
+
+    def identity(self):
+        """What a model trained on these splits records of them, for `distil` to check its teacher by."""
+        return {"dataset": self.spec.slug, "dataset_name": self.spec.name, "labels": list(self.labels)}
+
+    @property
+    def evaluated(self):
+        """The evaluation splits: 'dev', and 'ood' when the dataset has a second labelled one."""
+        return [name for name in ("dev", "ood") if name in self]
+
+
+def run_stem(mode, spec):
+    """The name of a run's log and plots: the mode alone for CoLA, the mode and the dataset otherwise."""
+    return mode if spec.is_cola else f"{mode}-{spec.slug}"
+
+
+def load_splits(spec, tokenizer, *, block_size=None, max_examples=None, seed=0):
+    """Tokenized splits {'train', 'dev'[, 'ood']} of the dataset `spec` names; `max_examples` takes a seeded random
+    subset of the training set."""
     with main_first():  # one download, not one per rank
-        cola = load_cola(data_dir)
-    for name, (sentences, labels) in cola.items():
+        data = load_text_data(spec)
+    splits = Splits(spec, data)
+    for name, (sentences, labels) in data.splits.items():
         tokens = encode(tokenizer, sentences)
         if block_size:  # never for CoLA (at most 45 tokens); past the context keep the end, whose last token is read
             tokens = [t[-block_size:] for t in tokens]
@@ -143,19 +166,42 @@ class KDLoss:
         return kd_loss(logits, teacher, labels, self.temperature, self.alpha)
 
 
+def class_counts(values, n_classes, weights=None):
+    """How often each class occurs in each row, (..., N) -> (..., n_classes), each occurrence counted `weights`."""
+    weights = torch.ones_like(values, dtype=torch.double) if weights is None else weights.double()
+    return torch.zeros(*values.shape[:-1], n_classes, dtype=torch.double).scatter_add_(-1, values, weights)
+
+
 def mcc_rows(preds, labels):
-    """MCC of each row of binary predictions against the same row of labels (..., N) -> (...); 0 where a row or
-    column of the confusion matrix is empty (e.g. one class only)."""
-    p, y = preds.bool(), labels.bool()
-    tp, tn = (p & y).sum(-1).double(), (~p & ~y).sum(-1).double()
-    fp, fn = (p & ~y).sum(-1).double(), (~p & y).sum(-1).double()
-    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).sqrt()
-    return torch.where(denom > 0, (tp * tn - fp * fn) / denom.clamp_min(1e-12), torch.zeros_like(denom))
+    """MCC of each row of predictions against the same row of labels (..., N) -> (...), in its multi-class form
+    (Gorodkin's, as scikit-learn computes it; the familiar formula for two classes): (c s - t.p) over
+    sqrt((s^2 - p.p)(s^2 - t.t)), t and p the true and predicted class counts, c the correct ones, s the total.
+    0 where that is undefined (e.g. one class only)."""
+    preds, labels = preds.long(), labels.long()
+    n_classes = int(max(preds.max(), labels.max())) + 1
+    t, p = class_counts(labels, n_classes), class_counts(preds, n_classes)
+    c, s = (preds == labels).sum(-1).double(), labels.size(-1)
+    denom = ((s * s - (p * p).sum(-1)) * (s * s - (t * t).sum(-1))).sqrt()
+    return torch.where(denom > 0, (c * s - (t * p).sum(-1)) / denom.clamp_min(1e-12), torch.zeros_like(denom))
+
+
+def macro_f1_rows(preds, labels):
+    """Macro-F1 of each row (..., N) -> (...): the mean F1 = 2 TP / (true + predicted) over the classes present in
+    the labels or the predictions, as scikit-learn averages it."""
+    preds, labels = preds.long(), labels.long()
+    n_classes = int(max(preds.max(), labels.max())) + 1
+    t, p = class_counts(labels, n_classes), class_counts(preds, n_classes)
+    tp = class_counts(labels, n_classes, weights=preds == labels)
+    present = (t + p) > 0
+    return (2 * tp / (t + p).clamp_min(1)).sum(-1) / present.sum(-1)
 
 
 def matthews_corrcoef(preds, labels):
-    """MCC of binary predictions."""
     return float(mcc_rows(torch.as_tensor(preds), torch.as_tensor(labels)))
+
+
+def macro_f1(preds, labels):
+    return float(macro_f1_rows(torch.as_tensor(preds), torch.as_tensor(labels)))
 
 
 def wilson_interval(correct, n, level=0.95):
@@ -169,14 +215,18 @@ def wilson_interval(correct, n, level=0.95):
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def bootstrap_mcc(preds, labels, resamples=1000, seed=0, level=0.95):
-    """Percentile bootstrap interval of the MCC: resample sentences with replacement (seeded)."""
+def bootstrap(metric_rows, preds, labels, resamples=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval of a metric: resample sentences with replacement (seeded)."""
     preds, labels = torch.as_tensor(preds), torch.as_tensor(labels)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(labels), (resamples, len(labels)), generator=g)
-    mcc = mcc_rows(preds[idx], labels[idx])
-    low, high = torch.quantile(mcc, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double)).tolist()
+    values = metric_rows(preds[idx], labels[idx])
+    low, high = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double)).tolist()
     return low, high
+
+
+def bootstrap_mcc(preds, labels, resamples=1000, seed=0, level=0.95):
+    return bootstrap(mcc_rows, preds, labels, resamples, seed, level)
 
 
 def mcnemar_exact(correct_a, correct_b):
@@ -188,23 +238,36 @@ def mcnemar_exact(correct_a, correct_b):
     return only_a, only_b, p
 
 
-def scores(preds, labels):
-    """Accuracy with its Wilson interval and MCC with its bootstrap interval, for a prediction vector."""
+def scores(preds, labels, n_classes=2):
+    """Accuracy with its Wilson interval and MCC with its bootstrap interval, for a prediction vector; with more
+    than two classes, macro-F1 and its bootstrap interval too (for two, MCC already weighs both classes)."""
     preds, labels = torch.as_tensor(preds), torch.as_tensor(labels)
     correct = int((preds == labels).sum())
-    return {"acc": correct / len(labels), "acc_ci": wilson_interval(correct, len(labels)),
-            "mcc": matthews_corrcoef(preds, labels), "mcc_ci": bootstrap_mcc(preds, labels)}
+    out = {"acc": correct / len(labels), "acc_ci": wilson_interval(correct, len(labels)),
+           "mcc": matthews_corrcoef(preds, labels), "mcc_ci": bootstrap_mcc(preds, labels)}
+    if n_classes > 2:
+        out |= {"f1": macro_f1(preds, labels), "f1_ci": bootstrap(macro_f1_rows, preds, labels)}
+    return out
+
+
+def score_headers(title, n_classes):
+    return [f"{title} acc", "MCC"] + (["macro-F1"] if n_classes > 2 else [])
 
 
 def score_cells(s):
-    """Table cells: 'acc% [low, high]' and 'MCC [low, high]'."""
+    """Table cells: 'acc% [low, high]', 'MCC [low, high]' and, when scored, 'macro-F1 [low, high]'."""
     (al, ah), (ml, mh) = s["acc_ci"], s["mcc_ci"]
-    return [f"{s['acc']:.2%} [{al:.1%}, {ah:.1%}]", f"{s['mcc']:+.3f} [{ml:+.2f}, {mh:+.2f}]"]
+    cells = [f"{s['acc']:.2%} [{al:.1%}, {ah:.1%}]", f"{s['mcc']:+.3f} [{ml:+.2f}, {mh:+.2f}]"]
+    if "f1" in s:
+        cells.append(f"{s['f1']:.3f} [{s['f1_ci'][0]:.2f}, {s['f1_ci'][1]:.2f}]")
+    return cells
 
 
 def majority_label(train_labels):
-    """The training set's most common label: always answering it is the baseline (MCC 0)."""
-    return int(torch.as_tensor(train_labels).float().mean() >= 0.5)
+    """The training set's most common label: always answering it is the baseline (MCC 0). A tie goes to the
+    higher label, as it always did for CoLA's two."""
+    counts = torch.bincount(torch.as_tensor(train_labels).long())
+    return int(torch.nonzero(counts == counts.max()).max())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -478,36 +541,41 @@ def resume_state_path(out_path):
 def majority_accuracy(splits):
     """Dev accuracy of always answering the training set's most common label."""
     majority = majority_label(splits["train"].labels)
-    return scores([majority] * len(splits["dev"]), splits["dev"].labels)["acc"]
+    return scores([majority] * len(splits["dev"]), splits["dev"].labels, len(splits.labels))["acc"]
 
 
 def final_scores(final, splits):
-    """Scores of the best epoch's predictions and of the majority baseline on dev and out-of-domain dev."""
-    majority = majority_label(splits["train"].labels)
+    """Scores of the best epoch's predictions and of the majority baseline on each evaluation split."""
+    majority, n = majority_label(splits["train"].labels), len(splits.labels)
     return {"majority": majority,
-            "model": {name: scores(final[name]["preds"], splits[name].labels) for name in ("dev", "ood")},
-            "baseline": {name: scores([majority] * len(splits[name]), splits[name].labels) for name in ("dev", "ood")}}
+            "model": {name: scores(final[name]["preds"], splits[name].labels, n) for name in splits.evaluated},
+            "baseline": {name: scores([majority] * len(splits[name]), splits[name].labels, n)
+                         for name in splits.evaluated}}
 
 
-def print_run_summary(mode, best_epoch, epochs, s):
-    print(f"\n{mode}: best epoch {best_epoch} of {epochs} (95% intervals: Wilson for accuracy, bootstrap for MCC)")
-    print(format_table(["", "in-domain dev acc", "MCC", "out-of-domain acc", "MCC"],
-                       [[mode, *score_cells(s["model"]["dev"]), *score_cells(s["model"]["ood"])],
-                        ["majority baseline", *score_cells(s["baseline"]["dev"]), *score_cells(s["baseline"]["ood"])]]))
+def print_run_summary(mode, best_epoch, epochs, s, splits):
+    on = "" if splits.spec.is_cola else f" on {splits.spec.name}"
+    print(f"\n{mode}{on}: best epoch {best_epoch} of {epochs} (95% intervals: Wilson for accuracy, bootstrap for "
+          f"{'MCC and macro-F1' if len(splits.labels) > 2 else 'MCC'})")
+    headers = [h for name in splits.evaluated for h in score_headers(splits.titles[name], len(splits.labels))]
+    cells = {who: [c for name in splits.evaluated for c in score_cells(s[who][name])] for who in ("model", "baseline")}
+    print(format_table(["", *headers], [[mode, *cells["model"]], ["majority baseline", *cells["baseline"]]]))
+    for note in splits.notes:
+        print(f"note: {note}")
 
 
 def run_record(mode, args, device, dtype, splits, model, run, final, s, seconds, plots):
-    """The run's line in tuning/<mode>.jsonl: every flag, per-epoch metrics, the best epoch, predictions, timing."""
+    """The run's line in its log: every flag, per-epoch metrics, the best epoch, predictions, timing."""
     history, best_epoch = run["history"], run["best_epoch"]
     total, trainable = count_parameters(model)
+    names = splits.evaluated
     return {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": flags(args),
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
             "parameters": total, "trainable_parameters": trainable, "history": history, "best_epoch": best_epoch,
-            "majority_label": s["majority"], "baseline_dev_acc": s["baseline"]["dev"]["acc"],
-            "baseline_ood_acc": s["baseline"]["ood"]["acc"],
-            **{f"{name}_{k}": v for name in ("dev", "ood") for k, v in s["model"][name].items()},
+            "majority_label": s["majority"], **{f"baseline_{name}_acc": s["baseline"][name]["acc"] for name in names},
+            **{f"{name}_{k}": v for name in names for k, v in s["model"][name].items()},
             "dev_sentences_per_s": final["dev"]["sentences_per_s"],
-            "dev_preds": final["dev"]["preds"], "ood_preds": final["ood"]["preds"],
+            **{f"{name}_preds": final[name]["preds"] for name in names},
             "wall_seconds": seconds, "plots": plots}
 
 
@@ -520,18 +588,19 @@ def progress_record(mode, args, device, dtype, data, run):
 
 
 def draw_history(run, mode, splits, baseline_acc):
-    """plots/<mode>_loss.png and _acc.png for the epochs so far, the best one with its 95% Wilson interval."""
+    """plots/<mode>_loss.png and _acc.png (<mode>-<dataset>_... past CoLA) for the epochs so far, the best one with
+    its 95% Wilson interval."""
     n = len(splits["dev"])
     best_ci = wilson_interval(round(run["best_acc"] * n), n)
-    return plot_history(run["history"], mode, baseline_acc, best_ci, PLOTS_DIR)
+    return plot_history(run["history"], mode, splits, baseline_acc, best_ci, PLOTS_DIR)
 
 
 def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path, save, extra=None):
-    """Train with the shared loop, evaluate the best epoch on dev and out-of-domain dev and print the summary.
-    Rank 0 alone writes: after every epoch the plots and the run's (unfinished) line in tuning/<mode>.jsonl, at
-    the end the finished line and the model (`save()` to `out_path`), then it removes the --resume state.
-    Returns the run's record (None on other ranks)."""
-    start, log = time.time(), f"{TUNING_DIR}/{mode}.jsonl"
+    """Train with the shared loop, evaluate the best epoch on each evaluation split and print the summary. Rank 0
+    alone writes: after every epoch the plots and the run's (unfinished) line in its log (tuning/<mode>.jsonl for
+    CoLA, tuning/<mode>-<dataset>.jsonl otherwise), at the end the finished line and the model (`save()` to
+    `out_path`), then it removes the --resume state. Returns the run's record (None on other ranks)."""
+    start, log = time.time(), f"{TUNING_DIR}/{run_stem(mode, splits.spec)}.jsonl"
     state_path = resume_state_path(out_path)
     data, baseline_acc = data_fingerprint(splits), majority_accuracy(splits)
     board = TensorBoardLog.open(args, mode) if is_main() else None
@@ -551,10 +620,11 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     finally:
         if board:
             board.close()
-    final = {"dev": run["best_dev"],  # the best epoch's weights are restored: their dev evaluation is already done
-             "ood": evaluate(model, splits["ood"], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)}
+    final = {"dev": run["best_dev"]}  # the best epoch's weights are restored: their dev evaluation is already done
+    if "ood" in splits:
+        final["ood"] = evaluate(model, splits["ood"], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)
     s = final_scores(final, splits)
-    print_run_summary(mode, run["best_epoch"], args.epochs, s)
+    print_run_summary(mode, run["best_epoch"], args.epochs, s, splits)
 
     def write_results():
         plots = draw_history(run, mode, splits, baseline_acc)
@@ -609,52 +679,82 @@ class TensorBoardLog:
         self.writer.close()
 
 
+def check_teacher_data(folder, info, splits):
+    """A distil teacher must have learnt the dataset and label set its student learns (an adapter from before
+    datasets other than CoLA, or from PEFT, is CoLA's). Nothing to check without data (--epochs 0)."""
+    if splits is None:
+        return
+    theirs = (info.get("dataset", "cola"), info.get("dataset_name", "CoLA"), tuple(info.get("labels", LABELS)))
+    ours = (splits.spec.slug, splits.spec.name, tuple(splits.labels))
+    if (theirs[0], theirs[2]) != (ours[0], ours[2]):
+        raise UserError(f"{folder}: the teacher was trained on {theirs[1]} with labels {list(theirs[2])}, not on "
+                        f"{ours[1]} with labels {list(ours[2])}; train a teacher on it with `python run.py LoRA`")
+
+
 # ----------------------------------------------------------------------------- reporting
+
+def report_entry(name, params, speed, preds):
+    return {"name": name, "params": params, "speed": speed, **preds}
+
 
 def print_distil_report(logits, splits, kd_run):
     """Teacher vs student with KD vs student without KD (latest matching `rnn` run) vs majority baseline, every
     number computed from saved predictions, with intervals; McNemar's test pairs the two students (or, without a
-    no-KD run, the KD student and the baseline). Also draws plots/summary.png."""
-    labels = {name: splits[name].labels for name in ("dev", "ood")}
+    no-KD run, the KD student and the baseline). Also draws plots/summary.png (summary-<dataset>.png)."""
+    names, n = splits.evaluated, len(splits.labels)
+    labels = {name: splits[name].labels for name in names}
+    short = {"dev": "dev", "ood": "ood"} if splits.spec.is_cola else splits.titles
     majority = majority_label(splits["train"].labels)
-    entries = [
-        {"name": "teacher (GPT-2 + LoRA)", "params": int(logits["parameters"]),
-         "dev": logits["dev"].argmax(-1).tolist(), "ood": logits["ood"].argmax(-1).tolist(),
-         "speed": len(splits["dev"]) / float(logits["dev_seconds"])},
-        {"name": "student with KD", "params": kd_run["parameters"], "dev": kd_run["dev_preds"],
-         "ood": kd_run["ood_preds"], "speed": kd_run["dev_sentences_per_s"]}]
+    entries = [report_entry("teacher (GPT-2 + LoRA)", int(logits["parameters"]),
+                            len(splits["dev"]) / float(logits["dev_seconds"]),
+                            {k: logits[k].argmax(-1).tolist() for k in names}),
+               report_entry("student with KD", kd_run["parameters"], kd_run["dev_sentences_per_s"],
+                            {k: kd_run[f"{k}_preds"] for k in names})]
     nokd = latest_matching_rnn_run(kd_run)
     if nokd:
-        entries.append({"name": "student without KD", "params": nokd["parameters"], "dev": nokd["dev_preds"],
-                        "ood": nokd["ood_preds"], "speed": nokd["dev_sentences_per_s"]})
-    entries.append({"name": "majority baseline", "params": 0, "dev": [majority] * len(labels["dev"]),
-                    "ood": [majority] * len(labels["ood"]), "speed": 0})
+        entries.append(report_entry("student without KD", nokd["parameters"], nokd["dev_sentences_per_s"],
+                                    {k: nokd[f"{k}_preds"] for k in names}))
+    entries.append(report_entry("majority baseline", 0, 0, {k: [majority] * len(labels[k]) for k in names}))
     rows = []
     for e in entries:
-        e["scores"] = scores(e["dev"], labels["dev"])
-        ood = scores(e["ood"], labels["ood"])
+        e["scores"] = scores(e["dev"], labels["dev"], n)
+        ood = [score_cells(scores(e["ood"], labels["ood"], n))[0]] if "ood" in names else []
         rows.append([e["name"], f"{e['params'] / 1e6:.2f}M" if e["params"] else "-", *score_cells(e["scores"]),
-                     score_cells(ood)[0], f"{e['speed']:,.0f}" if e["speed"] else "-"])
-    print("\nDistillation report (95% intervals: Wilson for accuracy, bootstrap for MCC)")
-    print(format_table(["model", "params", "dev acc", "dev MCC", "ood acc", "sentences/s"], rows))
+                     *ood, f"{e['speed']:,.0f}" if e["speed"] else "-"])
+    on = "" if splits.spec.is_cola else f" on {splits.spec.name}"
+    print(f"\nDistillation report{on} (95% intervals: Wilson for accuracy, bootstrap for MCC)")
+    headers = [f"{short['dev']} {h}" if h == "MCC" else h for h in score_headers(short["dev"], n)]
+    print(format_table(["model", "params", *headers, *([f"{short['ood']} acc"] if "ood" in names else []),
+                        "sentences/s"], rows))
+    print_mcnemar(entries, labels["dev"], short["dev"], None if nokd else rnn_log(kd_run))
+    for note in splits.notes:
+        print(f"note: {note}")
+    print(f"comparison chart: {plot_summary(entries, splits, PLOTS_DIR)}")
+
+
+def print_mcnemar(entries, labels, title, missing_log):
+    """McNemar's exact test of the student with KD against the third entry (without KD, or the baseline)."""
     other = entries[2]
-    correct = {e["name"]: torch.tensor(e["dev"]) == labels["dev"] for e in (entries[1], other)}
+    correct = {e["name"]: torch.tensor(e["dev"]) == labels for e in (entries[1], other)}
     only_kd, only_other, p = mcnemar_exact(correct["student with KD"], correct[other["name"]])
-    print(f"McNemar's exact test, student with KD vs {other['name']} on the {len(labels['dev'])} dev sentences: "
+    print(f"McNemar's exact test, student with KD vs {other['name']} on the {len(labels)} {title} sentences: "
           f"{only_kd} right only with KD, {only_other} right only without; p = {p:.3g}")
-    if not nokd:
-        print("(no `run.py rnn` run on the same data and student shape in tuning/rnn.jsonl: "
+    if missing_log:
+        print(f"(no `run.py rnn` run on the same data and student shape in {missing_log}: "
               "run it for the without-KD row)")
-    print(f"comparison chart: {plot_summary(entries, PLOTS_DIR)}")
+
+
+def rnn_log(run):
+    """The log of `run.py rnn` runs on the dataset of `run`."""
+    return f"{TUNING_DIR}/{run_stem('rnn', DataSpec.from_args(run['args']))}.jsonl"
 
 
 def latest_matching_rnn_run(run):
     """The latest `run.py rnn` run on the same data, student shape and seed as `run` (a distil run), if any."""
     same = ("rnn_hidden", "rnn_layers", "rnn_cell", "max_examples", "seed")
-    matches = [r for r in read_jsonl(f"{TUNING_DIR}/rnn.jsonl") if r.get("finished", True)
-               and r["data"] == run["data"] and all(r["args"].get(k) == run["args"].get(k) for k in same)]
+    matches = [r for r in read_jsonl(rnn_log(run)) if r.get("finished", True) and r["data"] == run["data"]
+               and all(r["args"].get(k) == run["args"].get(k) for k in same)]
     return matches[-1] if matches else None
-
 
 
 def print_parameter_table(model):
@@ -665,26 +765,50 @@ def print_parameter_table(model):
     print(f"Reduction: {100 * (1 - trainable / total):.2f}%")
 
 
-def print_predictions(sentences, p_acceptable, labels, fmt):
-    """One line per sentence (its label and the probability it is acceptable) as a table, jsonl or tsv; with
-    labels, then the accuracy and MCC with their intervals beside the majority class (on stderr unless a table)."""
-    rows = [{"sentence": s, "label": LABELS[p >= 0.5], "p_acceptable": round(p, 6)}
-            for s, p in zip(sentences, p_acceptable)]
+def prediction_rows(sentences, probs, names):
+    """One row per sentence and the predicted ids: CoLA's label and p_acceptable, or for other label sets the
+    predicted label and its probability `p`."""
+    if tuple(names) == LABELS:
+        p_acceptable = probs[:, 1].tolist()
+        preds = [int(p >= 0.5) for p in p_acceptable]
+        return [{"sentence": s, "label": LABELS[y], "p_acceptable": round(p, 6)}
+                for s, y, p in zip(sentences, preds, p_acceptable)], preds
+    p, preds = probs.max(-1)
+    return [{"sentence": s, "label": names[y], "p": round(q, 6)}
+            for s, y, q in zip(sentences, preds.tolist(), p.tolist())], preds.tolist()
+
+
+def print_predictions(sentences, probs, names, labels, fmt):
+    """One line per sentence (its label and probability) as a table, jsonl or tsv; with labels (names, None where a
+    row has none), then the scores with their intervals beside the majority class (on stderr unless a table)."""
+    rows, preds = prediction_rows(sentences, probs, names)
+    p_key = next(k for k in rows[0] if k.startswith("p")) if rows else "p"
     if fmt == "jsonl":
         print("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     elif fmt == "tsv":
-        print("\n".join(f"{r['label']}\t{r['p_acceptable']:.4f}\t{r['sentence']}" for r in rows))
+        print("\n".join(f"{r['label']}\t{r[p_key]:.4f}\t{r['sentence']}" for r in rows))
     else:
-        print(format_table(["label", "p_acceptable", "sentence"],
-                           [[r["label"], f"{r['p_acceptable']:.4f}", r["sentence"]] for r in rows]))
+        print(format_table(["label", p_key, "sentence"],
+                           [[r["label"], f"{r[p_key]:.4f}", r["sentence"]] for r in rows]))
     if labels is not None:
-        s = scores([int(p >= 0.5) for p in p_acceptable], labels)
-        majority = scores([majority_label(labels)] * len(labels), labels)["acc"]
-        (acc_low, acc_high), (mcc_low, mcc_high) = s["acc_ci"], s["mcc_ci"]
-        print(f"accuracy {s['acc']:.2%}  MCC {s['mcc']:+.3f}  on {len(labels)} labelled sentences; 95% intervals: "
-              f"accuracy {acc_low:.1%}-{acc_high:.1%}, MCC {mcc_low:+.2f} to {mcc_high:+.2f}; "
-              f"this file's majority class scores {majority:.2%} (MCC 0)",
-              file=sys.stdout if fmt == "table" else sys.stderr)
+        print_prediction_scores(preds, labels, names, file=sys.stdout if fmt == "table" else sys.stderr)
+
+
+def print_prediction_scores(preds, labels, names, file):
+    """Accuracy and MCC (and macro-F1 past two classes) of the rows that have a label the model knows."""
+    unknown = sorted({y for y in labels if y is not None and y not in names})
+    if unknown:
+        raise UserError(f"the input's label {unknown[0]!r} is not one the model was trained on ({', '.join(names)})")
+    rows = [i for i, y in enumerate(labels) if y is not None]
+    ids = [names.index(labels[i]) for i in rows]
+    s = scores([preds[i] for i in rows], ids, len(names))
+    majority = scores([majority_label(ids)] * len(ids), ids)["acc"]
+    (acc_low, acc_high), (mcc_low, mcc_high) = s["acc_ci"], s["mcc_ci"]
+    f1 = f"  macro-F1 {s['f1']:.3f} [{s['f1_ci'][0]:.2f}, {s['f1_ci'][1]:.2f}]" if "f1" in s else ""
+    skipped = f" ({len(labels) - len(rows)} unlabelled rows not scored)" if len(rows) < len(labels) else ""
+    print(f"accuracy {s['acc']:.2%}  MCC {s['mcc']:+.3f}{f1}  on {len(ids)} labelled sentences{skipped}; 95% "
+          f"intervals: accuracy {acc_low:.1%}-{acc_high:.1%}, MCC {mcc_low:+.2f} to {mcc_high:+.2f}; "
+          f"this file's majority class scores {majority:.2%} (MCC 0)", file=file)
 
 
 def format_table(headers, rows):
@@ -701,9 +825,9 @@ def save_figure(fig, path):
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def plot_history(history, mode, baseline_acc, best_acc_ci=None, plots_dir="plots"):
-    """plots/<mode>_loss.png and plots/<mode>_acc.png: train vs validation per epoch, majority baseline drawn,
-    and the best epoch's 95% interval as an error bar."""
+def plot_history(history, mode, splits, baseline_acc, best_acc_ci=None, plots_dir="plots"):
+    """plots/<mode>_loss.png and plots/<mode>_acc.png (<mode>-<dataset>_... past CoLA): train vs validation per
+    epoch, majority baseline drawn, and the best epoch's 95% interval as an error bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -712,7 +836,7 @@ def plot_history(history, mode, baseline_acc, best_acc_ci=None, plots_dir="plots
     for metric, label in (("loss", "loss"), ("acc", "accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
-        ax.plot(epochs, [h[f"dev_{metric}"] for h in history], "s-", label="validation (in-domain dev)")
+        ax.plot(epochs, [h[f"dev_{metric}"] for h in history], "s-", label=f"validation ({splits.titles['dev']})")
         if metric == "acc":
             ax.axhline(baseline_acc, color="gray", linestyle="--", label=f"majority baseline ({baseline_acc:.2%})")
             best = max(history, key=lambda h: h["dev_acc"])
@@ -723,18 +847,19 @@ def plot_history(history, mode, baseline_acc, best_acc_ci=None, plots_dir="plots
                             capsize=4, label="best epoch, 95% Wilson interval")
             ax.annotate(f"MCC {best['dev_mcc']:+.3f}", (best["epoch"], best["dev_acc"]),
                         textcoords="offset points", xytext=(8, 8), ha="left")
-        ax.set(title=f"{mode}: {label} per epoch", xlabel="epoch", ylabel=label)
+        ax.set(title=f"{mode} on {splits.spec.name}: {label} per epoch", xlabel="epoch", ylabel=label)
         ax.set_xticks(epochs)
         ax.legend()
-        path = f"{plots_dir}/{mode}_{metric}.png"
+        path = f"{plots_dir}/{run_stem(mode, splits.spec)}_{metric}.png"
         save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
-def plot_summary(entries, plots_dir="plots"):
-    """plots/summary.png: accuracy and MCC with 95% intervals per model, and parameters and inference speed."""
+def plot_summary(entries, splits, plots_dir="plots"):
+    """plots/summary.png (summary-<dataset>.png past CoLA): accuracy and MCC with 95% intervals per model, and
+    parameters and inference speed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -747,7 +872,8 @@ def plot_summary(entries, plots_dir="plots"):
         high = [e["scores"][f"{metric}_ci"][1] - v for v, e in zip(values, entries)]
         ax.bar(x + offset, values, width=0.4, yerr=[low, high], capsize=4, label=label)
     ax.set_xticks(x, names, fontsize=8)
-    ax.set(title="in-domain dev: accuracy and MCC (95% intervals)", ylim=(min(0, ax.get_ylim()[0]), 1))
+    ax.set(title=f"{splits.spec.name}, {splits.titles['dev']}: accuracy and MCC (95% intervals)",
+           ylim=(min(0, ax.get_ylim()[0]), 1))
     ax.legend()
     measured = [i for i, e in enumerate(entries) if e["params"]]
     size.bar(x[measured], [entries[i]["params"] / 1e6 for i in measured], color="tab:gray", label="parameters (M)")
@@ -757,7 +883,7 @@ def plot_summary(entries, plots_dir="plots"):
     speed.plot(x[measured], [entries[i]["speed"] for i in measured], "o-", color="tab:red")
     speed.set(yscale="log", ylabel="sentences / s (dev set, this machine)")
     speed.yaxis.label.set_color("tab:red")
-    path = f"{plots_dir}/summary.png"
+    path = f"{plots_dir}/{run_stem('summary', splits.spec)}.png"
     save_figure(fig, path)
     plt.close(fig)
     return path

@@ -13,16 +13,11 @@ from pathlib import Path
 
 import torch
 
-from train_utils import PLOTS_DIR, TUNING_DIR, latest_matching_rnn_run, mcnemar_exact, plot_grid
-from utils import Terminated, UserError, load_cola, read_jsonl, result_flags, write_text
+from train_utils import PLOTS_DIR, TUNING_DIR, latest_matching_rnn_run, mcnemar_exact, plot_grid, run_stem
+from utils import DataSpec, Terminated, UserError, load_text_data, read_jsonl, result_flags, safe_name, write_text
 
 TUNABLE = ("LoRA", "rnn", "distil")
 RUN_PY = Path(__file__).resolve().with_name("run.py")
-
-
-def file_safe(text):
-    """`text` with every character other than letters, digits, '.', '_' and '-' made '_'."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
 def tune_plan(parser, args, rest):
@@ -37,14 +32,15 @@ def tune_plan(parser, args, rest):
         if not flag or not values:
             parser.error(f"--grid {item}: expected flag=value[,value...], e.g. temperature=1,2,4")
         grid[flag.lstrip("-")] = values.split(",")
-    name = args.name or "_".join([args.target] + [f"{k}-{'-'.join(v)}" for k, v in grid.items()])
-    name = file_safe(name)
+    spec = DataSpec.from_args(parser.parse_args([args.target, *rest]))
+    name = args.name or "_".join([run_stem(args.target, spec)] + [f"{k}-{'-'.join(v)}" for k, v in grid.items()])
+    name = safe_name(name)
     out_flag = "--student_path" if args.target == "distil" else "--model_path"
     plan = []
     for values in itertools.product(*grid.values()):
         config = dict(zip(grid, values))
         for seed in args.seeds:
-            folder = f"models/tune/{name}/{file_safe(config_label(config))}_seed{seed}"
+            folder = f"models/tune/{name}/{safe_name(config_label(config))}_seed{seed}"
             out = [] if out_flag in rest else [out_flag, folder]
             argv = [args.target, *rest, *out, "--seed", str(seed)]
             argv += [a for k, v in config.items() for a in (f"--{k}", v)]
@@ -66,7 +62,7 @@ def sweep(args, plan_of_sweep, execute):
     """Run a sweep (configurations x seeds), skipping runs already logged, then summarize it. `plan_of_sweep` is
     tune_plan's result; `execute(run_args)` runs one planned run in this process."""
     name, grid, plan = plan_of_sweep
-    log = f"{TUNING_DIR}/{args.target}.jsonl"
+    log = f"{TUNING_DIR}/{run_stem(args.target, DataSpec.from_args(plan[0]['args']))}.jsonl"
     pending = []
     for i, run in enumerate(plan, start=1):
         label = f"{config_label(run['config'])} seed={run['seed']}"
@@ -117,10 +113,8 @@ def config_label(config):
     return ", ".join(f"{k}={v}" for k, v in config.items())
 
 
-def summarize_tune(name, target, grid, plan):
-    """tuning/<name>.md and plots/tune_<name>.png: mean ± std over seeds per configuration, the best one, and
-    McNemar's test of the best against the baseline (the no-KD student for distil, else the majority class)."""
-    records = read_jsonl(f"{TUNING_DIR}/{target}.jsonl")
+def config_stats(name, grid, plan, records, metrics):
+    """Per configuration of the grid: its logged runs and the mean and standard deviation of each metric over them."""
     configs = []
     for config in [dict(zip(grid, v)) for v in itertools.product(*grid.values())]:
         runs = [logged_run(run, records) for run in plan if run["config"] == config]
@@ -128,24 +122,14 @@ def summarize_tune(name, target, grid, plan):
         if not runs:
             raise UserError(f"sweep {name}: no finished run of {config_label(config)}; see the messages above")
         stats = {m: (statistics.mean(r[m] for r in runs),
-                     statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0)
-                 for m in ("dev_acc", "dev_mcc", "ood_acc")}
+                     statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0) for m in metrics}
         configs.append({"config": config, "runs": runs, **stats})
-    best = max(configs, key=lambda c: c["dev_acc"][0])
-    seeds = sorted({run["seed"] for run in plan})
-    labels = torch.tensor(load_cola(plan[0]["args"].data_dir)["dev"][1])
-    lines = [f"# Sweep `{name}` ({target})", "",
-             f"Mean ± standard deviation over seeds {seeds}. Majority baseline: "
-             f"{best['runs'][0]['baseline_dev_acc']:.2%} dev accuracy, MCC 0; one dev-accuracy point is about "
-             f"{len(labels) / 100:.0f} sentences.", "",
-             "| configuration | seeds | dev accuracy | dev MCC | out-of-domain accuracy |", "|---|---|---|---|---|"]
-    for c in configs:
-        (acc, acc_sd), (mcc, mcc_sd), (ood, ood_sd) = c["dev_acc"], c["dev_mcc"], c["ood_acc"]
-        lines.append(f"| {config_label(c['config'])} | {len(c['runs'])} | {acc:.2%} ± {acc_sd:.2%} | "
-                     f"{mcc:+.3f} ± {mcc_sd:.3f} | {ood:.2%} ± {ood_sd:.2%} |")
-    lines += ["", f"Best by mean dev accuracy: **{config_label(best['config'])}**.", "",
-              "McNemar's exact test of the best configuration against the baseline, per seed (sentences right only "
-              "with the best / only with the baseline; a small p says the difference is unlikely to be chance):", ""]
+    return configs
+
+
+def mcnemar_lines(best, target, labels):
+    """McNemar's exact test of the best configuration's runs against the no-KD student or the majority class."""
+    lines = []
     for r in best["runs"]:
         nokd = latest_matching_rnn_run(r) if target == "distil" else None
         baseline = nokd["dev_preds"] if nokd else [r["majority_label"]] * len(r["dev_preds"])
@@ -153,6 +137,36 @@ def summarize_tune(name, target, grid, plan):
                                                 torch.tensor(baseline) == labels)
         lines.append(f"- seed {r['args']['seed']}: vs {'the no-KD student' if nokd else 'the majority class'}: "
                      f"{only_best} / {only_base}, p = {p:.3g}")
+    return lines
+
+
+def summarize_tune(name, target, grid, plan):
+    """tuning/<name>.md and plots/tune_<name>.png: mean ± std over seeds per configuration, the best one, and
+    McNemar's test of the best against the baseline (the no-KD student for distil, else the majority class). The
+    second evaluation's column is there when the dataset has one (CoLA's out-of-domain dev)."""
+    spec = DataSpec.from_args(plan[0]["args"])
+    data = load_text_data(spec)
+    second = "out-of-domain" if spec.is_cola else data.titles["ood"] if "ood" in data.splits else None
+    configs = config_stats(name, grid, plan, read_jsonl(f"{TUNING_DIR}/{run_stem(target, spec)}.jsonl"),
+                           ("dev_acc", "dev_mcc") + (("ood_acc",) if second else ()))
+    best = max(configs, key=lambda c: c["dev_acc"][0])
+    labels = torch.tensor(data.splits["dev"][1])
+    on = "" if spec.is_cola else f" on {spec.name}"
+    lines = [f"# Sweep `{name}` ({target}{on})", "",
+             f"Mean ± standard deviation over seeds {sorted({run['seed'] for run in plan})}. Majority baseline: "
+             f"{best['runs'][0]['baseline_dev_acc']:.2%} dev accuracy, MCC 0; one dev-accuracy point is about "
+             f"{len(labels) / 100:.0f} sentences.", "",
+             "| configuration | seeds | dev accuracy | dev MCC |" + (f" {second} accuracy |" if second else ""),
+             "|---|---|---|---|" + ("---|" if second else "")]
+    for c in configs:
+        (acc, acc_sd), (mcc, mcc_sd) = c["dev_acc"], c["dev_mcc"]
+        ood = f" {c['ood_acc'][0]:.2%} ± {c['ood_acc'][1]:.2%} |" if second else ""
+        lines.append(f"| {config_label(c['config'])} | {len(c['runs'])} | {acc:.2%} ± {acc_sd:.2%} | "
+                     f"{mcc:+.3f} ± {mcc_sd:.3f} |{ood}")
+    lines += ["", f"Best by mean dev accuracy: **{config_label(best['config'])}**.", "",
+              "McNemar's exact test of the best configuration against the baseline, per seed (sentences right only "
+              "with the best / only with the baseline; a small p says the difference is unlikely to be chance):", "",
+              *mcnemar_lines(best, target, labels)]
     text = "\n".join(lines) + "\n"
     write_text(f"{TUNING_DIR}/{name}.md", text)
     plot = plot_grid([config_label(c["config"]) for c in configs], configs, best["runs"][0]["baseline_dev_acc"],

@@ -72,6 +72,20 @@ CASES = [
     ("float16 training", "LoRA --dtype float16", 2, "error: --dtype float16 is for gen and predict; train in bfloat16"),
     ("--resume with nothing to resume", "rnn --resume --max_examples 8", 1,
      "error: --resume: no saved run at models/rnn.resume.pt; start the run without --resume"),
+    ("a dataset that does not exist (or is not cached, offline)", "rnn --dataset no-such-org/no-such-dataset", 1,
+     "error: could not load dataset 'no-such-org/no-such-dataset'"),
+    ("a dataset config that does not exist", "rnn --dataset nyu-mll/glue --dataset_config no_such_config", 1,
+     "error: could not load dataset 'nyu-mll/glue (no_such_config)'"),
+    ("a missing column", "rnn --dataset topics --text_column body", 1,
+     "error: --text_column body: no such column (there are: sentence, label)"),
+    ("a split that does not exist", "rnn --dataset topics --eval_split dev", 1,
+     "error: --eval_split dev: no such split (there are: train, validation)"),
+    ("a label column with one class only", "rnn --dataset one-class", 1,
+     "error: one-class, split 'train': the label column 'label' has one class only ('a')"),
+    ("an empty text cell", "rnn --dataset empty-text", 1,
+     "error: empty-text, split 'train', row 1: the text ('sentence') is empty"),
+    ("a text cell that is not a string", "rnn --dataset number-text", 1,
+     "error: number-text, split 'train', row 0: the text ('sentence') is not a string (int)"),
 ]
 
 
@@ -100,6 +114,14 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
         (d / folder).mkdir()
         for n, data in good.items():
             (d / folder / n).write_bytes(content if n == name else data)
+    tables = {"topics": ("train.csv", "sentence,label\nA goal.,sport\nSoup.,food\n"),
+              "one-class": ("train.csv", "sentence,label\nA goal.,a\nSoup.,a\n"),
+              "empty-text": ("train.csv", "sentence,label\nA goal.,sport\n,food\n"),
+              "number-text": ("train.jsonl", '{"sentence": 5, "label": "a"}\n{"sentence": 6, "label": "b"}\n')}
+    for folder, (name, content) in tables.items():
+        (d / folder).mkdir()
+        (d / folder / name).write_text(content)
+        (d / folder / name.replace("train", "validation")).write_text(content)
     return d
 
 
