@@ -479,15 +479,15 @@ def print_epoch(h, epochs):
 
 
 @contextlib.contextmanager
-def stopping_keeps_state(epoch, saved, state_path):
-    """Turn Ctrl-C, SIGTERM and a diverged loss during `epoch` into one line saying what is kept on disk."""
+def stopping_keeps_state(when, saved, state_path):
+    """Turn Ctrl-C, SIGTERM and a diverged loss (`when`: "during epoch 2") into one line saying what is on disk."""
     kept = f"the state after epoch {saved} is in {state_path}" if saved else "nothing saved"
     try:
         yield
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (utils.Terminated)
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         hint = "; rerun the same command with --resume to continue" if saved else ""
-        raise Interrupted(f"{what} during epoch {epoch}; {kept}{hint}", interrupt_exit_code(e)) from None
+        raise Interrupted(f"{what} {when}; {kept}{hint}", interrupt_exit_code(e)) from None
     except Diverged as e:
         raise Diverged(f"{e} ({kept})") from None
 
@@ -508,7 +508,7 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
         tqdm.write(f"resuming after epoch {run['epoch']} from {state_path}")
     saved = run["epoch"] if state_path else 0  # the last epoch whose state is on disk
     for epoch in range(run["epoch"] + 1, epochs + 1):
-        with stopping_keeps_state(epoch, saved, state_path):
+        with stopping_keeps_state(f"during epoch {epoch}", saved, state_path):
             start = time.perf_counter()
             train = train_epoch(trained, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
                                 device=device, dtype=dtype, clip=clip, micro_batch_tokens=micro_batch_tokens,
@@ -525,6 +525,7 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
                 rng = rng_states()
                 on_main(lambda: save_run_state(state_path, run, model, optimizer, generator, config, rng))
                 saved = epoch
+        with stopping_keeps_state(f"after epoch {epoch}", saved, state_path):
             if on_epoch:
                 on_epoch(run)
     if run["best_state"] is not None:

@@ -132,11 +132,11 @@ def test_sigterm_stops_like_ctrl_c_and_resume_gives_the_same_weights(tiny_gpt_di
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path / "b", text=True,
                             env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    state = tmp_path / "b" / "adapter.resume.pt"
+    state, log = tmp_path / "b" / "adapter.resume.pt", tmp_path / "b" / "tuning" / "LoRA.jsonl"
     deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
+    while not (state.exists() and log.exists()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)  # after epoch 1
+    proc.send_signal(signal.SIGTERM)  # after epoch 1: its state is saved, its plots and log line are written
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143, stderr
     saved_epoch = torch.load(state, weights_only=True)["epoch"]
