@@ -6,6 +6,7 @@ and the peer alternately (A B A B ...) after a warm-up and reports medians and t
     python bench.py              # the full table (about 30 minutes on 2 CPU cores)
     python bench.py --quick      # a reduced run that only checks the benchmark still works
     python bench.py --json out.json
+    python bench.py --device cuda  # a GPU: LoRA training's MFU against this GPU's measured matmul peak
 """
 import argparse
 import json
@@ -20,8 +21,9 @@ import torch
 
 from model import (GPT, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_frozen_linears, inject_lora,
                    mark_only_lora_as_trainable)
-from train_utils import KDLoss, Split, collate, cross_entropy, default_micro_batch_tokens, train_epoch
-from utils import EOT, compute_dtype, default_cola_dir, encode, get_tokenizer, load_cola, write_text
+from train_utils import (KDLoss, Split, activation_bytes_per_token, collate, cross_entropy, default_micro_batch_tokens,
+                         train_epoch)
+from utils import EOT, compute_dtype, default_cola_dir, encode, get_tokenizer, load_cola, loss_scaler, write_text
 
 CPU = torch.device("cpu")
 
@@ -40,13 +42,20 @@ def alternate(runs, reps, warmup=1):
     return times
 
 
-def matmul_gflops(dtype, n=2048, reps=10):
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(dtype, n=2048, reps=10, device=CPU):
     """This machine's measured matmul throughput for `dtype` (the training roofline)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
+    synchronize(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
 
 
@@ -208,6 +217,33 @@ def peak_rss_case(max_examples):
             "target": "<= 3 GB", "met": peak_gb <= 3.0}
 
 
+# ----------------------------------------------------------------------------- a GPU
+
+def cuda_mfu(split, variant, reps, batch_size=128):
+    """LoRA training epochs on the GPU as `run.py LoRA` runs them (dtype by capability, fp16 loss scaling, fused
+    Adam, default micro-batch): FLOPs per second against this GPU's measured matmul peak in the same dtype."""
+    device = torch.device("cuda")
+    dtype = compute_dtype("auto", device, training=True)
+    model, _ = our_lora(variant, dtype)
+    model.to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    scaler, generator = loss_scaler(device, dtype), torch.Generator().manual_seed(0)
+    tokens = default_micro_batch_tokens(device, activation_bytes_per_token(model))
+
+    def epoch():
+        train_epoch(model, split, cross_entropy, optimizer, batch_size=batch_size, generator=generator, device=device,
+                    dtype=dtype, micro_batch_tokens=tokens, scaler=scaler)
+        synchronize(device)
+
+    seconds = statistics.median(alternate({"ours": epoch}, reps)["ours"])
+    flops = 4 * sum(p.numel() for p in model.parameters()) * sum(len(t) for t in split.tokens)
+    peak = matmul_gflops(dtype, n=8192, reps=20, device=device)
+    achieved = flops / seconds / 1e9
+    return {"case": f"LoRA train epoch on {torch.cuda.get_device_name(device)}, {len(split)} CoLA sentences, {variant} "
+                    f"r=4, batch {batch_size}, {dtype_name(dtype)}, {tokens}-token pieces",
+            "seconds": seconds, "achieved_gflops": achieved, "peak_gflops": peak, "mfu": achieved / peak}
+
+
 # ----------------------------------------------------------------------------- table
 
 def dtype_name(dtype):
@@ -243,12 +279,23 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--data_dir", default=default_cola_dir())
     parser.add_argument("--json", help="also write the table here")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU's training MFU only")
+    parser.add_argument("--variant", default="gpt2", help="the GPT-2 architecture of --device cuda (random weights)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     reps = 2 if args.quick else max(args.reps, 5)
     sentences, labels = load_cola(args.data_dir)["train"]
     n = 64 if args.quick else 2048
     keep = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[:n].tolist()
     split = Split(encode(get_tokenizer(), [sentences[i] for i in keep]), torch.tensor([labels[i] for i in keep]))
+    if args.device == "cuda":
+        row = cuda_mfu(split, args.variant, reps)
+        print(f"{row['case']}: {row['seconds']:.2f}s, {row['achieved_gflops']:,.0f} of a measured "
+              f"{row['peak_gflops']:,.0f} GFLOP/s matmul peak: MFU {row['mfu']:.1%}")
+        if args.json:
+            write_text(args.json, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": [row]}, indent=2))
+        return
     rows = list(lora_cases(split, reps))
     rows += list(generation_cases(reps, new_tokens=16 if args.quick else 384))
     rows.append(distil_case(split, reps))

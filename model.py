@@ -185,8 +185,9 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    def for_generation(self, device, dtype):
-        """Move to `device` and `dtype` for decoding, in eval mode.
+    def for_generation(self, device, dtype, compile=False):
+        """Move to `device` and `dtype` for decoding, in eval mode; `compile` (--compile) compiles `hidden`, which
+        decoding calls, with dynamic shapes (the cache grows each step).
 
         Decoding is matrix-vector products, limited by how fast weights stream from memory. On CPU in fp32,
         weights stored column-major (same values and shapes, transposed in memory) stream 1.2-1.7x faster
@@ -197,6 +198,8 @@ class GPT(nn.Module):
             for p in self.parameters():
                 if p.dim() == 2:
                     p.data = p.data.t().contiguous().t()
+        if compile:
+            self.hidden = torch.compile(self.hidden, dynamic=True)
         return self
 
     def new_cache(self, batch_size=1):

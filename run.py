@@ -1,4 +1,4 @@
-"""Command line: `python run.py {gen,LoRA,rnn,distil,predict,export,tune} ...`. Parse, validate, build, call,
+"""Command line: `python run.py {gen,LoRA,rnn,distil,predict,export,tune,info} ...`. Parse, validate, build, call,
 report."""
 import argparse
 import importlib.util
@@ -13,14 +13,14 @@ import tune
 from model import (ADAPTER_CONFIG, GPT, LORA_TARGETS, STUDENT_CONFIG, DistilRNN, GPTClassifier, RNNConfig, Sampler,
                    adapter_base, cast_frozen_linears, inject_lora, load_config, load_lora_model, load_student,
                    looks_like_path, mark_only_lora_as_trainable, save_adapter, save_student, variant_slug)
-from train_utils import (PLOTS_DIR, TUNING_DIR, KDLoss, cached_teacher_logits, check_teacher_data, cross_entropy,
-                         load_splits, predict_logits, print_distil_report, print_parameter_table, print_predictions,
-                         run_stem, train_and_report)
-from utils import (EOT, LABELS, DataSpec, OneLineParser, SeedFromSrNo, Terminated, UserError, compute_dtype,
+from train_utils import (PLOTS_DIR, TUNING_DIR, KDLoss, activation_bytes_per_token, cached_teacher_logits,
+                         check_teacher_data, cross_entropy, load_splits, predict_logits, print_distil_report,
+                         print_parameter_table, print_predictions, run_stem, train_and_report)
+from utils import (EOT, LABELS, DataSpec, OneLineParser, SeedFromSrNo, Terminated, UserError, compiled, compute_dtype,
                    data_fingerprint, default_cola_dir, encode, file_sha256, fraction, get_tokenizer, gpu_device,
                    init_distributed, interrupt_exit_code, is_main, main_first, non_negative_float, non_negative_int,
                    number_in, positive_float, positive_int, print_stream, read_sentences, resolve_device,
-                   save_checkpoint, seed_everything, seed_int, sigterm_as_interrupt, writable)
+                   save_checkpoint, seed_everything, seed_int, sigterm_as_interrupt, system_report, writable)
 
 
 # ----------------------------------------------------------------------------- building models
@@ -72,7 +72,7 @@ def data_splits(args, tokenizer, block_size=None):
 def cmd_gen(args, device, dtype):
     tokenizer = get_tokenizer()
     prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
-    model = gpt_weights(GPT, args.gpt_variant, args.random_init).for_generation(device, dtype)
+    model = gpt_weights(GPT, args.gpt_variant, args.random_init).for_generation(device, dtype, args.compile)
     prompt_ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [tokenizer.eot_token]
     temperature = 0.0 if args.greedy else args.temperature
     eos = None if args.ignore_eos else tokenizer.eot_token
@@ -168,7 +168,8 @@ def cmd_predict(args, device, dtype):
         cast_frozen_linears(model, dtype)
     # An empty line becomes <|endoftext|> alone; GPT-2 keeps the last block_size tokens, whose final one it reads.
     tokens = [(t or [EOT])[-block_size:] if block_size else (t or [EOT]) for t in encode(get_tokenizer(), sentences)]
-    logits = predict_logits(model.to(device), tokens, batch_size=args.batch_size, device=device, dtype=dtype)
+    logits = predict_logits(compiled(model.to(device), args.compile), tokens, batch_size=args.batch_size,
+                            device=device, dtype=dtype)
     print_predictions(sentences, torch.softmax(logits, -1), model.labels, labels, args.format)
 
 
@@ -176,6 +177,12 @@ def cmd_export(args, device, dtype):
     model = load_lora_classifier(args.model_path, args.gpt_variant)
     save_checkpoint(args.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
     print(f"merged classifier written to {args.out}: GPT2ForSequenceClassification.from_pretrained({args.out!r})")
+
+
+def cmd_info(args, device, dtype):
+    with torch.device("meta"):  # LoRA on gpt2's shapes, to size its default micro-batch: no weights, no download
+        model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_random("gpt2"), 4, 4))
+    print(system_report(device, activation_bytes_per_token(model)))
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -193,7 +200,9 @@ def build_parser():
     common.add_argument("--gpu_id", dest="device", type=gpu_device, default=argparse.SUPPRESS,
                         help="the assignment's GPU index N: the same as --device cuda:N")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bf16 where the hardware runs it fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32")
+                        help="auto: bf16 where it is native (GPUs from A100 on, CPUs with AMX/AVX512-BF16), fp16 on "
+                        "T4/V100, else fp32")
+    common.add_argument("--compile", action="store_true", help="torch.compile the model (no faster on a 2-core CPU)")
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     gpt = argparse.ArgumentParser(add_help=False)
@@ -212,7 +221,7 @@ def build_parser():
                        "TensorBoard in DIR (given alone: runs/<mode>-<time>-<pid>)")
     train.add_argument("--micro_batch_tokens", type=positive_int, help="split each batch into pieces of at most "
                        "this many padded tokens and accumulate gradients: bounds memory, same result (default: 512 "
-                       "on CPU, as fast as larger pieces there; 16384 on CUDA)")
+                       "on CPU, as fast as larger pieces there; on CUDA what half the free memory holds)")
 
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--dataset", default="cola", help="cola (raw TSVs in --data_dir), a Hugging Face dataset id, "
@@ -303,6 +312,8 @@ def build_parser():
                       help="run this many configurations side by side, one process each (one GPU each if present)")
     sweep.add_argument("--debug", action="store_true", help="show full tracebacks")
     sweep.set_defaults(func=None, check=check_results_writable)
+    sub.add_parser("info", parents=[common], help="versions, hardware, what would be chosen here, where data is"
+                   ).set_defaults(func=cmd_info, check=lambda parser, args: None)
     return parser
 
 
@@ -358,9 +369,6 @@ def check_output_folder(parser, flag, path):
 def check_training(parser, args, output_flag):
     for flag in (output_flag, "data_dir"):
         check_output_folder(parser, flag, getattr(args, flag))
-    if args.dtype == "float16":
-        parser.error("--dtype float16 is for gen and predict; train in bfloat16 or float32 (float16 training "
-                     "needs loss scaling, which this loop does not do)")
     check_tensorboard(parser, args)
     check_results_writable(parser, args)
 
@@ -379,7 +387,7 @@ def check_results_writable(parser, args):
 def execute(args):
     """Run a parsed subcommand on the device and dtype its flags ask for, resolved here once."""
     device = resolve_device(args.device)
-    args.func(args, device, compute_dtype(args.dtype, device))
+    args.func(args, device, compute_dtype(args.dtype, device, training=args.mode in tune.TUNABLE))
 
 
 def main(argv=None):

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from model import count_parameters
 from utils import (EOT, LABELS, DataSpec, Terminated, UserError, all_reduce_sum, atomic_path, broadcast_from_main,
-                   data_fingerprint, encode, everyone, flags, interrupt_exit_code, is_main, load_text_data, main_first,
-                   on_main, rank, read_jsonl, read_tensors, result_flags, world_size, write_jsonl_record)
+                   compiled, data_fingerprint, default_micro_batch_tokens, encode, everyone, flags,
+                   interrupt_exit_code, is_main, load_text_data, loss_scaler, main_first, on_main, rank, read_jsonl,
+                   read_tensors, result_flags, world_size, write_jsonl_record)
 
 TUNING_DIR, PLOTS_DIR = "tuning", "plots"  # run logs and plots, relative to where a run is started
 
@@ -85,11 +86,18 @@ def collate(split, index, device):
     """Right-pad the sentences at `index` to the longest of them: (ids, lengths, labels, teacher)."""
     seqs = [split.tokens[i] for i in index]
     lengths = torch.tensor([len(s) for s in seqs])
-    ids = torch.full((len(seqs), int(lengths.max())), EOT, dtype=torch.long)
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), EOT, dtype=torch.long)
     for row, s in enumerate(seqs):
         ids[row, :len(s)] = torch.tensor(s)
-    teacher = None if split.teacher is None else split.teacher[index].to(device)
-    return ids.to(device), lengths.to(device), split.labels[index].to(device), teacher
+    teacher = None if split.teacher is None else to_device(split.teacher[index], device)
+    return to_device(ids, device), to_device(lengths, device), to_device(split.labels[index], device), teacher
+
+
+def to_device(t, device):
+    """A host tensor on `device`; to a GPU from pinned memory, without waiting for the copy (pinning needs CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def bucketed_batches(lengths, batch_size, generator, bucket=16):
@@ -276,10 +284,37 @@ class Diverged(UserError):
     """The loss became NaN or infinite."""
 
 
-def default_micro_batch_tokens(device):
-    """Padded tokens per piece of a batch: 512 on CPU (as fast as larger pieces there, and keeps a gpt2-medium
-    run under 3 GB), 16384 on a GPU."""
-    return 16384 if device.type == "cuda" else 512
+def activation_bytes_per_token(model):
+    """An estimate of what training keeps for backward per token: the input and output widths of every linear and
+    recurrent layer, in fp32, four times over for what sits beside them (attention, GELU, LayerNorm, casts)."""
+    width = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            width += m.in_features + m.out_features
+        elif isinstance(m, torch.nn.RNNBase):
+            width += m.num_layers * (m.input_size + 4 * m.hidden_size)
+    return 16 * width
+
+
+class PieceBudget:
+    """Padded tokens per micro-batch (None: whole batches), halved for the rest of the run each time CUDA runs out of
+    memory, down to one sentence per piece."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def pieces(self, rows, lengths):
+        return micro_batches(rows, lengths, self.tokens)
+
+    def halve(self, rows, lengths):
+        longest = max(lengths[i] for i in rows)
+        old = self.tokens or len(rows) * longest
+        if old // longest <= 1:
+            raise UserError(f"CUDA out of memory with one sentence ({longest} tokens) per piece, the least "
+                            "--micro_batch_tokens can give: free GPU memory, or use a smaller --gpt_variant")
+        self.tokens = old // 2
+        tqdm.write(f"CUDA out of memory with pieces of {old} tokens: retrying the step, and going on, with "
+                   f"{self.tokens} (--micro_batch_tokens sets it)", file=sys.stderr)
 
 
 def micro_batches(index, lengths, max_tokens):
@@ -300,13 +335,18 @@ def rank_share(index):
 
 
 def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, device, dtype, clip=None,
-                micro_batch_tokens=None, desc="train", on_step=None):
+                micro_batch_tokens=None, scaler=None, desc="train", on_step=None):
     """One pass over `split` in length-bucketed batches, each cut into micro-batches whose gradients accumulate.
-    Returns this process's sums {loss, correct, tokens} (summed over ranks by the caller under torchrun)."""
+    Returns this process's sums {loss, correct, tokens, skipped} (summed over ranks by the caller under torchrun).
+
+    `scaler` (fp16: see utils.loss_scaler) skips, and the sums count, a step whose gradients overflowed.
+    `micro_batch_tokens` is a number or a PieceBudget, which a CUDA out-of-memory error halves."""
     model.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    budget = micro_batch_tokens if isinstance(micro_batch_tokens, PieceBudget) else PieceBudget(micro_batch_tokens)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     lengths = [len(t) for t in split.tokens]
-    sums = {"loss": 0.0, "correct": 0, "tokens": 0}
+    sums = EpochSums(device, desc)
     # disable=None: a bar on a terminal, none in logs and CI (and on ranks other than 0)
     bar = tqdm(bucketed_batches(lengths, batch_size, generator), desc=desc, leave=False, dynamic_ncols=True,
                disable=None if is_main() else True)
@@ -316,37 +356,113 @@ def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, devi
         # over ranks, so weighting each row world/len(index) makes the result the gradient of the batch's mean loss.
         rows, counts = rank_share(index)
         row_weight = counts * world_size() / len(index)
-        pieces = micro_batches(rows, lengths, micro_batch_tokens)
-        bad, batch_loss = None, 0.0
-        for i, piece in enumerate(pieces):
-            # torchrun, 2 of 2: gradients are reduced across ranks once per step, after the last piece (setting
-            # the flag, as nanoGPT does, spares wrapping each piece in the no_sync() context manager).
-            model.require_backward_grad_sync = i == len(pieces) - 1
-            ids, lens, labels, teacher = collate(split, piece, device)
-            with autocast(device, dtype):
-                logits = model(ids, lens)
-            loss = loss_fn(logits, labels, teacher)
-            (loss * len(piece) * row_weight).backward()
-            value = loss.item()
-            bad = value if bad is None and not math.isfinite(value) else bad
-            batch_loss += value * len(piece) * row_weight
-            sums["loss"] += value * len(piece) * counts
-            sums["correct"] += int((logits.argmax(-1) == labels).sum()) * counts
-            sums["tokens"] += int(lens.sum()) * counts
-        if not gradients_are_finite(params):  # the same answer on every rank: the gradients are already synced
-            raise Diverged(f"{desc}: loss became {'nan' if bad is None else bad} at step {step}; try a lower --lr")
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        bar.set_postfix(loss=f"{batch_loss:.4f}")
-        if on_step:
-            on_step(batch_loss)
-    return sums
+        while True:
+            try:
+                pieces = accumulate_gradients(model, split, budget.pieces(rows, lengths), loss_fn, device=device,
+                                              dtype=dtype, scaler=scaler, row_weight=row_weight)
+                break
+            except torch.OutOfMemoryError:
+                pass  # out of the handler first: its traceback holds the failed attempt's tensors
+            optimizer.zero_grad(set_to_none=True)
+            budget.halve(rows, lengths)
+        finite = unscale_and_clip(optimizer, scaler, params, clip)
+        sums.add_step(step, pieces, row_weight, counts, finite, scaler.is_enabled())  # raises Diverged
+        scaler.step(optimizer)
+        scaler.update()
+        if sums.due(step, len(bar)):
+            loss = sums.read(step)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if on_step:
+                on_step(step, loss)
+    return sums.totals()
 
 
-def gradients_are_finite(params):
+def accumulate_gradients(model, split, pieces, loss_fn, *, device, dtype, scaler, row_weight):
+    """Backward through each piece of a step's rows; returns [(loss, correct, rows, tokens)] per piece, the loss
+    and correct count as tensors where they were computed."""
+    out = []
+    for i, piece in enumerate(pieces):
+        # torchrun, 2 of 2: gradients are reduced across ranks once per step, after the last piece (setting
+        # the flag, as nanoGPT does, spares wrapping each piece in the no_sync() context manager).
+        model.require_backward_grad_sync = i == len(pieces) - 1
+        ids, lens, labels, teacher = collate(split, piece, device)
+        with autocast(device, dtype):
+            logits = model(ids, lens)
+        loss = loss_fn(logits, labels, teacher)
+        scaler.scale(loss * len(piece) * row_weight).backward()
+        out.append((loss.detach(), (logits.argmax(-1) == labels).sum(), len(piece),
+                    sum(len(split.tokens[j]) for j in piece)))
+    return out
+
+
+def unscale_and_clip(optimizer, scaler, params, clip):
+    """Unscale the gradients (fp16), clip them to norm `clip` if given; returns whether they are all finite, as a
+    tensor on their device (reading it would wait for the GPU)."""
+    scaler.unscale_(optimizer)
     grads = [p.grad for p in params if p.grad is not None]
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
+    norm = torch.nn.utils.get_total_norm(grads)
+    if clip:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return torch.isfinite(norm)
+
+
+READ_EVERY = 50  # steps between two reads of the running sums on CUDA
+
+
+def defers_reads(device):
+    """On CUDA, reading a value back to the host waits for every queued kernel, so the loop reads its sums every
+    READ_EVERY steps only; on a CPU a read costs nothing, and each step is read at once."""
+    return device.type == "cuda"
+
+
+class EpochSums:
+    """An epoch's sums of loss, correct predictions, tokens and skipped steps, and its guard against a non-finite
+    loss. Read at once per step (CPU: a NaN stops the run naming its step), or (CUDA) kept as tensors on the device
+    and read every READ_EVERY steps (a NaN then names the steps since the last read)."""
+
+    def __init__(self, device, desc):
+        self.lazy, self.desc = defers_reads(device), desc
+        self.loss, self.correct, self.tokens, self.skipped = 0.0, 0, 0, 0
+        self.step_loss, self.bad, self.last_read = 0.0, False, 0
+
+    def add_step(self, step, pieces, row_weight, counts, grads_finite, scaling):
+        """Add one step's pieces. A non-finite loss stops the run, and so do non-finite gradients without loss
+        scaling; with it, their step is skipped by the scaler and counted here."""
+        self.step_loss, bad_loss = 0.0, None
+        for loss, correct, rows, tokens in pieces:
+            if self.lazy:
+                loss = loss.double()
+                self.bad = self.bad | ~torch.isfinite(loss)
+            else:
+                loss, correct = loss.item(), int(correct)
+                bad_loss = loss if bad_loss is None and not math.isfinite(loss) else bad_loss
+            self.step_loss += loss * rows * row_weight
+            self.loss += loss * rows * counts
+            self.correct += correct * counts
+            self.tokens += tokens * counts
+        if self.lazy:
+            self.bad = self.bad | (~grads_finite & (not scaling))
+            self.skipped += ~grads_finite & scaling
+        elif bad_loss is not None or not (grads_finite or scaling):
+            raise Diverged(f"{self.desc}: loss became {'nan' if bad_loss is None else bad_loss} at step {step}; "
+                           "try a lower --lr")
+        else:
+            self.skipped += int(not grads_finite)
+
+    def due(self, step, steps):
+        return not self.lazy or step % READ_EVERY == 0 or step == steps
+
+    def read(self, step):
+        """The last step's loss; on CUDA, first the check for a non-finite loss since the last read."""
+        if self.lazy and bool(self.bad):
+            raise Diverged(f"{self.desc}: loss became nan or inf in steps {self.last_read + 1}-{step} (on CUDA the "
+                           f"loss is read every {READ_EVERY} steps); try a lower --lr")
+        self.last_read = step
+        return float(self.step_loss)
+
+    def totals(self):
+        return {"loss": float(self.loss), "correct": int(self.correct), "tokens": self.tokens,
+                "skipped": int(self.skipped)}
 
 
 @torch.no_grad()
@@ -409,10 +525,10 @@ def rng_states():
     return everyone_states
 
 
-def save_run_state(path, run, model, optimizer, generator, config, rng):
+def save_run_state(path, run, model, optimizer, scaler, generator, config, rng):
     """Everything needed to continue after the last finished epoch, written atomically."""
-    state = dict(run, model=trainable_state(model), optimizer=optimizer.state_dict(), generator=generator.get_state(),
-                 rng=rng, config=config)
+    state = dict(run, model=trainable_state(model), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 generator=generator.get_state(), rng=rng, config=config)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -435,7 +551,7 @@ def read_run_state(path, config):
     return state
 
 
-def load_run_state(path, model, optimizer, generator, config):
+def load_run_state(path, model, optimizer, scaler, generator, config):
     """Restore a run saved by save_run_state. Rank 0 reads the file and every rank gets its content (or the
     same error), so several machines need not share a disk."""
     state, error = None, None
@@ -449,6 +565,8 @@ def load_run_state(path, model, optimizer, generator, config):
         raise UserError(error)
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # fp16 runs: the loss scale reached
+        scaler.load_state_dict(state["scaler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["rng"][rank()]["cpu"])
     if state["rng"][rank()]["cuda"]:
@@ -469,13 +587,15 @@ def epoch_record(epoch, train, n, train_seconds, dev):
     """One row of the run's history, from this epoch's training sums (over all ranks) and dev evaluation."""
     return {"epoch": epoch, "train_loss": train["loss"] / n, "train_acc": train["correct"] / n,
             "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"], "train_seconds": train_seconds,
-            "train_tokens_per_s": train["tokens"] / train_seconds}
+            "train_tokens_per_s": train["tokens"] / train_seconds, "skipped_steps": int(train["skipped"])}
 
 
 def print_epoch(h, epochs):
     tqdm.write(f"epoch {h['epoch']:>2}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  |  "
                f"dev loss {h['dev_loss']:.4f} acc {h['dev_acc']:.2%} MCC {h['dev_mcc']:+.3f}  "
-               f"({h['train_seconds']:.1f}s, {h['train_tokens_per_s']:,.0f} tok/s)")
+               f"({h['train_seconds']:.1f}s, {h['train_tokens_per_s']:,.0f} tok/s)"
+               + (f"  [{h['skipped_steps']} steps skipped: fp16 gradients overflowed]" if h.get("skipped_steps")
+                  else ""))
 
 
 @contextlib.contextmanager
@@ -493,29 +613,34 @@ def stopping_keeps_state(when, saved, state_path):
 
 
 def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, clip=None, micro_batch_tokens=None,
-        state_path=None, resume=False, config=None, on_step=None, on_epoch=None):
+        state_path=None, resume=False, config=None, compile=False, on_step=None, on_epoch=None):
     """Train for `epochs` with Adam, evaluating on data['dev'] after each; the best epoch (dev accuracy) is
     restored at the end. After each epoch the run's state goes to `state_path`, from which `resume` continues
-    exactly, and `on_epoch(run)` is called; `on_step(loss)` after each step. Returns the run: its id, per-epoch
-    history, best epoch (0 if none ran) and that epoch's dev evaluation."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    exactly, and `on_epoch(run)` is called; `on_step(step, loss)` after each step whose loss is read (every step
+    on a CPU). Returns the run: its id, history, best epoch (0 if none ran) and that epoch's dev evaluation.
+    On CUDA Adam is fused: one kernel per step, which also lets the fp16 scaler skip a step without a host read."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                 fused=device.type == "cuda")
+    scaler = loss_scaler(device, dtype)
+    budget = PieceBudget(micro_batch_tokens)
     generator = torch.Generator().manual_seed(seed)  # the same on every rank: all draw the same global batches
-    trained = for_all_ranks(model, device)
+    fast = compiled(model, compile)
+    trained = for_all_ranks(fast, device)
     run = {"run_id": uuid.uuid4().hex[:12], "epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0,
            "best_state": None, "best_dev": None}
     if resume:
-        run = load_run_state(state_path, model, optimizer, generator, config)
+        run = load_run_state(state_path, model, optimizer, scaler, generator, config)
         tqdm.write(f"resuming after epoch {run['epoch']} from {state_path}")
     saved = run["epoch"] if state_path else 0  # the last epoch whose state is on disk
     for epoch in range(run["epoch"] + 1, epochs + 1):
         with stopping_keeps_state(f"during epoch {epoch}", saved, state_path):
             start = time.perf_counter()
             train = train_epoch(trained, data["train"], loss_fn, optimizer, batch_size=batch_size, generator=generator,
-                                device=device, dtype=dtype, clip=clip, micro_batch_tokens=micro_batch_tokens,
+                                device=device, dtype=dtype, clip=clip, micro_batch_tokens=budget, scaler=scaler,
                                 desc=f"epoch {epoch}/{epochs}", on_step=on_step)
             train = dict(zip(train, all_reduce_sum(list(train.values()))))  # summed over ranks
             seconds = time.perf_counter() - start
-            dev = evaluate(model, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
+            dev = evaluate(fast, data["dev"], loss_fn, batch_size=batch_size, device=device, dtype=dtype)
             run["history"].append(epoch_record(epoch, train, len(data["train"]), seconds, dev))
             print_epoch(run["history"][-1], epochs)
             if dev["acc"] > run["best_acc"]:
@@ -523,7 +648,7 @@ def fit(model, loss_fn, data, *, epochs, batch_size, lr, device, dtype, seed, cl
             run["epoch"] = epoch
             if state_path:
                 rng = rng_states()
-                on_main(lambda: save_run_state(state_path, run, model, optimizer, generator, config, rng))
+                on_main(lambda: save_run_state(state_path, run, model, optimizer, scaler, generator, config, rng))
                 saved = epoch
         with stopping_keeps_state(f"after epoch {epoch}", saved, state_path):
             if on_epoch:
@@ -615,8 +740,9 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     try:
         run = fit(model, loss_fn, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
                   dtype=dtype, seed=args.seed, clip=getattr(args, "clip", None),
-                  micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(device),
-                  state_path=state_path, resume=args.resume, config=result_flags(args),
+                  micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(
+                      device, activation_bytes_per_token(model)),
+                  state_path=state_path, resume=args.resume, config=result_flags(args), compile=args.compile,
                   on_step=board.step if board else None, on_epoch=lambda run: on_main(lambda: after_epoch(run)))
     finally:
         if board:
@@ -647,7 +773,7 @@ class TensorBoardLog:
     def __init__(self, log_dir, hyper_parameters):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
-        self.writer, self.steps = SummaryWriter(log_dir), 0
+        self.writer, self.done, self.last = SummaryWriter(log_dir), 0, 0  # steps of earlier epochs, last step seen
         metrics = {"dev/acc": 0.0, "dev/mcc": 0.0, "dev/loss": 0.0}  # HParams reads their values from the scalars
         experiment, start, self.end = hparams(hyper_parameters, metrics)
         self.writer.file_writer.add_summary(experiment)
@@ -664,9 +790,10 @@ class TensorBoardLog:
         plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flags(args).items()}
         return cls(folder, plain)
 
-    def step(self, loss):
-        self.steps += 1
-        self.writer.add_scalar("train/step_loss", loss, self.steps)
+    def step(self, step, loss):
+        """The loss of `step` of the current epoch (every step on a CPU; on CUDA, each step whose loss is read)."""
+        self.last = step
+        self.writer.add_scalar("train/step_loss", loss, self.done + step)
 
     def epoch(self, row, lr):
         for tag, key in (("train/loss", "train_loss"), ("train/acc", "train_acc"), ("dev/loss", "dev_loss"),
@@ -674,6 +801,7 @@ class TensorBoardLog:
             self.writer.add_scalar(tag, row[key], row["epoch"])
         self.writer.add_scalar("train/lr", lr, row["epoch"])
         self.writer.flush()
+        self.done += self.last
 
     def close(self):
         self.writer.file_writer.add_summary(self.end)

@@ -87,18 +87,56 @@ def resolve_device(name):
 
 
 def has_fast_bf16(device):
-    """True where bf16 matmuls beat fp32: CUDA with bf16 support, or a CPU with AMX / AVX512-BF16."""
+    """True where bf16 matmuls beat fp32: a GPU that runs bf16 natively (compute capability 8.0 and up: A100, H100,
+    RTX 30xx and later), or a CPU with AMX / AVX512-BF16. A T4 or V100 only emulates bf16, slower than fp32, though
+    `torch.cuda.is_bf16_supported()` answers True there unless emulation is excluded."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return (device.type == "cpu" and torch.backends.mkldnn.is_available()
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def compute_dtype(flag, device):
-    """The dtype that `--dtype` asks for; `auto` is bf16 where the hardware runs it fast, else fp32."""
+def auto_dtype(device, training):
+    """What `--dtype auto` runs, the one place that decides it. CUDA: bf16 where it is native, else fp16 on tensor
+    cores (capability 7.x: T4, V100; training then scales the loss), else fp32. Apple's MPS: fp16 to decode and
+    classify, fp32 to train (no loss scaling there yet). CPU: bf16 where it is fast, else fp32."""
+    if device.type == "cuda":
+        if has_fast_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if torch.cuda.get_device_capability(device) >= (7, 0) else torch.float32
+    if device.type == "mps":
+        return torch.float32 if training else torch.float16
+    return torch.bfloat16 if has_fast_bf16(device) else torch.float32
+
+
+def compute_dtype(flag, device, training=False):
+    """The dtype that `--dtype` asks for, for training or (training=False) for decoding and prediction."""
     if flag == "auto":
-        return torch.bfloat16 if has_fast_bf16(device) else torch.float32
+        return auto_dtype(device, training)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[flag]
+
+
+def loss_scaler(device, dtype):
+    """fp16 gradients underflow: scale the loss up before backward and the gradients down before the step, skipping
+    a step whose gradients overflowed (PyTorch's GradScaler). bf16 and fp32 need none: a disabled scaler passes
+    everything through."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def default_micro_batch_tokens(device, bytes_per_token=None):
+    """Padded tokens per piece of a batch. CPU: 512 (as fast as larger pieces there, and keeps a gpt2-medium run
+    under 3 GB). CUDA: what half the free memory holds at `bytes_per_token` of activations (an estimate; a piece
+    that still runs out of memory is halved), a power of two from 256 to 65536."""
+    if device.type != "cuda" or not bytes_per_token:
+        return 512
+    free, _ = torch.cuda.mem_get_info(device)
+    tokens = max(256, min(65536, free // 2 // bytes_per_token))
+    return 1 << (int(tokens).bit_length() - 1)
+
+
+def compiled(model, on):
+    """`torch.compile(model)` for --compile, else the model itself."""
+    return torch.compile(model) if on else model
 
 
 # ----------------------------------------------------------------------------- several processes (torchrun)
@@ -640,7 +678,7 @@ def flags(args):
 def result_flags(args):
     """The flags that decide a run's result: a resumed run must share them with the run it continues, and a sweep
     skips a run already logged with them (and the same --epochs). Where it runs and how it reports do not count."""
-    return {k: v for k, v in flags(args).items() if k not in ("resume", "debug", "epochs", "device")}
+    return {k: v for k, v in flags(args).items() if k not in ("resume", "debug", "epochs", "device", "compile")}
 
 
 RUN_INFO = "run_info.json"  # how the run that wrote a checkpoint was configured (ignored by PEFT)
@@ -740,3 +778,72 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+# ----------------------------------------------------------------------------- `run.py info`: what a bug report needs
+
+def package_versions():
+    import importlib.metadata
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("transformers", "peft", "tiktoken"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def cpu_name():
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    import platform
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cuda_devices():
+    """One line per CUDA device: name, compute capability, memory, and whether it runs bf16 natively."""
+    lines = []
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        p = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        lines.append(f"cuda:{i} {p.name}, capability {p.major}.{p.minor}, {total / 2 ** 30:.1f} GiB "
+                     f"({free / 2 ** 30:.1f} free), bf16 {'native' if p.major >= 8 else 'emulated only'}")
+    return lines or [f"none ({'no device' if torch.backends.cuda.is_built() else 'torch built without CUDA'})"]
+
+
+def where(path, present):
+    return f"{path} ({'present' if present else 'missing: fetched on first use'})"
+
+
+def data_locations():
+    """Where the tokenizer, CoLA and the Hugging Face hub cache are, and whether they are there."""
+    import tempfile as tmp
+    tiktoken_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+        os.path.join(tmp.gettempdir(), "data-gym-cache")  # tiktoken's default
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    cola = Path(default_cola_dir())
+    return {"tokenizer": where(tiktoken_dir, Path(tiktoken_dir).is_dir() and any(Path(tiktoken_dir).iterdir())),
+            "CoLA (--data_dir default)": where(cola, all((cola / n).exists() for n in COLA_SPLITS.values())),
+            "Hugging Face hub cache": where(hub, Path(hub).is_dir())}
+
+
+def system_report(device, bytes_per_token):
+    """`run.py info`: versions, hardware, what each subcommand would choose on `device`, where the data is."""
+    dtype = lambda training: str(compute_dtype("auto", device, training)).removeprefix("torch.")
+    cpu_bf16 = has_fast_bf16(torch.device("cpu"))
+    lines = [", ".join(f"{k} {v}" for k, v in package_versions().items()),
+             f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
+             f"bf16 matmuls {'fast (AMX/AVX512-BF16)' if cpu_bf16 else 'slow (no AMX/AVX512-BF16)'}, "
+             f"fp32 matmul precision {torch.get_float32_matmul_precision()}",
+             *[f"CUDA: {line}" for line in cuda_devices()],
+             f"MPS: {'available' if torch.backends.mps.is_available() else 'not available'}",
+             f"chosen here with --dtype auto: device {device}",
+             f"  gen, predict: {dtype(False)}",
+             f"  LoRA, rnn, distil: {dtype(True)}{' with loss scaling' if dtype(True) == 'float16' else ''}, "
+             f"micro-batch {default_micro_batch_tokens(device, bytes_per_token)} tokens (LoRA on gpt2)"]
+    lines += [f"{name}: {place}" for name, place in data_locations().items()]
+    return "\n".join(lines)

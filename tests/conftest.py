@@ -67,3 +67,17 @@ def count_classifier_rows(patch=setattr):
 
     patch(GPTClassifier, "forward", counting)
     return seen
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one (`pytest -m gpu` runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the GPU tests where there is no GPU, naming why (-m selects before this, so `-m gpu` reports them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -65,7 +65,8 @@ def then_crash(*args, **kwargs):  # the power goes out right after the first fil
     os._exit(9)
 safetensors.torch.save_file = then_crash
 torch.manual_seed(2)
-utils.save_checkpoint("out", "model.safetensors", DistilRNN(RNNConfig(hidden=8)).state_dict(), {{"config.json": {{"new": 1}}}})
+new = DistilRNN(RNNConfig(hidden=8)).state_dict()
+utils.save_checkpoint("out", "model.safetensors", new, {{"config.json": {{"new": 1}}}})
 """
 
 
