@@ -112,6 +112,12 @@ def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
             utils.resolve_device("mps")
 
 
+def test_mps_decodes_in_fp16_and_trains_in_fp32():
+    mps = torch.device("mps")
+    assert utils.compute_dtype("auto", mps, training=False) == torch.float16
+    assert utils.compute_dtype("auto", mps, training=True) == torch.float32
+
+
 def test_the_assignments_command_line_runs_unchanged(tiny_gpt_dir, tmp_path):
     common = ["--gpt_variant", tiny_gpt_dir, "--max_examples", 64, "--epochs", 1, "--dtype", "float32",
               "--model_path", "adapter"]
