@@ -283,27 +283,28 @@ class GPT(nn.Module):
 
 
 @functools.cache
-def decode_dtype(device_type, rows=1):
-    """float32 or bfloat16, whichever is faster for decoding `rows` samples at a time on this machine.
+def decode_dtype(device_type, budget_s=0.06):
+    """float32 or bfloat16, whichever decodes faster on this machine, measured once per process.
 
     Decoding is matrix-vector products, bound by how fast weights stream from memory. Whether bf16's half-size
-    weights stream faster depends on the CPU (fast on an AMD EPYC with AVX512-BF16, 2x slower than fp32 on a
-    Cascade Lake Xeon that emulates bf16), so no CPU flag decides: one GPT-2-sized product in each dtype, in the
-    layouts for_generation uses, is timed a few times (about 30 ms in all; once per process). CUDA takes bf16
-    where it has it.
+    weights stream faster depends on the CPU (fast on an AMD EPYC with AVX512-BF16; no faster than fp32 on a
+    Cascade Lake Xeon, which emulates bf16), so no CPU flag decides: one GPT-2-sized product per dtype, in the
+    layouts for_generation uses, is timed in alternation for `budget_s` seconds and the best times compared.
+    bf16 must win by 20% to be chosen, since fp32 is the exact one. One vector, whatever the number of samples,
+    so that a sample's tokens do not depend on how many are drawn beside it. CUDA takes bf16 where it has it.
     """
     if device_type != "cpu":
         return torch.bfloat16 if device_type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    w = torch.randn(3072, 768) * 0.02
-    x = torch.randn(rows, 768)
+    w, x = torch.rand(3072, 768), torch.rand(1, 768)  # the values do not matter to the time
     candidates = {torch.float32: (x, w.t().contiguous().t()), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
-    best = {}
-    for _ in range(12):  # alternating, so that a busy moment of the machine hits both; the first rounds warm up
+    best = {dtype: float("inf") for dtype in candidates}
+    stop = time.perf_counter() + budget_s
+    while time.perf_counter() < stop:  # alternating, so that a busy moment of the machine hits both
         for dtype, (a, b) in candidates.items():
             start = time.perf_counter()
             a @ b.T
-            best[dtype] = min(best.get(dtype, float("inf")), time.perf_counter() - start)
-    return min(best, key=best.get)
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return torch.bfloat16 if best[torch.bfloat16] < 0.8 * best[torch.float32] else torch.float32
 
 
 class Int8Linear(nn.Module):

@@ -69,6 +69,8 @@ CASES = [
     ("a CoLA file not in UTF-8", "rnn --data_dir cola-latin1", 1,
      "error: cola-latin1/in_domain_train.tsv:1: not UTF-8 text"),
     ("a negative seed", "rnn --seed -1", 2, "error: argument --seed: must be in [0, 4294967295], got -1"),
+    ("int8 for training", "LoRA --quantize int8", 2, "error: unrecognized arguments: --quantize int8"),
+    ("an unknown quantization", "gen --quantize int4", 2, "error: argument --quantize: invalid choice: 'int4'"),
     ("float16 training", "LoRA --dtype float16", 2, "error: --dtype float16 is for gen and predict; train in bfloat16"),
     ("--resume with nothing to resume", "rnn --resume --max_examples 8", 1,
      "error: --resume: no saved run at models/rnn.resume.pt; start the run without --resume"),
