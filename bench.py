@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from model import (GPT, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_frozen_linears, inject_lora,
-                   mark_only_lora_as_trainable)
-from train_utils import (KDLoss, Split, activation_bytes_per_token, collate, cross_entropy, default_micro_batch_tokens,
-                         train_epoch)
-from utils import EOT, compute_dtype, default_cola_dir, encode, get_tokenizer, load_cola, loss_scaler, write_text
+                   mark_only_lora_as_trainable, quantize_int8)
+from train_utils import (KDLoss, Split, activation_bytes_per_token, bucketed_batches, collate, cross_entropy,
+                         default_micro_batch_tokens, predict_logits, sorted_batches, train_epoch)
+from utils import (EOT, compute_dtype, decode_dtype, default_cola_dir, encode, get_tokenizer, load_cola, loss_scaler,
+                   write_text)
 
 CPU = torch.device("cpu")
 
@@ -87,13 +88,14 @@ def shuffled_batches(n, batch_size, seed):
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def peer_epoch(model, optimizer, split, batches):
-    """The usual recipe: shuffled batches padded to the batch maximum, attention mask, fp32, Adam."""
+def peer_epoch(model, optimizer, split, batches, dtype=torch.float32):
+    """The usual recipe: batches padded to the batch maximum, attention mask, Adam; fp32 or `dtype` autocast."""
     model.train()
     for index in batches:
         ids, lengths, labels, _ = collate(split, index, CPU)
         mask = (torch.arange(ids.size(1)) < lengths[:, None]).long()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -144,6 +146,47 @@ def lora_cases(split, reps, variant="gpt2", batch_size=128):
                times | {"ours": times["ours_fp32"]}, target=1.0, limit=("matmul", flops, matmul_gflops(torch.float32)))
 
 
+def lora_bf16_case(split, reps, variant="gpt2", batch_size=128):
+    """The strongest peer (the Trainer's bf16=True, group_by_length=True): both sides bf16 autocast on the same
+    length-bucketed batches."""
+    ours, ours_opt = our_lora(variant, torch.bfloat16)
+    peer = hf_peft_classifier(ours.config)
+    peer_opt = torch.optim.Adam([p for p in peer.parameters() if p.requires_grad], lr=1e-3)
+    batches = bucketed_batches([len(t) for t in split.tokens], batch_size, torch.Generator().manual_seed(0))
+    tokens = sum(len(t) for t in split.tokens)
+    flops = 4 * sum(p.numel() for p in ours.parameters()) * tokens
+    times = alternate({"ours": lambda: ours_fixed_batches_epoch(ours, ours_opt, split, batches, torch.bfloat16),
+                       "peer": lambda: peer_epoch(peer, peer_opt, split, batches, torch.bfloat16)}, reps)
+    return case(f"LoRA train epoch, {len(split)} sentences, same bucketed batches", "ours bf16 autocast",
+                "HF + PEFT bf16 autocast", times, target=2.5,
+                limit=("matmul", flops, matmul_gflops(torch.bfloat16)))
+
+
+def predict_case(split, reps, variant="gpt2", batch_size=128):
+    """`run.py predict` (its default dtype) against HF's classifier in bf16 autocast on length-sorted batches."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    auto = compute_dtype("auto", CPU)
+    ours = cast_frozen_linears(GPTClassifier.from_random(variant).eval().requires_grad_(False), auto)
+    c = ours.config
+    peer = GPT2ForSequenceClassification(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                                    pad_token_id=EOT, num_labels=2)).eval()
+    batches = sorted_batches([len(t) for t in split.tokens], batch_size)
+
+    def run_peer():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for index in batches:
+                ids, lengths, _, _ = collate(split, index, CPU)
+                peer(input_ids=ids, attention_mask=(torch.arange(ids.size(1)) < lengths[:, None]).long())
+
+    times = alternate({"ours": lambda: predict_logits(ours, split.tokens, batch_size=batch_size, device=CPU,
+                                                      dtype=auto),
+                       "peer": run_peer}, reps)
+    flops = 2 * sum(p.numel() for p in ours.transformer.h.parameters()) * sum(len(t) for t in split.tokens)
+    return case(f"predict, {len(split)} sentences, batch {batch_size}", f"run.py predict ({dtype_name(auto)})",
+                "HF classifier bf16 autocast, length-sorted", times, target=2.0,
+                limit=("matmul", flops, matmul_gflops(auto)))
+
+
 # ----------------------------------------------------------------------------- generation
 
 def generation_cases(reps, new_tokens, variant="gpt2"):
@@ -163,7 +206,7 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
     def run_ours(model):
         return lambda: list(model.generate(prompt, new_tokens, Sampler(1.0, top_k=50, seed=0)))
 
-    auto = compute_dtype("auto", CPU)
+    auto = decode_dtype("cpu")
     ours_auto = GPT.from_random(variant).for_generation(CPU, auto)
     ours.for_generation(CPU, torch.float32)
     times = alternate({"ours": run_ours(ours_auto), "peer": run_peer, "ours_fp32": run_ours(ours)}, reps)
@@ -177,6 +220,37 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
                limit=("bandwidth", weight_bytes(ours_auto) * new_tokens, bandwidth))
     yield case("same, both fp32", "ours fp32", "GPT2LMHeadModel.generate fp32", times | {"ours": times["ours_fp32"]},
                target=1.0, limit=("bandwidth", weight_bytes(ours) * new_tokens, bandwidth))
+
+    int8 = quantize_int8(GPT.from_random(variant).for_generation(CPU, torch.float32))
+    int8_bytes = sum(b.numel() * b.element_size() for b in int8.buffers())  # the int8 blocks and head
+    times = alternate({"ours": run_ours(int8), "peer": run_peer}, reps)
+    yield case("same, ours int8 weights", "run.py gen --quantize int8", "GPT2LMHeadModel.generate fp32", times,
+               target=2.5, limit=("bandwidth", int8_bytes * new_tokens, bandwidth))
+
+
+def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
+    """`--num_samples 8` against generate(num_return_sequences=8), from run.py's default 8-token prompt."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    prompt = encode(get_tokenizer(), ["Hello, I'm a language model,"])[0]
+    auto = decode_dtype("cpu")
+    ours = GPT.from_random(variant).for_generation(CPU, auto)
+    c = ours.config
+    peer = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)).eval()
+    peer.generation_config.eos_token_id = None
+
+    def run_peer():
+        with torch.no_grad():
+            peer.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=True, top_k=50, num_return_sequences=n, pad_token_id=EOT)
+
+    def run_ours():
+        list(ours.generate_batch(prompt, new_tokens, [Sampler(1.0, top_k=50, seed=i) for i in range(n)]))
+
+    times = alternate({"ours": run_ours, "peer": run_peer}, reps)
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    return case(f"generation, {variant}, {n} samples in one batch, {new_tokens} new tokens, top-k 50",
+                f"run.py gen --num_samples {n} ({dtype_name(auto)})", f"generate(num_return_sequences={n}) fp32",
+                times, target=2.0, limit=("bandwidth", weight_bytes * new_tokens, memory_gbps()))
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -297,7 +371,10 @@ def main():
             write_text(args.json, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": [row]}, indent=2))
         return
     rows = list(lora_cases(split, reps))
+    rows.append(lora_bf16_case(split, reps))
     rows += list(generation_cases(reps, new_tokens=16 if args.quick else 384))
+    rows.append(batched_generation_case(reps, new_tokens=16 if args.quick else 128))
+    rows.append(predict_case(split, reps))
     rows.append(distil_case(split, reps))
     rows.append(peak_rss_case(64 if args.quick else 512))
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "

@@ -6,8 +6,8 @@ PEFT adapters map onto this model name for name.
 import json
 import math
 import os
-from pathlib import Path
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,26 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from utils import LABELS, RUN_INFO, UserError, read_json, read_tensors, save_checkpoint
+
+
+def attention(q, k, v, causal):
+    """softmax(q k^T / sqrt(hs)) v for q (B, nh, T, hs) against k, v (B, nh, S, hs), S >= T; with `causal`, query i
+    (at position S - T + i) sees keys up to its own position.
+
+    On CPU at the lengths of CoLA sentences and of decoding steps (T <= 64) the explicit product is as fast as the
+    fused kernel in fp32 and faster in bf16, whose flash backward is slow for short sequences; on CUDA, and for
+    longer sequences, the fused kernel wins.
+    """
+    T, S = q.size(-2), k.size(-2)
+    visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if causal else None  # (T, S)
+    if q.device.type != "cpu" or T > 64:
+        if causal and T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # lets CUDA pick its flash kernel
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    att = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
+    if causal:
+        att = att.masked_fill(~visible, float("-inf"))
+    return F.softmax(att, dim=-1, dtype=torch.float32).to(v.dtype) @ v  # (B, nh, T, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,7 +53,7 @@ class CausalSelfAttention(nn.Module):
         causal = T > 1
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # (B, nh, cached + T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = attention(q, k, v, causal)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -93,19 +113,29 @@ IGNORED_KEYS = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated up to the block size."""
+    """Keys and values of every layer for the tokens seen so far, one row per sample, preallocated for `size`
+    positions (default: the block size)."""
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config, batch_size, device, dtype, size=None):
+        self.size = size or config.block_size
+        shape = (config.n_layer, batch_size, config.n_head, self.size, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # every position is written before it is read
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled, advanced by GPT.hidden once every layer has written
 
     def extend(self, layer, k, v):
+        """Append k, v (B, nh, T, hs); return the keys and values so far (B, nh, length + T, hs).
+
+        A batch of one is written to every row: that is how samples share a single prefill of their prompt.
+        """
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :k.size(0), :, :end], self.v[layer, :v.size(0), :, :end]
+
+    def keep(self, rows):
+        """Go on with these batch rows only (the samples that have not ended)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
 class GPT(nn.Module):
@@ -185,9 +215,10 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    def for_generation(self, device, dtype, compile=False):
-        """Move to `device` and `dtype` for decoding, in eval mode; `compile` (--compile) compiles `hidden`, which
-        decoding calls, with dynamic shapes (the cache grows each step).
+    def for_generation(self, device, dtype, quantize=None, compile=False):
+        """Move to `device` and `dtype` for decoding, in eval mode; `quantize` "int8" makes the linear layers int8
+        (see Int8Linear); `compile` (--compile) compiles `hidden`, which decoding calls, with dynamic shapes (the
+        cache grows each step).
 
         Decoding is matrix-vector products, limited by how fast weights stream from memory. On CPU in fp32,
         weights stored column-major (same values and shapes, transposed in memory) stream 1.2-1.7x faster
@@ -198,39 +229,106 @@ class GPT(nn.Module):
             for p in self.parameters():
                 if p.dim() == 2:
                     p.data = p.data.t().contiguous().t()
+        if quantize == "int8":
+            quantize_int8(self)
         if compile:
             self.hidden = torch.compile(self.hidden, dynamic=True)
         return self
 
-    def new_cache(self, batch_size=1):
-        p = self.lm_head.weight
-        return KVCache(self.config, batch_size, p.device, p.dtype)
+    def new_cache(self, batch_size=1, size=None):
+        p = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, p.device, p.dtype, size)
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens, sampler, eos_id=None, use_cache=True):
-        """Yield up to `max_new_tokens` token ids continuing the list `prompt`, one at a time.
+        """Yield up to `max_new_tokens` token ids continuing the list `prompt`, one at a time: one sample of
+        `generate_batch`."""
+        for step in self.generate_batch(prompt, max_new_tokens, [sampler], eos_id, use_cache):
+            yield step[0]
 
-        With the cache, the prompt is read once and each step feeds only the newest token. The model sees at
-        most block_size tokens: past that the window slides, and because positions are absolute the cached
-        keys go stale, so each step then re-reads the whole window.
+    @torch.no_grad()
+    def generate_batch(self, prompt, max_new_tokens, samplers, eos_id=None, use_cache=True):
+        """Yield, for each step, a list with the next token id of every sample continuing the list `prompt`
+        (one sample per sampler; None for a sample that has already yielded `eos_id`).
+
+        The samples share one read of the prompt (a batch of one, its keys copied to every cache row), then
+        decode together, one row each. Each sample draws with its own sampler, so sample i is the same as when
+        drawn alone with that sampler. A sample that ends leaves the batch. The model sees at most block_size
+        tokens: past that the window slides, and because positions are absolute the cached keys go stale, so each
+        step then re-reads the whole window.
         """
-        tokens = list(prompt)
+        tokens = [list(prompt) for _ in samplers]
+        live = list(range(len(samplers)))  # the samples still running, in batch-row order
+        size = min(self.config.block_size, len(prompt) + max_new_tokens)  # the most positions the cache holds
+        device = self.transformer.wte.weight.device
         cache = None
-        device = self.lm_head.weight.device
-        for _ in range(max_new_tokens):
-            window = tokens[-self.config.block_size:]
-            if use_cache and cache is not None and cache.length < self.config.block_size:
-                new = window[-1:]
+        for step in range(max_new_tokens):
+            if step == 0:  # every sample has the same context: read it once
+                idx = torch.tensor([tokens[0][-self.config.block_size:]], device=device)  # (1, T)
+                cache = self.new_cache(len(live), size) if use_cache else None
+            elif cache is not None and cache.length < cache.size:
+                idx = torch.tensor([tokens[i][-1:] for i in live], device=device)  # (n, 1)
             else:
-                cache = self.new_cache() if use_cache else None
-                new = window
-            hidden = self.hidden(torch.tensor([new], device=device), cache)[0, -1]
-            logits = self.lm_head(hidden).float()  # the last position only: the prompt's other logits are unused
-            next_id = sampler(logits, tokens)
-            yield next_id
-            if next_id == eos_id:
-                return
-            tokens.append(next_id)
+                idx = torch.tensor([tokens[i][-self.config.block_size:] for i in live], device=device)  # (n, T)
+                cache = self.new_cache(len(live)) if use_cache else None
+            hidden = self.hidden(idx, cache)[:, -1]  # (1 or n, n_embd): the prompt's other positions are unused
+            logits = self.lm_head(hidden).float().expand(len(live), -1)  # (n, vocab)
+            next_ids = [None] * len(samplers)
+            for row, i in enumerate(live):
+                next_ids[i] = samplers[i](logits[row], tokens[i])
+                tokens[i].append(next_ids[i])
+            yield next_ids
+            going = [row for row, i in enumerate(live) if next_ids[i] != eos_id]
+            if len(going) < len(live):
+                live = [live[row] for row in going]
+                if not live:
+                    return
+                if cache is not None:
+                    cache.keep(torch.tensor(going, device=device))
+
+
+class Int8Linear(nn.Module):
+    """A frozen linear layer with int8 weights and one scale per output channel (weight-only quantization).
+
+    torch's _weight_int8pack_mm reads the int8 weights as they are, a quarter of fp32's bytes, which is what
+    decoding is bound by. It wants bf16 activations and scales: with fp32 ones it falls back to a path 5-14x
+    slower than fp32 itself (measured), so activations are cast to bf16 for the product and back after it.
+    Elsewhere than on CPU the weights are dequantized for an ordinary product.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()  # (out, in)
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # (out,): each row's largest weight maps to 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (B*T, in)
+        if rows.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)  # (B*T, out)
+        else:
+            y = rows @ (self.weight.to(torch.bfloat16) * self.scale[:, None]).T
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)  # (B, T, out)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def quantize_int8(model):
+    """Replace the linear layers of every block, and the head, with Int8Linear, for inference.
+
+    The LM head shares its weight with the token embedding: the head gets an int8 copy and the embedding stays
+    as it is. A classifier's head is its `score` layer. A LoRA-tuned model is quantized after fold_lora.
+    """
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                setattr(parent, name, Int8Linear(child))
+    if isinstance(model, GPTClassifier):
+        model.score = Int8Linear(model.score)
+    else:
+        model.lm_head = Int8Linear(model.lm_head)
+    return model
 
 
 class Sampler:
@@ -438,7 +536,7 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return y.add(self.lora_B(self.lora_A(self.dropout(x))), alpha=self.scaling)  # one pass, not mul then add
 
     def delta_weight(self):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

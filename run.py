@@ -12,14 +12,15 @@ import torch
 import tune
 from model import (ADAPTER_CONFIG, GPT, LORA_TARGETS, STUDENT_CONFIG, DistilRNN, GPTClassifier, RNNConfig, Sampler,
                    adapter_base, cast_frozen_linears, inject_lora, load_config, load_lora_model, load_student,
-                   looks_like_path, mark_only_lora_as_trainable, save_adapter, save_student, variant_slug)
+                   looks_like_path, mark_only_lora_as_trainable, quantize_int8, save_adapter, save_student,
+                   variant_slug)
 from train_utils import (PLOTS_DIR, TUNING_DIR, KDLoss, activation_bytes_per_token, cached_teacher_logits,
                          check_teacher_data, cross_entropy, load_splits, predict_logits, print_distil_report,
                          print_parameter_table, print_predictions, run_stem, train_and_report)
-from utils import (EOT, LABELS, DataSpec, OneLineParser, SeedFromSrNo, Terminated, UserError, compiled, compute_dtype,
+from utils import (EOT, LABELS, DataSpec, OneLineParser, Terminated, UserError, compiled, compute_dtype,
                    data_fingerprint, default_cola_dir, encode, file_sha256, fraction, get_tokenizer, gpu_device,
                    init_distributed, interrupt_exit_code, is_main, main_first, non_negative_float, non_negative_int,
-                   number_in, positive_float, positive_int, print_stream, read_sentences, resolve_device,
+                   number_in, positive_float, positive_int, print_samples, read_sentences, resolve_device,
                    save_checkpoint, seed_everything, seed_int, sigterm_as_interrupt, system_report, writable)
 
 
@@ -70,18 +71,18 @@ def data_splits(args, tokenizer, block_size=None):
 # ----------------------------------------------------------------------------- subcommands
 
 def cmd_gen(args, device, dtype):
+    """All samples decode in one batch (see print_samples for how they are printed)."""
     tokenizer = get_tokenizer()
     prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
-    model = gpt_weights(GPT, args.gpt_variant, args.random_init).for_generation(device, dtype, args.compile)
+    model = gpt_weights(GPT, args.gpt_variant, args.random_init).for_generation(device, dtype, args.quantize,
+                                                                                args.compile)
     prompt_ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [tokenizer.eot_token]
     temperature = 0.0 if args.greedy else args.temperature
     eos = None if args.ignore_eos else tokenizer.eot_token
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"\n===== sample {i + 1} =====")
-        sampler = Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)
-        print_stream(tokenizer, prompt, model.generate(prompt_ids, args.max_new_tokens, sampler, eos_id=eos),
-                     eos_id=eos, stream=not args.no_stream)
+    samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)
+                for i in range(args.num_samples)]
+    steps = model.generate_batch(prompt_ids, args.max_new_tokens, samplers, eos_id=eos)
+    print_samples(tokenizer, prompt, steps, len(samplers), eos_id=eos, stream=not args.no_stream)
 
 
 def cmd_lora(args, device, dtype):
@@ -164,7 +165,11 @@ def cmd_predict(args, device, dtype):
     sentences, labels = read_sentences(args.sentence, args.input, DataSpec.from_args(args))
     model = load_predictor(args.model_path, args.gpt_variant)
     block_size = model.config.block_size if isinstance(model, GPTClassifier) else None
-    if block_size:
+    if args.quantize == "int8" and not block_size:
+        raise UserError(f"--quantize int8 is for GPT-2 classifiers; {args.model_path} holds an RNN student")
+    if args.quantize == "int8":
+        quantize_int8(model)
+    elif block_size:
         cast_frozen_linears(model, dtype)
     # An empty line becomes <|endoftext|> alone; GPT-2 keeps the last block_size tokens, whose final one it reads.
     tokens = [(t or [EOT])[-block_size:] if block_size else (t or [EOT]) for t in encode(get_tokenizer(), sentences)]
@@ -192,9 +197,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="mode", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seed", type=seed_int, default=0, help="seeds weights, data order, dropout and sampling")
-    common.add_argument("sr_no", nargs="?", action=SeedFromSrNo, default=argparse.SUPPRESS,
-                        help="the assignment's SR number, used as the seed: the same as --seed")
+    common.add_argument("--seed", type=seed_int, default=0, help="seeds weights, data order, dropout and sampling "
+                        "(the assignment's form, a number right after the subcommand, means the same)")
     common.add_argument("--device", default="auto", help="auto (CUDA, else an Apple GPU, else the CPU), cpu, cuda, "
                         "cuda:N, mps")
     common.add_argument("--gpu_id", dest="device", type=gpu_device, default=argparse.SUPPRESS,
@@ -253,8 +257,11 @@ def build_parser():
     g.add_argument("--repetition_penalty", type=positive_float, default=1.0, help="CTRL's penalty; 1 is none")
     g.add_argument("--greedy", action="store_true", help="always the most likely token")
     g.add_argument("--ignore_eos", action="store_true", help="keep going past <|endoftext|>")
-    g.add_argument("--num_samples", type=positive_int, default=1, help="samples to draw (seeds --seed, --seed+1, ...)")
+    g.add_argument("--num_samples", type=positive_int, default=1, help="samples to draw, in one batch (seeds "
+                   "--seed, --seed+1, ...); sample 1 streams, the rest print at the end")
     g.add_argument("--no_stream", action="store_true", help="print each sample when it is complete")
+    g.add_argument("--quantize", choices=["int8"], help="int8 weights (one scale per output channel) for the "
+                   "blocks and the head: a quarter of fp32's bytes to read per token, logits within about 1%%")
     g.set_defaults(func=cmd_gen, check=check_gen)
 
     lora = sub.add_parser("LoRA", parents=[common, gpt, train, data],
@@ -291,6 +298,8 @@ def build_parser():
                         "/ parquet file read with --text_column, --label_column (with labels, the scores too)")
     predict.add_argument("--format", default="table", choices=["table", "jsonl", "tsv"], help="output format")
     predict.add_argument("--batch_size", type=positive_int, default=128, help="sentences per forward pass")
+    predict.add_argument("--quantize", choices=["int8"], help="int8 weights for the blocks and the head "
+                         "(GPT-2 classifiers): a quarter of the memory; slower than fp32 for large batches")
     predict.set_defaults(func=cmd_predict, check=check_model_use)
 
     export = sub.add_parser("export", parents=[common],
@@ -387,13 +396,21 @@ def check_results_writable(parser, args):
 def execute(args):
     """Run a parsed subcommand on the device and dtype its flags ask for, resolved here once."""
     device = resolve_device(args.device)
-    args.func(args, device, compute_dtype(args.dtype, device, training=args.mode in tune.TUNABLE))
+    args.func(args, device, compute_dtype(args.dtype, device, training=args.mode in tune.TUNABLE,
+                                          decoding=args.mode == "gen"))
+
+
+def seed_from_sr_no(argv):
+    """The assignment's `run.py MODE SR_NO ...`: its 5-digit SR number, right after the subcommand, was the seed."""
+    if len(argv) > 1 and argv[0] != "tune" and argv[1].isdigit():
+        return [argv[0], "--seed", argv[1], *argv[2:]]
+    return argv
 
 
 def main(argv=None):
     """Run one subcommand; every failure ends in one line on stderr (the traceback only with --debug)."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(seed_from_sr_no(sys.argv[1:] if argv is None else argv))
     if rest and args.mode != "tune":  # a sweep passes the flags it does not know to every run
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -4,6 +4,7 @@ import argparse
 import codecs
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field, fields
@@ -92,11 +94,11 @@ def has_fast_bf16(device):
     `torch.cuda.is_bf16_supported()` answers True there unless emulation is excluded."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # Not mkldnn's bf16 support: it is true on any AVX512 CPU, where oneDNN emulates bf16 about 3x slower than fp32.
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def auto_dtype(device, training):
+def auto_dtype(device, training, decoding=False):
     """What `--dtype auto` runs, the one place that decides it. CUDA: bf16 where it is native, else fp16 on tensor
     cores (capability 7.x: T4, V100; training then scales the loss), else fp32. Apple's MPS: fp16 to decode and
     classify, fp32 to train (no loss scaling there yet). CPU: bf16 where it is fast, else fp32."""
@@ -106,13 +108,40 @@ def auto_dtype(device, training):
         return torch.float16 if torch.cuda.get_device_capability(device) >= (7, 0) else torch.float32
     if device.type == "mps":
         return torch.float32 if training else torch.float16
+    if decoding:
+        return decode_dtype("cpu")
     return torch.bfloat16 if has_fast_bf16(device) else torch.float32
 
 
-def compute_dtype(flag, device, training=False):
-    """The dtype that `--dtype` asks for, for training or (training=False) for decoding and prediction."""
+@functools.cache
+def decode_dtype(device_type, budget_s=0.06):
+    """float32 or bfloat16, whichever decodes faster on this machine, measured once per process.
+
+    Decoding is matrix-vector products, bound by how fast weights stream from memory. Whether bf16's half-size
+    weights stream faster depends on the CPU (fast on an AMD EPYC with AVX512-BF16; no faster than fp32 on a
+    Cascade Lake Xeon, which emulates bf16), so no CPU flag decides: one GPT-2-sized product per dtype, in the
+    layouts for_generation uses, is timed in alternation for `budget_s` seconds and the best times compared.
+    bf16 must win by 20% to be chosen, since fp32 is the exact one. One vector, whatever the number of samples,
+    so that a sample's tokens do not depend on how many are drawn beside it. CUDA takes bf16 where it has it.
+    """
+    if device_type != "cpu":
+        return auto_dtype(torch.device(device_type), training=False)
+    w, x = torch.rand(3072, 768), torch.rand(1, 768)  # the values do not matter to the time
+    candidates = {torch.float32: (x, w.t().contiguous().t()), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
+    best = {dtype: float("inf") for dtype in candidates}
+    stop = time.perf_counter() + budget_s
+    while time.perf_counter() < stop:  # alternating, so that a busy moment of the machine hits both
+        for dtype, (a, b) in candidates.items():
+            start = time.perf_counter()
+            a @ b.T
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return torch.bfloat16 if best[torch.bfloat16] < 0.8 * best[torch.float32] else torch.float32
+
+
+def compute_dtype(flag, device, training=False, decoding=False):
+    """The dtype that `--dtype` asks for: for training, for token-by-token decoding (gen), or for prediction."""
     if flag == "auto":
-        return auto_dtype(device, training)
+        return auto_dtype(device, training, decoding)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[flag]
 
 
@@ -255,6 +284,33 @@ def print_stream(tokenizer, prompt, token_ids, eos_id, stream):
             print(text, end="", flush=True)
     pieces.append(decoder.decode(b"", final=True))
     print(pieces[-1] if stream else "".join(pieces), flush=True)
+
+
+def print_samples(tokenizer, prompt, steps, n_samples, eos_id, stream):
+    """Print samples decoded together: `steps` yields one token per sample per step (None for a sample that has
+    ended). Sample 1 streams as it is generated; the others, which advance at the same pace, are printed when every
+    sample has finished."""
+    samples = [[] for _ in range(n_samples)]
+
+    def record(step):
+        for sample, tok in zip(samples, step):
+            if tok is not None:
+                sample.append(tok)
+
+    def first_sample():
+        for step in steps:
+            record(step)
+            if step[0] is not None:
+                yield step[0]
+
+    if n_samples > 1:
+        print("\n===== sample 1 =====")
+    print_stream(tokenizer, prompt, first_sample(), eos_id=eos_id, stream=stream)
+    for step in steps:  # sample 1 may end before the others
+        record(step)
+    for i, sample in enumerate(samples[1:], start=2):
+        print(f"\n===== sample {i} =====")
+        print_stream(tokenizer, prompt, iter(sample), eos_id=eos_id, stream=False)
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -746,17 +802,6 @@ seed_int = number_in(int, 0, 2 ** 32 - 1)
 def gpu_device(text):
     """The assignment's --gpu_id N, as the device cuda:N."""
     return f"cuda:{non_negative_int(text)}"
-
-
-class SeedFromSrNo(argparse.Action):
-    """The assignment's positional 5-digit SR number, which it used as the seed: stored as --seed."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if values not in (None, argparse.SUPPRESS):  # argparse passes SUPPRESS when the argument is absent
-            try:
-                namespace.seed = seed_int(values)
-            except argparse.ArgumentTypeError as e:
-                raise argparse.ArgumentError(self, str(e)) from None
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

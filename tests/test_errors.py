@@ -71,6 +71,8 @@ CASES = [
     ("a negative seed", "rnn --seed -1", 2, "error: argument --seed: must be in [0, 4294967295], got -1"),
     ("a CUDA device where there is none", "LoRA --device cuda", 1,
      "error: --device cuda: no CUDA device is available here (use --device cpu)"),
+    ("int8 for training", "LoRA --quantize int8", 2, "error: unrecognized arguments: --quantize int8"),
+    ("an unknown quantization", "gen --quantize int4", 2, "error: argument --quantize: invalid choice: 'int4'"),
     ("--resume with nothing to resume", "rnn --resume --max_examples 8", 1,
      "error: --resume: no saved run at models/rnn.resume.pt; start the run without --resume"),
     ("a dataset that does not exist (or is not cached, offline)", "rnn --dataset no-such-org/no-such-dataset", 1,

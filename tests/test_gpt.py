@@ -4,8 +4,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import run_cli, save_tiny_gpt2
-from model import GPT, Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
-from utils import UserError
+from model import GPT, Int8Linear, Sampler, apply_repetition_penalty, quantize_int8, top_k_candidates, top_p_filter
+from utils import UserError, decode_dtype
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +167,91 @@ def test_streaming_stops_at_end_of_text_only_when_asked(tokenizer, capsys):
     assert capsys.readouterr().out == "Count: one<|endoftext|> two\n"
     print_stream(tokenizer, "", iter(tokenizer.encode_ordinary("naïve 日本")), eos_id=None, stream=True)
     assert capsys.readouterr().out == "naïve 日本\n"
+
+
+# ----------------------------------------------------------------------------- batched samples, int8, dtype probe
+
+def test_batched_sampling_equals_one_sample_at_a_time(pair):
+    ours, _ = pair
+    prompt = [10, 20, 30]
+
+    def sampler(seed):
+        return Sampler(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=seed)
+
+    batched = list(ours.generate_batch(prompt, 40, [sampler(7 + i) for i in range(4)]))
+    columns = [[step[i] for step in batched] for i in range(4)]
+    assert columns == [list(ours.generate(prompt, 40, sampler(7 + i))) for i in range(4)]
+    assert len({tuple(c) for c in columns}) == 4  # different seeds, different samples
+
+
+def test_batched_greedy_equals_transformers_and_slides_like_one_sample(pair):
+    ours, hf = pair
+    prompt = [464, 2068, 7586, 21831]
+    hf.generation_config.eos_token_id = None
+    reference = hf.generate(torch.tensor([prompt]), max_new_tokens=60, do_sample=False, pad_token_id=50256)
+    steps = list(ours.generate_batch(prompt, 60, [Sampler(temperature=0) for _ in range(3)]))
+    assert steps == [[tok] * 3 for tok in reference[0, len(prompt):].tolist()]
+    long_prompt = list(range(100, 220))  # 120 of the 128 positions: the window slides
+    alone = list(ours.generate(long_prompt, 30, Sampler(temperature=0), use_cache=False))
+    assert list(ours.generate_batch(long_prompt, 30, [Sampler(temperature=0)] * 2)) == [[tok] * 2 for tok in alone]
+
+
+def test_each_sample_stops_at_its_own_end_of_text(pair):
+    ours, _ = pair
+
+    class EOTAfter:  # yields token 5, then <|endoftext|> at step `n`
+        def __init__(self, n):
+            self.n, self.calls = n, 0
+
+        def __call__(self, logits, context):
+            self.calls += 1
+            return 50256 if self.calls == self.n else 5
+
+    samplers = [EOTAfter(3), EOTAfter(100), EOTAfter(6)]
+    steps = list(ours.generate_batch([1, 2], 10, samplers, eos_id=50256))
+    columns = [[step[i] for step in steps if step[i] is not None] for i in range(3)]
+    assert columns == [[5, 5, 50256], [5] * 10, [5] * 5 + [50256]]
+    assert [s.calls for s in samplers] == [3, 10, 6]  # an ended sample draws no more
+    assert list(ours.generate_batch([1, 2], 10, [EOTAfter(2), EOTAfter(2)], eos_id=50256)) == [[5, 5], [50256] * 2]
+
+
+def test_int8_logits_and_greedy_tokens_stay_close_to_fp32(tmp_path):
+    """The README's int8 numbers: a tiny GPT-2 (n_embd 32) with 256 positions, 200 greedy tokens."""
+    folder = save_tiny_gpt2(tmp_path / "m", n_positions=256)
+    ref, q = GPT.from_pretrained(folder).eval(), quantize_int8(GPT.from_pretrained(folder).eval())
+    assert isinstance(q.lm_head, Int8Linear) and q.lm_head.weight.dtype == torch.int8
+    assert q.transformer.wte.weight.dtype == torch.float32  # the embedding keeps its float weights
+    prompt = [464, 2068, 7586, 21831]
+    tokens = list(ref.generate(prompt, 200, Sampler(temperature=0)))
+    idx = torch.tensor([prompt + tokens[:-1]])
+    with torch.no_grad():
+        a, b = ref(idx)[0, len(prompt) - 1:], q(idx)[0, len(prompt) - 1:]  # (200, vocab): the logits of each token
+    err = (a - b).abs()
+    agreement = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    print(f"int8 vs fp32: max logit error {err.max():.4f}, mean {err.mean():.4f} (mean |logit| {a.abs().mean():.3f}),"
+          f" greedy agreement {agreement:.1%} over 200 tokens")
+    assert err.max() <= 0.2 and err.mean() <= 0.03  # measured: 0.135 and 0.0135
+    assert agreement >= 0.9  # measured: 95.5%
+
+
+def test_decoding_dtype_probe_is_fp32_or_bf16_and_measured_once():
+    import time
+    decode_dtype.cache_clear()
+    start = time.perf_counter()
+    chosen = decode_dtype("cpu")
+    assert time.perf_counter() - start < 0.5  # 0.06 s of timing plus setup; generous for a busy CI machine
+    assert chosen in (torch.float32, torch.bfloat16)
+    assert decode_dtype("cpu") is chosen and decode_dtype.cache_info().hits == 1
+
+
+def test_cli_gen_samples_print_in_order_and_match_single_runs(tiny_gpt_dir, tmp_path):
+    args = ("gen", "--gpt_variant", tiny_gpt_dir, "--prompt", "Once upon", "--max_new_tokens", "10", "--ignore_eos",
+            "--dtype", "float32")
+    batched = run_cli(*args, "--num_samples", "3", "--seed", "4", cwd=tmp_path)
+    assert batched.returncode == 0, batched.stderr
+    texts = [part.strip() for part in batched.stdout.split("===== sample ")[1:]]
+    for i, text in enumerate(texts):
+        alone = run_cli(*args, "--seed", str(4 + i), cwd=tmp_path)
+        assert text == f"{i + 1} =====\n{alone.stdout.strip()}"
+    quantized = run_cli(*args, "--quantize", "int8", "--greedy", cwd=tmp_path)
+    assert quantized.returncode == 0 and quantized.stdout.startswith("Once upon"), quantized.stderr

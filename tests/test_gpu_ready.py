@@ -93,7 +93,7 @@ def test_info_tells_what_would_be_chosen(tmp_path, gpu, train, decode):
 
 @pytest.fixture(scope="module")
 def splits(cola_dir, tokenizer):
-    return load_splits(cola_dir, tokenizer, max_examples=64, seed=0)
+    return load_splits(utils.DataSpec(data_dir=cola_dir), tokenizer, max_examples=64, seed=0)
 
 
 def tiny_lora(tiny_gpt_dir):

@@ -130,5 +130,5 @@ def test_the_assignments_command_line_runs_unchanged(tiny_gpt_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     [record] = utils.read_jsonl(tmp_path / "a" / "tuning" / "LoRA.jsonl")
     assert record["args"]["seed"] == 12345
-    args = run.build_parser().parse_args(["rnn", "54321", "--hidden_dim", "32", "--gpu_id", "1"])
+    args = run.build_parser().parse_args(run.seed_from_sr_no(["rnn", "54321", "--hidden_dim", "32", "--gpu_id", "1"]))
     assert (args.seed, args.rnn_hidden, args.device) == (54321, 32, "cuda:1")
