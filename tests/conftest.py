@@ -21,6 +21,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(ROOT))
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=128, initializer_range=0.2)
+# The public CoLA release: sentences per split, and how many of the in-domain dev ones are acceptable (the
+# majority class every score stands beside: 365 / 527 = 69.26%).
+COLA_TRAIN, COLA_DEV, COLA_OOD, COLA_DEV_ACCEPTABLE = 8551, 527, 516, 365
+# Three sentences of different lengths, padded together in one batch.
+PAD_BATCH = [[464, 3797, 3332, 13], [40, 716, 257, 3290, 351, 617, 2456, 13], [15496, 13]]
 
 
 def save_tiny_gpt2(folder, seed=0, **overrides):
@@ -81,3 +86,63 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def padded(seqs):
+    """Right-pad token lists with <|endoftext|>, as the training loop does: (ids, lengths)."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.full((len(seqs), int(lengths.max())), 50256)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s)
+    return ids, lengths
+
+
+def randomize_adapter(model, seed=0):
+    """Give every trainable tensor (LoRA B included) random values, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def save_tiny_adapter(folder, gpt_dir, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+                      base_model=None, run_info=None):
+    """An untrained rank-4 LoRA adapter of the tiny GPT-2 at `gpt_dir`, saved as `run.py LoRA` saves one."""
+    from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable, save_adapter
+    torch.manual_seed(0)
+    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(gpt_dir), 4, 4, 0.0, targets))
+    save_adapter(model, folder, rank=4, alpha=4, dropout=0.0, targets=targets, base_model=base_model or gpt_dir,
+                 run_info={"random_init": False, "seed": 0} if run_info is None else run_info)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_gpt_dir, tmp_path_factory):
+    """A tiny teacher adapter on all four targets, as `run.py LoRA` writes it."""
+    return save_tiny_adapter(tmp_path_factory.mktemp("teacher") / "adapter", tiny_gpt_dir)
+
+
+def torchrun(*args, cwd):
+    """`torchrun --standalone --nproc_per_node=2 run.py ARGS` in `cwd`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"),
+           *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+
+
+def assert_same_run(single, ddp, mode, weights):
+    """A run in folder `single` and its torchrun twin in `ddp` reached the same weights, metrics and plots."""
+    import json
+    from safetensors.torch import load_file
+    a, b = load_file(single / weights), load_file(ddp / weights)
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    [one] = [json.loads(line) for line in (single / "tuning" / f"{mode}.jsonl").read_text().splitlines()]
+    [two] = [json.loads(line) for line in (ddp / "tuning" / f"{mode}.jsonl").read_text().splitlines()]
+    for h1, h2 in zip(one["history"], two["history"]):
+        assert h1["dev_acc"] == h2["dev_acc"] and h1["dev_mcc"] == pytest.approx(h2["dev_mcc"])
+        assert h1["train_loss"] == pytest.approx(h2["train_loss"], abs=1e-5)
+    assert one["dev_preds"] == two["dev_preds"] and one["ood_preds"] == two["ood_preds"]
+    plots = sorted(p.name for p in (ddp / "plots").iterdir())
+    assert plots == sorted(p.name for p in (single / "plots").iterdir()) and f"{mode}_acc.png" in plots

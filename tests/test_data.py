@@ -3,13 +3,15 @@ import pytest
 import torch
 from sklearn.metrics import matthews_corrcoef as sk_mcc
 
+from conftest import COLA_DEV, COLA_DEV_ACCEPTABLE, COLA_OOD, COLA_TRAIN
+
 from train_utils import bucketed_batches, majority_label, matthews_corrcoef, sorted_batches
 from utils import UserError, load_cola, read_cola_tsv
 
 
 def test_real_cola_files_parse(cola_dir):
     data = load_cola(cola_dir)
-    assert {k: len(v[0]) for k, v in data.items()} == {"train": 8551, "dev": 527, "ood": 516}
+    assert {k: len(v[0]) for k, v in data.items()} == {"train": COLA_TRAIN, "dev": COLA_DEV, "ood": COLA_OOD}
     for sentences, labels in data.values():
         assert set(labels) == {0, 1} and len(sentences) == len(labels)
     assert 'Susan whispered "Shut up".' in data["train"][0]
@@ -18,7 +20,7 @@ def test_real_cola_files_parse(cola_dir):
 def test_majority_baseline_on_real_dev(cola_dir):
     data = load_cola(cola_dir)
     assert majority_label(data["train"][1]) == 1
-    assert sum(data["dev"][1]) == 365  # always "acceptable": 365 / 527 = 69.26%, the figure every result stands beside
+    assert sum(data["dev"][1]) == COLA_DEV_ACCEPTABLE == 365  # always "acceptable": 69.26%, beside every result
 
 
 def test_windows_line_endings_and_trailing_blank_line(tmp_path):

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, matthews_corrcoef as sk_mcc
 
 import run
-from conftest import run_cli
+from conftest import PAD_BATCH, padded, run_cli
 from model import GPTClassifier
-from test_lora import PAD_BATCH, padded
 from train_utils import (Split, bootstrap, kd_loss, macro_f1, macro_f1_rows, matthews_corrcoef, predict_logits,
                          train_epoch)
 from utils import DataSpec, UserError, encode, load_text_data

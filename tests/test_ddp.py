@@ -3,49 +3,19 @@ only rank 0 writes; the teacher runs once per sentence in total."""
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, count_classifier_rows, run_cli
-from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable
-from model import save_adapter
-
-
-def torchrun(*args, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"),
-           *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-
-
-def assert_same_run(single, ddp, mode, weights):
-    a, b = load_file(single / weights), load_file(ddp / weights)
-    assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
-    [one] = [json.loads(line) for line in (single / "tuning" / f"{mode}.jsonl").read_text().splitlines()]
-    [two] = [json.loads(line) for line in (ddp / "tuning" / f"{mode}.jsonl").read_text().splitlines()]
-    for h1, h2 in zip(one["history"], two["history"]):
-        assert h1["dev_acc"] == h2["dev_acc"] and h1["dev_mcc"] == pytest.approx(h2["dev_mcc"])
-        assert h1["train_loss"] == pytest.approx(h2["train_loss"], abs=1e-5)
-    assert one["dev_preds"] == two["dev_preds"] and one["ood_preds"] == two["ood_preds"]
-    plots = sorted(p.name for p in (ddp / "plots").iterdir())
-    assert plots == sorted(p.name for p in (single / "plots").iterdir()) and f"{mode}_acc.png" in plots
+from conftest import (COLA_DEV, COLA_OOD, assert_same_run, count_classifier_rows, run_cli, save_tiny_adapter,
+                      torchrun)
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_gpt_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    targets = ["attn.c_attn", "mlp.c_fc"]
-    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(tiny_gpt_dir), 4, 4, 0.0, targets))
-    folder = tmp_path_factory.mktemp("teacher") / "adapter"
-    save_adapter(model, folder, rank=4, alpha=4, dropout=0.0, targets=targets,
-                 base_model=tiny_gpt_dir, run_info={})
-    return folder
+def two_target_adapter(tiny_gpt_dir, tmp_path_factory):
+    return save_tiny_adapter(tmp_path_factory.mktemp("teacher") / "adapter", tiny_gpt_dir,
+                             targets=("attn.c_attn", "mlp.c_fc"), run_info={})
 
 
 def run_once_and_on_two_ranks(args, folder):
@@ -66,8 +36,8 @@ def test_lora_on_two_ranks_equals_one_process(tiny_gpt_dir, tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "two", "LoRA", "adapter/adapter_model.safetensors")
 
 
-def test_distil_on_two_ranks_equals_one_process(adapter_dir, tmp_path):
-    run_once_and_on_two_ranks(["distil", "--model_path", adapter_dir, "--max_examples", 256, "--batch_size", 64,
+def test_distil_on_two_ranks_equals_one_process(two_target_adapter, tmp_path):
+    run_once_and_on_two_ranks(["distil", "--model_path", two_target_adapter, "--max_examples", 256, "--batch_size", 64,
                                "--epochs", 2, "--rnn_hidden", 16, "--dtype", "float32"], tmp_path)
     assert_same_run(tmp_path / "one", tmp_path / "two", "distil", "models/distil-rnn/model.safetensors")
 
@@ -84,12 +54,12 @@ def count_teacher_rows(rank, world, port, adapter, workdir):
     Path(workdir, f"rank{rank}.json").write_text(json.dumps({"code": code, "rows": sum(seen)}))
 
 
-def test_teacher_runs_once_per_sentence_across_ranks(adapter_dir, tmp_path):
+def test_teacher_runs_once_per_sentence_across_ranks(two_target_adapter, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(count_teacher_rows, args=(2, port, adapter_dir, tmp_path), nprocs=2)
+    torch.multiprocessing.spawn(count_teacher_rows, args=(2, port, two_target_adapter, tmp_path), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["code"] for r in ranks] == [0, 0]
-    assert sum(r["rows"] for r in ranks) == 64 + 527 + 516 and all(r["rows"] > 0 for r in ranks)
+    assert sum(r["rows"] for r in ranks) == 64 + COLA_DEV + COLA_OOD and all(r["rows"] > 0 for r in ranks)
     assert len((tmp_path / "tuning" / "distil.jsonl").read_text().splitlines()) == 1

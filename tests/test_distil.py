@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import run
-from conftest import count_classifier_rows, run_cli
-from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters, inject_lora, mark_only_lora_as_trainable
+from conftest import COLA_DEV, COLA_OOD, count_classifier_rows, run_cli
+from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters
 from train_utils import KDLoss, Split, kd_loss, predict_logits, train_epoch
-from model import save_adapter
 from utils import EOT
 
 
@@ -74,24 +73,12 @@ def test_tiny_student_matches_a_tiny_teacher(tiny_gpt_dir, tokenizer, cola_dir):
     assert torch.equal(s_logits.argmax(-1), t_logits.argmax(-1))
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_gpt_dir, tmp_path_factory):
-    """A tiny teacher adapter as `run.py LoRA` writes it."""
-    torch.manual_seed(0)
-    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(tiny_gpt_dir), 4, 4))
-    folder = tmp_path_factory.mktemp("teacher") / "adapter"
-    save_adapter(model, folder, rank=4, alpha=4, dropout=0.0,
-                 targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), base_model=tiny_gpt_dir,
-                 run_info={"random_init": False, "seed": 0})
-    return folder
-
-
 def test_teacher_runs_once_per_example_and_never_with_its_cache(adapter_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     seen = count_classifier_rows(monkeypatch.setattr)
     args = ["distil", "--model_path", str(adapter_dir), "--max_examples", "64", "--epochs", "2", "--rnn_hidden", "32"]
     assert run.main(args) == 0
-    assert sum(seen) == 64 + 527 + 516  # each training example once, plus dev and out-of-domain dev once
+    assert sum(seen) == 64 + COLA_DEV + COLA_OOD  # each training example once, plus dev and out-of-domain dev once
     seen.clear()
     assert run.main(args) == 0
     assert sum(seen) == 0
@@ -108,10 +95,10 @@ def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path):
     report = distil.stdout[distil.stdout.index("Distillation report"):]
     for row in ("teacher (GPT-2 + LoRA)", "student with KD", "student without KD", "majority baseline"):
         assert row in report
-    assert "McNemar's exact test, student with KD vs student without KD on the 527 dev sentences" in report
+    assert f"McNemar's exact test, student with KD vs student without KD on the {COLA_DEV} dev sentences" in report
     assert (tmp_path / "plots" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kd = json.loads((tmp_path / "tuning" / "distil.jsonl").read_text().splitlines()[-1])
-    assert len(kd["dev_preds"]) == 527 and kd["args"]["temperature"] == 2.0
+    assert len(kd["dev_preds"]) == COLA_DEV and kd["args"]["temperature"] == 2.0
     assert (tmp_path / "models" / "distil-rnn" / "model.safetensors").exists()
     assert (tmp_path / "models" / "rnn" / "config.json").exists()
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import run
-from conftest import ROOT, run_cli, save_tiny_gpt2
-from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable
-from model import save_adapter
+import train_utils
+from conftest import ROOT, run_cli, save_tiny_adapter, save_tiny_gpt2
 
 # (what the user did, the command after `python run.py`, exit code, the start of the stderr line)
 CASES = [
@@ -99,11 +98,8 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
     save_tiny_gpt2(d / "tiny-gpt2")
     (d / "notes.txt").write_text("a file\n")
     (d / "empty").mkdir()
-    torch.manual_seed(0)
-    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(str(d / "tiny-gpt2")), 4, 4))
     for name in ("adapter-tiny", "corrupt-adapter", "bad-config"):
-        save_adapter(model, d / name, rank=4, alpha=4, dropout=0.0, targets=["attn.c_attn", "attn.c_proj",
-                     "mlp.c_fc", "mlp.c_proj"], base_model="tiny-gpt2", run_info={})
+        save_tiny_adapter(d / name, str(d / "tiny-gpt2"), base_model="tiny-gpt2", run_info={})
     weights = d / "corrupt-adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     (d / "bad-config" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
@@ -161,17 +157,37 @@ def test_unexpected_failure_is_one_line_with_a_hint(monkeypatch, capsys):
         run.main(["gen", "--debug"])
 
 
+def in_epoch(monkeypatch, epoch, fault):
+    """Call `fault(model, split, loss_fn, optimizer)` as training epoch `epoch` starts (a fault injected per epoch,
+    whatever the loop does inside one)."""
+    real, started = train_utils.train_epoch, []
+
+    def train_epoch(model, split, loss_fn, optimizer, **kwargs):
+        started.append(1)
+        if len(started) == epoch:
+            fault(model, split, loss_fn, optimizer)
+        return real(model, split, loss_fn, optimizer, **kwargs)
+
+    monkeypatch.setattr(train_utils, "train_epoch", train_epoch)
+
+
 def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_state(tiny_gpt_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    calls = {"n": 0}
-    real = run.cross_entropy
 
-    def nan_in_epoch_2(logits, labels, teacher=None):
-        loss = real(logits, labels)
-        calls["n"] += 1
-        return loss * float("nan") if calls["n"] == 7 else loss  # 4 steps and 1 evaluation an epoch
+    def poison_after_first_step(optimizer):
+        """Epoch 2's first optimizer step leaves a NaN in a trainable tensor, so step 2's loss is NaN."""
+        step = optimizer.step
 
-    monkeypatch.setattr(run, "cross_entropy", nan_in_epoch_2)
+        def step_then_nan(*args, **kwargs):
+            out = step(*args, **kwargs)
+            optimizer.step = step
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+            return out
+
+        optimizer.step = step_then_nan
+
+    in_epoch(monkeypatch, 2, lambda model, split, loss_fn, optimizer: poison_after_first_step(optimizer))
     args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "64", "--batch_size", "16", "--epochs", "3",
             "--model_path", "adapter"]
     assert run.main(args) == 1
@@ -213,16 +229,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny_gpt_dir, tmp_path):
 
 def test_ctrl_c_saves_nothing_partial_and_resume_refuses_other_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    calls = {"n": 0}
-    real = run.cross_entropy
 
-    def ctrl_c_in_epoch_2(logits, labels, teacher=None):
-        calls["n"] += 1
-        if calls["n"] == 4:  # 32 examples, batch 16: 2 steps and 1 evaluation an epoch
-            raise KeyboardInterrupt
-        return real(logits, labels)
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(run, "cross_entropy", ctrl_c_in_epoch_2)
+    in_epoch(monkeypatch, 2, ctrl_c)
     args = ["rnn", "--max_examples", "32", "--batch_size", "16", "--epochs", "2", "--rnn_hidden", "8"]
     assert run.main(args) == 130
     assert capsys.readouterr().err == ("error: interrupted during epoch 2; the state after epoch 1 is in "

@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import assert_same_run, run_cli, torchrun
 from model import GPT, GPTClassifier, Sampler, cast_frozen_linears, inject_lora, mark_only_lora_as_trainable
-from test_ddp import assert_same_run, torchrun
 from train_utils import fit, load_splits
 
 pytestmark = pytest.mark.gpu

@@ -5,36 +5,15 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import PAD_BATCH, padded, randomize_adapter, run_cli
 from model import GPTClassifier, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, unmerge_lora
 from train_utils import Split, cross_entropy, evaluate, train_epoch
 from model import load_adapter_weights, read_adapter_config, save_adapter
-from utils import EOT
-
-PAD_BATCH = [[464, 3797, 3332, 13], [40, 716, 257, 3290, 351, 617, 2456, 13], [15496, 13]]
-
-
-def padded(seqs):
-    lengths = torch.tensor([len(s) for s in seqs])
-    ids = torch.full((len(seqs), int(lengths.max())), EOT)
-    for row, s in enumerate(seqs):
-        ids[row, :len(s)] = torch.tensor(s)
-    return ids, lengths
-
 
 @pytest.fixture
 def classifier(tiny_gpt_dir):
     torch.manual_seed(0)
     return GPTClassifier.from_pretrained(tiny_gpt_dir).eval()
-
-
-def randomize_adapter(model, seed=0):
-    """Give every trainable tensor (LoRA B included) random values, as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_untrained_adapter_leaves_the_model_unchanged_bit_for_bit(classifier):

@@ -3,6 +3,7 @@ import pytest
 import torch
 from scipy.stats import binomtest, bootstrap
 
+from conftest import COLA_DEV, COLA_DEV_ACCEPTABLE, COLA_OOD
 from train_utils import bootstrap_mcc, matthews_corrcoef, mcnemar_exact, wilson_interval
 
 
@@ -12,7 +13,8 @@ def test_wilson_textbook_case():
     assert (round(low, 4), round(high, 4)) == (0.2553, 0.3662)
 
 
-@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (365, 527), (1, 2), (500, 516)])
+@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (COLA_DEV_ACCEPTABLE, COLA_DEV), (1, 2),
+                                         (500, COLA_OOD)])
 def test_wilson_matches_scipy(k, n):
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
@@ -35,8 +37,8 @@ def test_mcnemar_matches_scipy_binomial(only_a, only_b):
 
 def test_bootstrap_mcc_is_seeded_and_agrees_with_scipy():
     g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 2, (527,), generator=g)
-    preds = torch.where(torch.rand(527, generator=g) < 0.8, labels, 1 - labels)
+    labels = torch.randint(0, 2, (COLA_DEV,), generator=g)  # the size of CoLA's dev set
+    preds = torch.where(torch.rand(COLA_DEV, generator=g) < 0.8, labels, 1 - labels)
     ours = bootstrap_mcc(preds, labels, resamples=4000, seed=1)
     assert ours == bootstrap_mcc(preds, labels, resamples=4000, seed=1)
     assert ours[0] < matthews_corrcoef(preds, labels) < ours[1]
