@@ -9,6 +9,7 @@ import torch
 from conftest import assert_same_run, run_cli, torchrun
 from model import GPT, GPTClassifier, Sampler, cast_frozen_linears, inject_lora, mark_only_lora_as_trainable
 from train_utils import fit, load_splits
+from utils import DataSpec
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -33,10 +34,10 @@ def test_lora_steps_have_a_finite_loss_in_each_training_dtype(tiny_gpt_dir, cola
     torch.manual_seed(0)
     model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(tiny_gpt_dir), 4, 4))
     cast_frozen_linears(model, dtype).to(CUDA)
-    splits = load_splits(cola_dir, tokenizer, max_examples=256, seed=0)
-    history, _, _ = fit(model, lambda logits, labels, teacher=None: torch.nn.functional.cross_entropy(
+    splits = load_splits(DataSpec(data_dir=cola_dir), tokenizer, max_examples=256, seed=0)
+    history = fit(model, lambda logits, labels, teacher=None: torch.nn.functional.cross_entropy(
         logits.float(), labels), splits, epochs=1, batch_size=32, lr=1e-3, device=CUDA, dtype=dtype, seed=0,
-        micro_batch_tokens=None)
+        micro_batch_tokens=None)["history"]
     assert math.isfinite(history[0]["train_loss"]) and history[0]["skipped_steps"] <= 2
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
