@@ -189,14 +189,19 @@ def predict_case(split, reps, variant="gpt2", batch_size=128):
 
 # ----------------------------------------------------------------------------- generation
 
-def generation_cases(reps, new_tokens, variant="gpt2"):
+def hf_generator(config):
+    """GPT2LMHeadModel of the same shape, never stopping at <|endoftext|> (so both sides make every token)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+    peer = GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).eval()
+    peer.generation_config.eos_token_id = None
+    return peer
+
+
+def generation_cases(reps, new_tokens, variant="gpt2"):
     torch.manual_seed(0)
     prompt = torch.randint(0, 50257, (128,)).tolist()
     ours = GPT.from_random(variant).eval()
-    c = ours.config
-    peer = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)).eval()
-    peer.generation_config.eos_token_id = None
+    peer = hf_generator(ours.config)
 
     def run_peer():
         with torch.no_grad():
@@ -230,13 +235,10 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
 
 def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
     """`--num_samples 8` against generate(num_return_sequences=8), from run.py's default 8-token prompt."""
-    from transformers import GPT2Config, GPT2LMHeadModel
     prompt = encode(get_tokenizer(), ["Hello, I'm a language model,"])[0]
     auto = decode_dtype("cpu")
     ours = GPT.from_random(variant).for_generation(CPU, auto)
-    c = ours.config
-    peer = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)).eval()
-    peer.generation_config.eos_token_id = None
+    peer = hf_generator(ours.config)
 
     def run_peer():
         with torch.no_grad():

@@ -131,6 +131,17 @@ def torchrun(*args, cwd):
                           env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
 
 
+def run_once_and_on_two_ranks(args, folder):
+    """The same command in folder/one (one process) and folder/two (torchrun, 2 ranks); returns torchrun's run."""
+    (folder / "one").mkdir()
+    (folder / "two").mkdir()
+    single = run_cli(*args, cwd=folder / "one")
+    assert single.returncode == 0, single.stderr
+    ddp = torchrun(*args, cwd=folder / "two")
+    assert ddp.returncode == 0, ddp.stderr
+    return ddp
+
+
 def assert_same_run(single, ddp, mode, weights):
     """A run in folder `single` and its torchrun twin in `ddp` reached the same weights, metrics and plots."""
     import json

@@ -8,25 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (COLA_DEV, COLA_OOD, assert_same_run, count_classifier_rows, run_cli, save_tiny_adapter,
-                      torchrun)
+from conftest import (COLA_DEV, COLA_OOD, assert_same_run, count_classifier_rows, run_once_and_on_two_ranks,
+                      save_tiny_adapter)
 
 
 @pytest.fixture(scope="module")
 def two_target_adapter(tiny_gpt_dir, tmp_path_factory):
     return save_tiny_adapter(tmp_path_factory.mktemp("teacher") / "adapter", tiny_gpt_dir,
                              targets=("attn.c_attn", "mlp.c_fc"), run_info={})
-
-
-def run_once_and_on_two_ranks(args, folder):
-    """The same command in folder/one (one process) and folder/two (torchrun, 2 ranks); returns torchrun's run."""
-    (folder / "one").mkdir()
-    (folder / "two").mkdir()
-    single = run_cli(*args, cwd=folder / "one")
-    assert single.returncode == 0, single.stderr
-    ddp = torchrun(*args, cwd=folder / "two")
-    assert ddp.returncode == 0, ddp.stderr
-    return ddp
 
 
 def test_lora_on_two_ranks_equals_one_process(tiny_gpt_dir, tmp_path):

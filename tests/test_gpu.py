@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_same_run, run_cli, torchrun
+from conftest import assert_same_run, run_once_and_on_two_ranks
 from model import GPT, GPTClassifier, Sampler, cast_frozen_linears, inject_lora, mark_only_lora_as_trainable
 from train_utils import fit, load_splits
 from utils import DataSpec
@@ -55,10 +55,5 @@ def test_greedy_decoding_on_the_gpu_equals_the_cpu(tiny_gpt_dir):
 def test_two_nccl_ranks_equal_one_process(tiny_gpt_dir, tmp_path):
     args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", 256, "--batch_size", 64, "--epochs", 2,
             "--dtype", "float32", "--model_path", "adapter"]
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    single = run_cli(*args, cwd=tmp_path / "one")
-    assert single.returncode == 0, single.stderr
-    ddp = torchrun(*args, cwd=tmp_path / "two")
-    assert ddp.returncode == 0, ddp.stderr
+    run_once_and_on_two_ranks(args, tmp_path)
     assert_same_run(tmp_path / "one", tmp_path / "two", "LoRA", "adapter/adapter_model.safetensors")
