@@ -318,7 +318,7 @@ def quantize_int8(model):
     """Replace the linear layers of every block, and the head, with Int8Linear, for inference.
 
     The LM head shares its weight with the token embedding: the head gets an int8 copy and the embedding stays
-    as it is. A classifier's head is its `score` layer. A LoRA-tuned model is quantized after fold_lora.
+    as it is. A classifier's head is its `score` layer.
     """
     for block in model.transformer.h:
         for parent in (block.attn, block.mlp):
