@@ -106,21 +106,45 @@ def randomize_adapter(model, seed=0):
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def save_tiny_adapter(folder, gpt_dir, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-                      base_model=None, run_info=None):
-    """An untrained rank-4 LoRA adapter of the tiny GPT-2 at `gpt_dir`, saved as `run.py LoRA` saves one."""
-    from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable, save_adapter
+ALL_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def tiny_lora_classifier(gpt_dir, targets=ALL_TARGETS):
+    """The classifier on the tiny GPT-2 at `gpt_dir` with an untrained rank-4 (alpha 4) LoRA on `targets`, only
+    the adapter trainable; seeded, so every call gives the same weights."""
+    from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable
     torch.manual_seed(0)
-    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(gpt_dir), 4, 4, 0.0, targets))
-    save_adapter(model, folder, rank=4, alpha=4, dropout=0.0, targets=targets, base_model=base_model or gpt_dir,
+    return mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(gpt_dir), 4, 4, 0.0, targets))
+
+
+def save_tiny_adapter(folder, gpt_dir, targets=ALL_TARGETS, base_model=None, run_info=None):
+    """An untrained rank-4 LoRA adapter of the tiny GPT-2 at `gpt_dir`, saved as `run.py LoRA` saves one."""
+    from model import save_adapter
+    save_adapter(tiny_lora_classifier(gpt_dir, targets), folder, rank=4, alpha=4, dropout=0.0, targets=targets,
+                 base_model=base_model or gpt_dir,
                  run_info={"random_init": False, "seed": 0} if run_info is None else run_info)
     return folder
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_gpt_dir, tmp_path_factory):
-    """A tiny teacher adapter on all four targets, as `run.py LoRA` writes it."""
+    """A tiny teacher adapter on all four targets, as `run.py LoRA` writes it (test_distil)."""
     return save_tiny_adapter(tmp_path_factory.mktemp("teacher") / "adapter", tiny_gpt_dir)
+
+
+@pytest.fixture(scope="module")
+def two_target_adapter_dir(tiny_gpt_dir, tmp_path_factory):
+    """A tiny teacher adapter on attn.c_attn and mlp.c_fc only, its run_info.json empty (test_ddp)."""
+    return save_tiny_adapter(tmp_path_factory.mktemp("teacher") / "adapter", tiny_gpt_dir,
+                             targets=("attn.c_attn", "mlp.c_fc"), run_info={})
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a spawned process group's rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def torchrun(*args, cwd):

@@ -2,20 +2,11 @@
 only rank 0 writes; the teacher runs once per sentence in total."""
 import json
 import os
-import socket
 from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import (COLA_DEV, COLA_OOD, assert_same_run, count_classifier_rows, run_once_and_on_two_ranks,
-                      save_tiny_adapter)
-
-
-@pytest.fixture(scope="module")
-def two_target_adapter(tiny_gpt_dir, tmp_path_factory):
-    return save_tiny_adapter(tmp_path_factory.mktemp("teacher") / "adapter", tiny_gpt_dir,
-                             targets=("attn.c_attn", "mlp.c_fc"), run_info={})
+from conftest import COLA_DEV, COLA_OOD, assert_same_run, count_classifier_rows, free_port, run_once_and_on_two_ranks
 
 
 def test_lora_on_two_ranks_equals_one_process(tiny_gpt_dir, tmp_path):
@@ -25,9 +16,9 @@ def test_lora_on_two_ranks_equals_one_process(tiny_gpt_dir, tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "two", "LoRA", "adapter/adapter_model.safetensors")
 
 
-def test_distil_on_two_ranks_equals_one_process(two_target_adapter, tmp_path):
-    run_once_and_on_two_ranks(["distil", "--model_path", two_target_adapter, "--max_examples", 256, "--batch_size", 64,
-                               "--epochs", 2, "--rnn_hidden", 16, "--dtype", "float32"], tmp_path)
+def test_distil_on_two_ranks_equals_one_process(two_target_adapter_dir, tmp_path):
+    run_once_and_on_two_ranks(["distil", "--model_path", two_target_adapter_dir, "--max_examples", 256,
+                               "--batch_size", 64, "--epochs", 2, "--rnn_hidden", 16, "--dtype", "float32"], tmp_path)
     assert_same_run(tmp_path / "one", tmp_path / "two", "distil", "models/distil-rnn/model.safetensors")
 
 
@@ -43,11 +34,8 @@ def count_teacher_rows(rank, world, port, adapter, workdir):
     Path(workdir, f"rank{rank}.json").write_text(json.dumps({"code": code, "rows": sum(seen)}))
 
 
-def test_teacher_runs_once_per_sentence_across_ranks(two_target_adapter, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(count_teacher_rows, args=(2, port, two_target_adapter, tmp_path), nprocs=2)
+def test_teacher_runs_once_per_sentence_across_ranks(two_target_adapter_dir, tmp_path):
+    torch.multiprocessing.spawn(count_teacher_rows, args=(2, free_port(), two_target_adapter_dir, tmp_path), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["code"] for r in ranks] == [0, 0]
     assert sum(r["rows"] for r in ranks) == 64 + COLA_DEV + COLA_OOD and all(r["rows"] > 0 for r in ranks)

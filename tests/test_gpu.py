@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from conftest import assert_same_run, run_once_and_on_two_ranks
-from model import GPT, GPTClassifier, Sampler, cast_frozen_linears, inject_lora, mark_only_lora_as_trainable
+from conftest import assert_same_run, run_once_and_on_two_ranks, tiny_lora_classifier
+from model import GPT, Sampler, cast_frozen_linears
 from train_utils import fit, load_splits
 from utils import DataSpec
 
@@ -31,8 +31,7 @@ def test_logits_equal_hugging_face_on_the_gpu(tiny_gpt_dir, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_lora_steps_have_a_finite_loss_in_each_training_dtype(tiny_gpt_dir, cola_dir, tokenizer, dtype):
-    torch.manual_seed(0)
-    model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(tiny_gpt_dir), 4, 4))
+    model = tiny_lora_classifier(tiny_gpt_dir)
     cast_frozen_linears(model, dtype).to(CUDA)
     splits = load_splits(DataSpec(data_dir=cola_dir), tokenizer, max_examples=256, seed=0)
     history = fit(model, lambda logits, labels, teacher=None: torch.nn.functional.cross_entropy(

@@ -14,8 +14,8 @@ import torch
 import run
 import train_utils
 import utils
-from conftest import ROOT
-from model import GPTClassifier, inject_lora, mark_only_lora_as_trainable
+from conftest import ROOT, tiny_lora_classifier
+from model import GPTClassifier
 from train_utils import Split, cross_entropy, load_splits, train_epoch
 
 GPUS = {"t4": ("Tesla T4", 7, 5), "a100": ("NVIDIA A100-SXM4-40GB", 8, 0)}
@@ -96,11 +96,6 @@ def splits(cola_dir, tokenizer):
     return load_splits(utils.DataSpec(data_dir=cola_dir), tokenizer, max_examples=64, seed=0)
 
 
-def tiny_lora(tiny_gpt_dir):
-    torch.manual_seed(0)
-    return mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_pretrained(tiny_gpt_dir), 4, 4))
-
-
 def one_epoch(model, split, dtype=torch.float32, loss_fn=cross_entropy, fused=False, **kwargs):
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused)
     return train_epoch(model, split, loss_fn, optimizer, batch_size=16, generator=torch.Generator().manual_seed(0),
@@ -132,7 +127,7 @@ def overflow_at(call):
 
 
 def test_fp16_scaler_skips_an_overflowing_step_and_counts_it(tiny_gpt_dir, splits):
-    model = tiny_lora(tiny_gpt_dir)
+    model = tiny_lora_classifier(tiny_gpt_dir)
     scaler = utils.loss_scaler(torch.device("cpu"), torch.float16)
     assert scaler.is_enabled() and not utils.loss_scaler(torch.device("cpu"), torch.bfloat16).is_enabled()
     sums = one_epoch(model, splits["train"], torch.float16, overflow_at(2), scaler=scaler)
@@ -168,10 +163,10 @@ def out_of_memory_above(monkeypatch, max_tokens):
 
 def test_out_of_memory_halves_the_pieces_and_gives_the_same_weights(tiny_gpt_dir, splits, monkeypatch, capsys):
     split = Split(splits["train"].tokens, splits["train"].labels)
-    small = tiny_lora(tiny_gpt_dir)
+    small = tiny_lora_classifier(tiny_gpt_dir)
     one_epoch(small, split, micro_batch_tokens=128)
     out_of_memory_above(monkeypatch, 128)
-    retried = tiny_lora(tiny_gpt_dir)
+    retried = tiny_lora_classifier(tiny_gpt_dir)
     budget = train_utils.PieceBudget(256)
     one_epoch(retried, split, micro_batch_tokens=budget)
     assert budget.tokens == 128
@@ -183,7 +178,7 @@ def test_out_of_memory_halves_the_pieces_and_gives_the_same_weights(tiny_gpt_dir
 def test_out_of_memory_with_one_sentence_gives_up_naming_the_flag(tiny_gpt_dir, splits, monkeypatch):
     out_of_memory_above(monkeypatch, 1)
     with pytest.raises(utils.UserError, match="one sentence .* per piece, the least --micro_batch_tokens can give"):
-        one_epoch(tiny_lora(tiny_gpt_dir), splits["train"], micro_batch_tokens=64)
+        one_epoch(tiny_lora_classifier(tiny_gpt_dir), splits["train"], micro_batch_tokens=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -201,7 +196,7 @@ def test_the_cuda_path_reads_nothing_back_per_micro_batch(tiny_gpt_dir, splits, 
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: reads.append(_name) or
                             _real(self, *a))
     scaler = utils.loss_scaler(torch.device("cpu"), dtype)
-    sums = one_epoch(tiny_lora(tiny_gpt_dir), splits["train"], dtype, fused=True, micro_batch_tokens=32,
+    sums = one_epoch(tiny_lora_classifier(tiny_gpt_dir), splits["train"], dtype, fused=True, micro_batch_tokens=32,
                      scaler=scaler)
     monkeypatch.undo()
     assert len(pieces) >= 20 and sums["tokens"] > 0
@@ -218,7 +213,7 @@ def test_the_cuda_path_names_the_interval_of_a_nan(tiny_gpt_dir, splits, monkeyp
     nan_at_step_2.calls = 0
     with pytest.raises(train_utils.Diverged, match=r"train: loss became nan or inf in steps 1-4 \(on CUDA the loss "
                                                    r"is read every 50 steps\)"):
-        one_epoch(tiny_lora(tiny_gpt_dir), splits["train"], loss_fn=nan_at_step_2)
+        one_epoch(tiny_lora_classifier(tiny_gpt_dir), splits["train"], loss_fn=nan_at_step_2)
 
 
 def test_pytest_m_gpu_skips_the_gpu_tests_here():

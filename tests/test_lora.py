@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import PAD_BATCH, padded, randomize_adapter, run_cli
-from model import GPTClassifier, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, unmerge_lora
+from model import (GPTClassifier, inject_lora, load_adapter_weights, lora_layers, mark_only_lora_as_trainable,
+                   merge_lora, read_adapter_config, save_adapter, unmerge_lora)
 from train_utils import Split, cross_entropy, evaluate, train_epoch
-from model import load_adapter_weights, read_adapter_config, save_adapter
+
 
 @pytest.fixture
 def classifier(tiny_gpt_dir):

@@ -4,7 +4,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,8 +15,8 @@ from safetensors.torch import load_file
 
 import run
 import utils
+from conftest import ROOT, free_port, run_cli
 from model import load_student
-from conftest import ROOT, run_cli
 
 TINY_RNN = ["--max_examples", "32", "--batch_size", "16", "--epochs", "1", "--rnn_hidden", "8"]
 
@@ -172,11 +171,8 @@ def rank_fails_while_saving(rank, port, workdir):
 
 
 def test_a_rank_0_failure_while_saving_stops_the_other_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     start = time.time()
-    context = torch.multiprocessing.spawn(rank_fails_while_saving, args=(port, tmp_path), nprocs=2, join=False)
+    context = torch.multiprocessing.spawn(rank_fails_while_saving, args=(free_port(), tmp_path), nprocs=2, join=False)
     while not context.join(timeout=5):
         assert time.time() - start < 180, "a rank is still waiting for rank 0"
     assert [json.loads((tmp_path / f"rank{r}.json").read_text())["code"] for r in range(2)] == [1, 1]

@@ -13,8 +13,7 @@ def test_wilson_textbook_case():
     assert (round(low, 4), round(high, 4)) == (0.2553, 0.3662)
 
 
-@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (COLA_DEV_ACCEPTABLE, COLA_DEV), (1, 2),
-                                         (500, COLA_OOD)])
+@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (COLA_DEV_ACCEPTABLE, COLA_DEV), (1, 2), (500, COLA_OOD)])
 def test_wilson_matches_scipy(k, n):
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
