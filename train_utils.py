@@ -356,15 +356,13 @@ def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, devi
         # over ranks, so weighting each row world/len(index) makes the result the gradient of the batch's mean loss.
         rows, counts = rank_share(index)
         row_weight = counts * world_size() / len(index)
-        while True:
-            try:
-                pieces = accumulate_gradients(model, split, budget.pieces(rows, lengths), loss_fn, device=device,
-                                              dtype=dtype, scaler=scaler, row_weight=row_weight)
-                break
-            except torch.OutOfMemoryError:
-                pass  # out of the handler first: its traceback holds the failed attempt's tensors
-            optimizer.zero_grad(set_to_none=True)
-            budget.halve(rows, lengths)
+        pieces = None
+        while pieces is None:  # None: CUDA ran out of memory; the step starts again with pieces half the size
+            pieces = gradients_unless_out_of_memory(model, split, budget.pieces(rows, lengths), loss_fn, device=device,
+                                                    dtype=dtype, scaler=scaler, row_weight=row_weight)
+            if pieces is None:
+                optimizer.zero_grad(set_to_none=True)
+                budget.halve(rows, lengths)
         finite = unscale_and_clip(optimizer, scaler, params, clip)
         sums.add_step(step, pieces, row_weight, counts, finite, scaler.is_enabled())  # raises Diverged
         scaler.step(optimizer)
@@ -375,6 +373,15 @@ def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, devi
             if on_step:
                 on_step(step, loss)
     return sums.totals()
+
+
+def gradients_unless_out_of_memory(*args, **kwargs):
+    """accumulate_gradients, or None if CUDA runs out of memory. Returning from outside the handler lets the
+    failed attempt's tensors, which its traceback holds, be freed before the retry."""
+    try:
+        return accumulate_gradients(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        return None
 
 
 def accumulate_gradients(model, split, pieces, loss_fn, *, device, dtype, scaler, row_weight):
