@@ -181,3 +181,13 @@ def assert_same_run(single, ddp, mode, weights):
     assert one["dev_preds"] == two["dev_preds"] and one["ood_preds"] == two["ood_preds"]
     plots = sorted(p.name for p in (ddp / "plots").iterdir())
     assert plots == sorted(p.name for p in (single / "plots").iterdir()) and f"{mode}_acc.png" in plots
+
+
+def reference_run_and_a_second_start(args, folder, stderr=subprocess.DEVNULL):
+    """Run `run.py ARGS` to the end in folder/a, then start the same command in folder/b and return its process
+    (to be stopped midway and resumed, then compared with the reference)."""
+    (folder / "a").mkdir()
+    (folder / "b").mkdir()
+    assert run_cli(*args, cwd=folder / "a").returncode == 0
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=folder / "b", text=True,
+                            env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=stderr)

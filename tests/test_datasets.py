@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef as sk_mcc
 import run
 from conftest import PAD_BATCH, padded, run_cli
 from model import GPTClassifier
-from train_utils import (Split, bootstrap, kd_loss, macro_f1, macro_f1_rows, matthews_corrcoef, predict_logits,
+from train_utils import (Split, bootstrap, macro_f1, macro_f1_rows, matthews_corrcoef, predict_logits,
                          train_epoch)
 from utils import DataSpec, UserError, encode, load_text_data
 
@@ -143,16 +143,6 @@ def test_a_tiny_model_overfits_48_sentences_of_three_classes(three_class, tiny_g
                     generator=g, device=cpu, dtype=torch.float32)
     preds = predict_logits(model, tokens, batch_size=48, device=cpu, dtype=torch.float32).argmax(-1)
     assert model.score.out_features == 3 and torch.equal(preds, split.labels)
-
-
-@pytest.mark.parametrize("T, alpha", [(1.0, 1.0), (2.0, 0.5), (4.0, 0.1)])
-def test_kd_loss_with_three_classes_is_kl_div(T, alpha):
-    g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(16, 3, generator=g) * 3, torch.randn(16, 3, generator=g) * 3
-    y = torch.randint(0, 3, (16,), generator=g)
-    expected = (alpha * T * T * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
-                + (1 - alpha) * F.cross_entropy(s, y))
-    assert kd_loss(s, t, y, T, alpha) == pytest.approx(float(expected), abs=1e-6)
 
 
 @pytest.mark.parametrize("seed, n_classes", [(0, 3), (1, 4), (2, 6), (3, 2)])

@@ -13,11 +13,12 @@ from train_utils import KDLoss, Split, kd_loss, predict_logits, train_epoch
 from utils import EOT
 
 
+@pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("T, alpha", [(1.0, 1.0), (2.0, 0.5), (4.0, 0.1), (0.5, 0.9)])
-def test_kd_loss_is_hintons_formula(T, alpha):
+def test_kd_loss_is_hintons_formula(T, alpha, n_classes):
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(16, 2, generator=g) * 3, torch.randn(16, 2, generator=g) * 3
-    y = torch.randint(0, 2, (16,), generator=g)
+    s, t = torch.randn(16, n_classes, generator=g) * 3, torch.randn(16, n_classes, generator=g) * 3
+    y = torch.randint(0, n_classes, (16,), generator=g)
     expected = (alpha * T * T * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
                 + (1 - alpha) * F.cross_entropy(s, y))
     assert kd_loss(s, t, y, T, alpha) == pytest.approx(float(expected), abs=1e-6)

@@ -1,10 +1,7 @@
 """What happens when a user types something wrong, or something goes wrong mid-run: one line on stderr, the
 right exit code, nothing half-written. Every row of README's "What happens when…" table is a case here."""
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import torch
 
 import run
 import train_utils
-from conftest import ROOT, run_cli, save_tiny_adapter, save_tiny_gpt2
+from conftest import ROOT, reference_run_and_a_second_start, run_cli, save_tiny_adapter, save_tiny_gpt2
 
 # (what the user did, the command after `python run.py`, exit code, the start of the stderr line)
 CASES = [
@@ -202,12 +199,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_gpt_dir, tmp_path):
     from safetensors.torch import load_file
     args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "1024", "--epochs", "3", "--dtype", "float32",
             "--lora_dropout", "0.1", "--model_path", "adapter"]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    assert run_cli(*args, cwd=tmp_path / "a").returncode == 0
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path / "b", env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = reference_run_and_a_second_start(args, tmp_path)
     state = tmp_path / "b" / "adapter.resume.pt"
     deadline = time.time() + 300
     while not state.exists() and proc.poll() is None and time.time() < deadline:

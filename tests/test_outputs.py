@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import run
 import utils
-from conftest import ROOT, free_port, run_cli
+from conftest import ROOT, free_port, reference_run_and_a_second_start, run_cli
 from model import load_student
 
 TINY_RNN = ["--max_examples", "32", "--batch_size", "16", "--epochs", "1", "--rnn_hidden", "8"]
@@ -126,12 +126,7 @@ def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
 def test_sigterm_stops_like_ctrl_c_and_resume_gives_the_same_weights(tiny_gpt_dir, tmp_path):
     args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "1024", "--epochs", "3", "--dtype", "float32",
             "--lora_dropout", "0.1", "--model_path", "adapter"]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    assert run_cli(*args, cwd=tmp_path / "a").returncode == 0
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path / "b", text=True,
-                            env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = reference_run_and_a_second_start(args, tmp_path, stderr=subprocess.PIPE)
     state, log = tmp_path / "b" / "adapter.resume.pt", tmp_path / "b" / "tuning" / "LoRA.jsonl"
     deadline = time.time() + 300
     while not (state.exists() and log.exists()) and proc.poll() is None and time.time() < deadline:
