@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import stat
+import statistics
 import sys
 import tempfile
 import threading
@@ -114,28 +115,36 @@ def auto_dtype(device, training, decoding=False):
 
 
 @functools.cache
-def decode_dtype(device_type, budget_s=0.06):
+def decode_dtype(device_type, budget_s=0.1, matrices=4):
     """float32 or bfloat16, whichever decodes faster on this machine, measured once per process.
 
     Decoding is matrix-vector products, bound by how fast weights stream from memory. Whether bf16's half-size
-    weights stream faster depends on the CPU (fast on an AMD EPYC with AVX512-BF16; no faster than fp32 on a
-    Cascade Lake Xeon, which emulates bf16), so no CPU flag decides: one GPT-2-sized product per dtype, in the
-    layouts for_generation uses, is timed in alternation for `budget_s` seconds and the best times compared.
-    bf16 must win by 20% to be chosen, since fp32 is the exact one. One vector, whatever the number of samples,
-    so that a sample's tokens do not depend on how many are drawn beside it. CUDA takes bf16 where it has it.
+    weights stream faster depends on the CPU (fast on an AMD EPYC with AVX512-BF16; on a Cascade Lake Xeon, which
+    emulates bf16, and on an AMX Xeon, not much faster than fp32), so no CPU flag decides. GPT-2-sized products by
+    a vector are timed in pairs, one per dtype, cycling through `matrices`
+    weights per dtype (more than a 32 MB cache holds, so they stream from memory as in decoding) for `budget_s`
+    seconds; the median of the pairs' time ratios decides, since a busy moment of the machine then hits both sides.
+    bf16 must be 1.5x faster: the rest of a step (attention, norms, sampling) gains less or loses, and on that
+    Xeon products 1.25x faster in bf16 gave whole steps no faster than fp32 (measured). One vector, whatever the
+    number of samples, so that a sample's tokens do not depend on how many are drawn beside it. CUDA takes bf16
+    where it has it.
     """
     if device_type != "cpu":
         return auto_dtype(torch.device(device_type), training=False)
-    w, x = torch.rand(3072, 768), torch.rand(1, 768)  # the values do not matter to the time
-    candidates = {torch.float32: (x, w.t().contiguous().t()), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
-    best = {dtype: float("inf") for dtype in candidates}
-    stop = time.perf_counter() + budget_s
-    while time.perf_counter() < stop:  # alternating, so that a busy moment of the machine hits both
-        for dtype, (a, b) in candidates.items():
+    x = torch.ones(1, 768)  # the values do not matter to the time
+    weights = {torch.float32: (x, torch.ones(matrices, 3072, 768)),
+               torch.bfloat16: (x.bfloat16(), torch.ones(matrices, 3072, 768, dtype=torch.bfloat16))}
+    for a, w in weights.values():
+        a @ w[0].T  # the first product of a dtype sets up its kernel: not timed
+    ratios, stop = [], time.perf_counter() + budget_s
+    while time.perf_counter() < stop or not ratios:
+        seconds = {}
+        for dtype, (a, w) in weights.items():
             start = time.perf_counter()
-            a @ b.T
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return torch.bfloat16 if best[torch.bfloat16] < 0.8 * best[torch.float32] else torch.float32
+            a @ w[len(ratios) % matrices].T
+            seconds[dtype] = time.perf_counter() - start
+        ratios.append(seconds[torch.bfloat16] / seconds[torch.float32])
+    return torch.bfloat16 if statistics.median(ratios) < 1 / 1.5 else torch.float32
 
 
 def compute_dtype(flag, device, training=False, decoding=False):

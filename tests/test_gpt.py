@@ -4,7 +4,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import run_cli, save_tiny_gpt2
-from model import GPT, Int8Linear, Sampler, apply_repetition_penalty, quantize_int8, top_k_candidates, top_p_filter
+from model import (GPT, Int8Linear, PackedLinear, Sampler, apply_repetition_penalty, packable, quantize_int8,
+                   top_k_candidates, top_p_filter)
 from utils import UserError, decode_dtype
 
 
@@ -47,14 +48,20 @@ def test_greedy_with_cache_equals_without_and_transformers(pair):
     assert cached == uncached == reference[0, len(prompt):].tolist()
 
 
-def test_column_major_decoding_layout_changes_no_token(tiny_gpt_dir, pair):
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch has no MKL (packed products)")
+def test_samples_decode_through_packed_weights_and_get_their_layers_back(tiny_gpt_dir, pair):
     _, hf = pair
     ours = GPT.from_pretrained(tiny_gpt_dir).for_generation(torch.device("cpu"), torch.float32)
-    assert not ours.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # the layout really changed
     prompt = [464, 2068, 7586, 21831]
     hf.generation_config.eos_token_id = None
     reference = hf.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False, pad_token_id=50256)
-    assert list(ours.generate(prompt, 50, Sampler(temperature=0))) == reference[0, len(prompt):].tolist()
+    steps = ours.generate_batch(prompt, 50, [Sampler(temperature=0)] * 3)
+    first = next(steps)
+    assert isinstance(ours.transformer.h[0].mlp.c_fc, PackedLinear) and isinstance(ours.lm_head, PackedLinear)
+    assert [first] + list(steps) == [[tok] * 3 for tok in reference[0, len(prompt):].tolist()]
+    assert type(ours.transformer.h[0].mlp.c_fc) is torch.nn.Linear
+    assert ours.lm_head.weight is ours.transformer.wte.weight  # the tied head is back
+    assert not packable(ours, 1) and not packable(ours.to(torch.bfloat16), 3)  # one row, or bf16: plain products
 
 
 def test_generation_past_block_size_slides_the_window(pair):
