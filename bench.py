@@ -3,7 +3,9 @@
 Random-weight models of the real architectures (nothing downloaded), real CoLA sentences. Each case runs ours
 and the peer alternately (A B A B ...) after a warm-up and reports medians and their ratio.
 
-    python bench.py              # the full table (about 30 minutes on 2 CPU cores)
+    python bench.py              # the full table (33 minutes on the README's AMD EPYC; over an hour where
+                                 # bf16 is emulated, as on a Cascade Lake Xeon)
+    python bench.py --cases gen samples predict --reps 3   # only these rows, 3 repetitions each
     python bench.py --quick      # a reduced run that only checks the benchmark still works
     python bench.py --json out.json
     python bench.py --device cuda  # a GPU: LoRA training's MFU against this GPU's measured matmul peak
@@ -27,6 +29,7 @@ from utils import (EOT, compute_dtype, decode_dtype, default_cola_dir, encode, g
                    write_text)
 
 CPU = torch.device("cpu")
+CASES = ("lora", "lora_bf16", "gen", "samples", "predict", "distil", "rss")
 
 
 def alternate(runs, reps, warmup=1):
@@ -354,6 +357,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions: checks it runs, not speed")
     parser.add_argument("--reps", type=int, default=5, choices=range(1, 101), metavar="1..100",
                         help="timed repetitions of each side per case (their median is reported)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, help="only these cases (default: all, in this order)")
     parser.add_argument("--data_dir", default=default_cola_dir())
     parser.add_argument("--json", help="also write the table here")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU's training MFU only")
@@ -373,13 +377,17 @@ def main():
         if args.json:
             write_text(args.json, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": [row]}, indent=2))
         return
-    rows = list(lora_cases(split, reps))
-    rows.append(lora_bf16_case(split, reps))
-    rows += list(generation_cases(reps, new_tokens=16 if args.quick else 384))
-    rows.append(batched_generation_case(reps, new_tokens=16 if args.quick else 128))
-    rows.append(predict_case(split, reps))
-    rows.append(distil_case(split, reps))
-    rows.append(peak_rss_case(64 if args.quick else 512))
+    new_tokens = 16 if args.quick else 384
+    cases = {"lora": lambda: lora_cases(split, reps), "lora_bf16": lambda: [lora_bf16_case(split, reps)],
+             "gen": lambda: generation_cases(reps, new_tokens),
+             "samples": lambda: [batched_generation_case(reps, min(new_tokens, 128))],
+             "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
+             "rss": lambda: [peak_rss_case(64 if args.quick else 512)]}
+    rows = []
+    for name in args.cases or cases:
+        for row in cases[name]():
+            rows.append(row)
+            print(f"{row['case']}: ours {row['ours']}, peer {row['peer']}, {row['ratio']}", flush=True)
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}{', QUICK (not a speed measurement)' if args.quick else ''}")
     print_table(rows)
