@@ -380,7 +380,7 @@ def main():
     new_tokens = 16 if args.quick else 384
     cases = {"lora": lambda: lora_cases(split, reps), "lora_bf16": lambda: [lora_bf16_case(split, reps)],
              "gen": lambda: generation_cases(reps, new_tokens),
-             "samples": lambda: [batched_generation_case(reps, min(new_tokens, 128))],
+             "samples": lambda: [batched_generation_case(reps, 16 if args.quick else 128)],
              "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
              "rss": lambda: [peak_rss_case(64 if args.quick else 512)]}
     rows = []

@@ -311,12 +311,10 @@ class PackedLinear(nn.Module):
 def packable(model, rows):
     """Whether products with `rows` rows go through PackedLinear: several rows, fp32 weights on a CPU whose torch
     has MKL, and room for the packed copies (about twice the weights) in half the memory now available."""
-    weight = model.transformer.wte.weight
-    if rows < 2 or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    w = model.transformer.wte.weight
+    if rows < 2 or w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkl.is_available():
         return False
-    if not torch.backends.mkl.is_available():
-        return False
-    if not hasattr(os, "sysconf") or "SC_AVPHYS_PAGES" not in os.sysconf_names:
+    if "SC_AVPHYS_PAGES" not in getattr(os, "sysconf_names", {}):  # not a POSIX system that can tell
         return False
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return 2 * sum(p.numel() * 4 for p in model.parameters()) < available / 2

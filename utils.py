@@ -121,9 +121,9 @@ def decode_dtype(device_type, budget_s=0.1, matrices=4):
     Decoding is matrix-vector products, bound by how fast weights stream from memory. Whether bf16's half-size
     weights stream faster depends on the CPU (fast on an AMD EPYC with AVX512-BF16; on a Cascade Lake Xeon, which
     emulates bf16, and on an AMX Xeon, not much faster than fp32), so no CPU flag decides. GPT-2-sized products by
-    a vector are timed in pairs, one per dtype, cycling through `matrices`
-    weights per dtype (more than a 32 MB cache holds, so they stream from memory as in decoding) for `budget_s`
-    seconds; the median of the pairs' time ratios decides, since a busy moment of the machine then hits both sides.
+    a vector are timed in pairs, one per dtype, cycling through `matrices` weights per dtype (more than a 32 MB
+    cache holds, so they stream from memory as in decoding) for `budget_s` seconds; the median of the pairs' time
+    ratios decides, since a busy moment of the machine then hits both sides.
     bf16 must be 1.5x faster: the rest of a step (attention, norms, sampling) gains less or loses, and on that
     Xeon products 1.25x faster in bf16 gave whole steps no faster than fp32 (measured). One vector, whatever the
     number of samples, so that a sample's tokens do not depend on how many are drawn beside it. CUDA takes bf16
@@ -131,9 +131,8 @@ def decode_dtype(device_type, budget_s=0.1, matrices=4):
     """
     if device_type != "cpu":
         return auto_dtype(torch.device(device_type), training=False)
-    x = torch.ones(1, 768)  # the values do not matter to the time
-    weights = {torch.float32: (x, torch.ones(matrices, 3072, 768)),
-               torch.bfloat16: (x.bfloat16(), torch.ones(matrices, 3072, 768, dtype=torch.bfloat16))}
+    x, w = torch.ones(1, 768), torch.ones(matrices, 3072, 768)  # the values do not matter to the time
+    weights = {torch.float32: (x, w), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
     for a, w in weights.values():
         a @ w[0].T  # the first product of a dtype sets up its kernel: not timed
     ratios, stop = [], time.perf_counter() + budget_s
