@@ -49,7 +49,7 @@ def test_greedy_with_cache_equals_without_and_transformers(pair):
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch has no MKL (packed products)")
-def test_samples_decode_through_packed_weights_and_get_their_layers_back(tiny_gpt_dir, pair):
+def test_samples_decode_through_packed_weights_and_get_their_column_major_head_back(tiny_gpt_dir, pair):
     _, hf = pair
     ours = GPT.from_pretrained(tiny_gpt_dir).for_generation(torch.device("cpu"), torch.float32)
     prompt = [464, 2068, 7586, 21831]
@@ -61,6 +61,7 @@ def test_samples_decode_through_packed_weights_and_get_their_layers_back(tiny_gp
     assert [first] + list(steps) == [[tok] * 3 for tok in reference[0, len(prompt):].tolist()]
     assert type(ours.transformer.h[0].mlp.c_fc) is torch.nn.Linear
     assert ours.lm_head.weight is ours.transformer.wte.weight  # the tied head is back
+    assert ours.lm_head.weight.stride() == (1, ours.config.vocab_size)  # column-major, for one-row products
     assert not packable(ours, 1) and not packable(ours.to(torch.bfloat16), 3)  # one row, or bf16: plain products
 
 
