@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, matthews_corrcoef as sk_mcc
 
 import run
-from conftest import PAD_BATCH, padded, run_cli
+from conftest import PAD_BATCH, padded, run_cli, run_main
 from model import GPTClassifier
 from train_utils import (Split, bootstrap, macro_f1, macro_f1_rows, matthews_corrcoef, predict_logits,
                          train_epoch)
@@ -172,8 +172,8 @@ def test_a_hub_id_is_the_same_load_dataset_call_with_a_name(monkeypatch):
     assert data.notes == ["the test split has no labels: no second evaluation"]
 
 
-def test_an_uncached_hub_name_offline_is_one_line(tmp_path):
-    result = run_cli("rnn", "--dataset", "no-such-org/no-such-dataset", "--epochs", 1, cwd=tmp_path)
+def test_an_uncached_hub_name_offline_is_one_line(tmp_path, monkeypatch, capfd):
+    result = run_main("rnn", "--dataset", "no-such-org/no-such-dataset", "--epochs", 1, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: could not load dataset 'no-such-org/no-such-dataset'")
 

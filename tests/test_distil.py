@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import run
-from conftest import COLA_DEV, COLA_OOD, count_classifier_rows, run_cli
+from conftest import COLA_DEV, COLA_OOD, count_classifier_rows, run_cli, run_main
 from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters
 from train_utils import KDLoss, Split, kd_loss, predict_logits, train_epoch
 from utils import EOT
@@ -85,9 +85,9 @@ def test_teacher_runs_once_per_example_and_never_with_its_cache(adapter_dir, tmp
     assert sum(seen) == 0
 
 
-def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path):
+def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path, monkeypatch, capfd):
     common = ["--max_examples", 256, "--epochs", 2, "--rnn_hidden", 32]
-    rnn = run_cli("rnn", *common, cwd=tmp_path)
+    rnn = run_main("rnn", *common, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert rnn.returncode == 0, rnn.stderr
     distil = run_cli("distil", "--model_path", adapter_dir, *common, cwd=tmp_path)
     assert distil.returncode == 0, distil.stderr
@@ -104,7 +104,7 @@ def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path):
     assert (tmp_path / "models" / "rnn" / "config.json").exists()
 
 
-def test_cli_distil_without_adapter_says_how_to_make_one(tmp_path):
-    result = run_cli("distil", "--model_path", "missing/adapter", cwd=tmp_path)
+def test_cli_distil_without_adapter_says_how_to_make_one(tmp_path, monkeypatch, capfd):
+    result = run_main("distil", "--model_path", "missing/adapter", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "python run.py LoRA" in result.stderr

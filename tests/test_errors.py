@@ -10,7 +10,8 @@ import torch
 
 import run
 import train_utils
-from conftest import ROOT, reference_run_and_a_second_start, run_cli, save_tiny_adapter, save_tiny_gpt2
+from conftest import (ROOT, assert_same_weights, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2,
+                      start_run)
 
 # (what the user did, the command after `python run.py`, exit code, the start of the stderr line)
 CASES = [
@@ -88,6 +89,12 @@ CASES = [
 ]
 
 
+# These run as `python run.py` in a process of their own, which pins the entry point itself; the other cases call
+# run.main in the test's process, which is all that entry point does.
+AS_PROCESS = {"no subcommand", "hub id offline or unknown", "truncated adapter weights", "a CoLA file not in UTF-8",
+              "a CUDA device where there is none"}
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
     """A folder holding the inputs the cases refer to."""
@@ -126,9 +133,12 @@ def snapshot(folder):
 
 
 @pytest.mark.parametrize("what, command, code, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(workdir, what, command, code, message):
+def test_bad_input(workdir, what, command, code, message, monkeypatch, capfd):
     before = snapshot(workdir)
-    result = run_cli(*command.split(), cwd=workdir)
+    if what in AS_PROCESS:
+        result = run_cli(*command.split(), cwd=workdir)
+    else:
+        result = run_main(*command.split(), cwd=workdir, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == code, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(message), result.stderr
@@ -195,12 +205,10 @@ def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_state(tiny_gpt_di
     assert state["epoch"] == 1 and not (tmp_path / "adapter").exists()
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_gpt_dir, tmp_path):
-    from safetensors.torch import load_file
-    args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "1024", "--epochs", "3", "--dtype", "float32",
-            "--lora_dropout", "0.1", "--model_path", "adapter"]
-    proc = reference_run_and_a_second_start(args, tmp_path)
-    state = tmp_path / "b" / "adapter.resume.pt"
+def test_killed_run_resumes_to_the_same_weights(resumable_run, tmp_path, monkeypatch, capfd):
+    args, reference = resumable_run
+    proc = start_run(args, tmp_path)
+    state = tmp_path / "adapter.resume.pt"
     deadline = time.time() + 300
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -208,14 +216,12 @@ def test_killed_run_resumes_to_the_same_weights(tiny_gpt_dir, tmp_path):
     proc.wait()
     saved_epoch = torch.load(state, weights_only=True)["epoch"]
     assert saved_epoch < 3
-    resumed = run_cli(*args, "--resume", cwd=tmp_path / "b")
+    resumed = run_main(*args, "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {saved_epoch}" in resumed.stdout + resumed.stderr
-    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    assert_same_weights(reference, tmp_path)
     assert not state.exists()
-    [record] = [json.loads(line) for line in (tmp_path / "b" / "tuning" / "LoRA.jsonl").read_text().splitlines()]
+    [record] = [json.loads(line) for line in (tmp_path / "tuning" / "LoRA.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
 
 
@@ -239,10 +245,10 @@ def test_ctrl_c_saves_nothing_partial_and_resume_refuses_other_flags(tmp_path, m
 
 
 @pytest.mark.parametrize("mode", ["rnn", "distil"])
-def test_zero_epochs_prints_the_student_size_and_writes_nothing(mode, workdir):
+def test_zero_epochs_prints_the_student_size_and_writes_nothing(mode, workdir, monkeypatch, capfd):
     before = snapshot(workdir)
     extra = ["--model_path", "adapter-tiny"] if mode == "distil" else []
-    result = run_cli(mode, "--epochs", 0, *extra, cwd=workdir)
+    result = run_main(mode, "--epochs", 0, *extra, cwd=workdir, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "Number of parameters: 40.96M"
     assert snapshot(workdir) == before

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import run_cli, save_tiny_gpt2
+from conftest import run_cli, run_main, save_tiny_gpt2
 from model import (GPT, Int8Linear, PackedLinear, Sampler, apply_repetition_penalty, packable, quantize_int8,
                    top_k_candidates, top_p_filter)
 from utils import UserError, decode_dtype
@@ -151,10 +151,11 @@ def test_cli_gen_on_a_local_folder(tiny_gpt_dir, tmp_path):
     assert result.stdout.startswith("The cat sat")
 
 
-def test_cli_gen_greedy_is_reproducible_and_streams_the_same_text(tiny_gpt_dir, tmp_path):
+def test_cli_gen_greedy_is_reproducible_and_streams_the_same_text(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
     args = ("gen", "--gpt_variant", tiny_gpt_dir, "--prompt", "Once upon", "--max_new_tokens", "15", "--greedy",
             "--ignore_eos")
-    streamed, printed = run_cli(*args, cwd=tmp_path), run_cli(*args, "--no_stream", cwd=tmp_path)
+    streamed = run_cli(*args, cwd=tmp_path)
+    printed = run_main(*args, "--no_stream", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert streamed.returncode == printed.returncode == 0
     assert streamed.stdout == printed.stdout
 
@@ -252,14 +253,14 @@ def test_decoding_dtype_probe_is_fp32_or_bf16_and_measured_once():
     assert decode_dtype("cpu") is chosen and decode_dtype.cache_info().hits == 1
 
 
-def test_cli_gen_samples_print_in_order_and_match_single_runs(tiny_gpt_dir, tmp_path):
+def test_cli_gen_samples_print_in_order_and_match_single_runs(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
     args = ("gen", "--gpt_variant", tiny_gpt_dir, "--prompt", "Once upon", "--max_new_tokens", "10", "--ignore_eos",
             "--dtype", "float32")
     batched = run_cli(*args, "--num_samples", "3", "--seed", "4", cwd=tmp_path)
     assert batched.returncode == 0, batched.stderr
     texts = [part.strip() for part in batched.stdout.split("===== sample ")[1:]]
     for i, text in enumerate(texts):
-        alone = run_cli(*args, "--seed", str(4 + i), cwd=tmp_path)
+        alone = run_main(*args, "--seed", str(4 + i), cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
         assert text == f"{i + 1} =====\n{alone.stdout.strip()}"
-    quantized = run_cli(*args, "--quantize", "int8", "--greedy", cwd=tmp_path)
+    quantized = run_main(*args, "--quantize", "int8", "--greedy", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert quantized.returncode == 0 and quantized.stdout.startswith("Once upon"), quantized.stderr

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import PAD_BATCH, padded, randomize_adapter, run_cli
+from conftest import PAD_BATCH, padded, randomize_adapter, run_cli, run_main
 from model import (GPTClassifier, inject_lora, load_adapter_weights, lora_layers, mark_only_lora_as_trainable,
                    merge_lora, read_adapter_config, save_adapter, unmerge_lora)
 from train_utils import Split, cross_entropy, evaluate, train_epoch
@@ -75,8 +75,8 @@ def test_only_lora_layernorm_and_head_train(classifier):
     ("gpt2", ["Number of parameters: 125.03M", "Number of trainable parameters: 0.63M", "Reduction: 99.50%"]),
     ("gpt2-medium", ["Number of parameters: 356.40M", "Number of trainable parameters: 1.68M", "Reduction: 99.53%"]),
 ])
-def test_parameter_table_matches_the_seed_without_a_download(variant, lines, tmp_path):
-    result = run_cli("LoRA", "--gpt_variant", variant, "--epochs", "0", cwd=tmp_path)
+def test_parameter_table_matches_the_seed_without_a_download(variant, lines, tmp_path, monkeypatch, capfd):
+    result = run_main("LoRA", "--gpt_variant", variant, "--epochs", "0", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == lines
     assert not any(tmp_path.iterdir())  # nothing evaluated, nothing written

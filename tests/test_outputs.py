@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import run
 import utils
-from conftest import ROOT, free_port, reference_run_and_a_second_start, run_cli
+from conftest import ROOT, assert_same_weights, free_port, run_main, start_run
 from model import load_student
 
 TINY_RNN = ["--max_examples", "32", "--batch_size", "16", "--epochs", "1", "--rnn_hidden", "8"]
@@ -123,11 +123,10 @@ def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
 
 
-def test_sigterm_stops_like_ctrl_c_and_resume_gives_the_same_weights(tiny_gpt_dir, tmp_path):
-    args = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "1024", "--epochs", "3", "--dtype", "float32",
-            "--lora_dropout", "0.1", "--model_path", "adapter"]
-    proc = reference_run_and_a_second_start(args, tmp_path, stderr=subprocess.PIPE)
-    state, log = tmp_path / "b" / "adapter.resume.pt", tmp_path / "b" / "tuning" / "LoRA.jsonl"
+def test_sigterm_stops_like_ctrl_c_and_resume_gives_the_same_weights(resumable_run, tmp_path, monkeypatch, capfd):
+    args, reference = resumable_run
+    proc = start_run(args, tmp_path, stderr=subprocess.PIPE)
+    state, log = tmp_path / "adapter.resume.pt", tmp_path / "tuning" / "LoRA.jsonl"
     deadline = time.time() + 300
     while not (state.exists() and log.exists()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -137,11 +136,9 @@ def test_sigterm_stops_like_ctrl_c_and_resume_gives_the_same_weights(tiny_gpt_di
     saved_epoch = torch.load(state, weights_only=True)["epoch"]
     assert stderr == (f"error: terminated (SIGTERM) during epoch {saved_epoch + 1}; the state after epoch "
                       f"{saved_epoch} is in adapter.resume.pt; rerun the same command with --resume to continue\n")
-    resumed = run_cli(*args, "--resume", cwd=tmp_path / "b")
+    resumed = run_main(*args, "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert resumed.returncode == 0, resumed.stderr
-    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    assert_same_weights(reference, tmp_path)
 
 
 def test_sigterm_handler_is_removed_after_the_run():

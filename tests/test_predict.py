@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import run
-from conftest import COLA_DEV, PAD_BATCH, padded, run_cli
+from conftest import COLA_DEV, PAD_BATCH, padded, run_cli, run_main
 from utils import UserError
 
 
@@ -66,19 +66,20 @@ def test_merged_export_loads_in_transformers(tiny_gpt_dir, tmp_path):
         assert (plain(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() <= 1e-4
 
 
-def test_predict_on_cola_tsv_reproduces_the_training_evaluation(tiny_gpt_dir, tmp_path, cola_dir):
+def test_predict_on_cola_tsv_reproduces_the_training_evaluation(tiny_gpt_dir, tmp_path, cola_dir, monkeypatch,
+                                                                capfd):
     trained = run_cli("LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", 128, "--epochs", 1,
                       "--dtype", "float32", "--model_path", "adapter", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     record = json.loads((tmp_path / "tuning" / "LoRA.jsonl").read_text().splitlines()[-1])
     dev = f"{cola_dir}/in_domain_dev.tsv"
-    table = run_cli("predict", "--model_path", "adapter", "--input", dev, "--dtype", "float32", cwd=tmp_path)
+    table = run_main("predict", "--model_path", "adapter", "--input", dev, "--dtype", "float32", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert table.returncode == 0, table.stderr
     expected = f"accuracy {record['dev_acc']:.2%}  MCC {record['dev_mcc']:+.3f}  on {COLA_DEV} labelled sentences"
     assert expected in table.stdout
     assert "majority class scores 69.26% (MCC 0)" in table.stdout
-    rows = run_cli("predict", "--model_path", "adapter", "--input", dev, "--dtype", "float32", "--format", "jsonl",
-                   cwd=tmp_path)
+    rows = run_main("predict", "--model_path", "adapter", "--input", dev, "--dtype", "float32", "--format", "jsonl",
+                    cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     preds = [int(json.loads(line)["label"] == "acceptable") for line in rows.stdout.splitlines()]
     assert preds == record["dev_preds"]
 
@@ -105,16 +106,16 @@ def test_predict_from_stdin_survives_awkward_lines(kind, tiny_gpt_dir, tmp_path,
     assert all(r["label"] in ("acceptable", "unacceptable") and 0 <= r["p_acceptable"] <= 1 for r in rows)
 
 
-def test_predict_sentences_keep_their_order(student_dir, tmp_path):
+def test_predict_sentences_keep_their_order(student_dir, tmp_path, monkeypatch, capfd):
     sentences = ["A much longer sentence than the other ones here.", "Short.", "Medium length one."]
     args = [a for s in sentences for a in ("--sentence", s)]
-    result = run_cli("predict", "--model_path", student_dir, "--format", "tsv", *args, cwd=tmp_path)
+    result = run_main("predict", "--model_path", student_dir, "--format", "tsv", *args, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 0, result.stderr
     assert [line.split("\t")[2] for line in result.stdout.splitlines()] == sentences
 
 
-def test_predict_on_a_folder_that_is_neither(tmp_path):
-    result = run_cli("predict", "--model_path", tmp_path, "--sentence", "x", cwd=tmp_path)
+def test_predict_on_a_folder_that_is_neither(tmp_path, monkeypatch, capfd):
+    result = run_main("predict", "--model_path", tmp_path, "--sentence", "x", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "neither" in result.stderr
 
 

@@ -1,13 +1,13 @@
 """`run.py tune`: a sweep through the plain subcommands' code path, resumable, summarized with its plot."""
 import json
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 SWEEP = ["tune", "rnn", "--seeds", 1, 2, "--grid", "lr=0.001,0.003", "--max_examples", 128, "--epochs", 1,
          "--rnn_hidden", 16, "--name", "small"]
 
 
-def test_sweep_writes_every_run_the_summary_and_the_plot_and_reruns_nothing(tmp_path):
+def test_sweep_writes_every_run_the_summary_and_the_plot_and_reruns_nothing(tmp_path, monkeypatch, capfd):
     first = run_cli(*SWEEP, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     runs = [json.loads(line) for line in (tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()]
@@ -17,21 +17,22 @@ def test_sweep_writes_every_run_the_summary_and_the_plot_and_reruns_nothing(tmp_
     assert "| lr=0.001 | 2 |" in summary and "| lr=0.003 | 2 |" in summary and "Best by mean dev accuracy" in summary
     assert "McNemar" in summary and "vs the majority class" in summary
     assert (tmp_path / "plots" / "tune_small.png").read_bytes()[:4] == b"\x89PNG"
-    again = run_cli(*SWEEP, cwd=tmp_path)
+    again = run_main(*SWEEP, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skipped") == 4 and "epoch" not in again.stdout
     assert len((tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()) == 4
-    longer = run_cli(*[2 if a == 1 and SWEEP[i - 1] == "--epochs" else a for i, a in enumerate(SWEEP)], cwd=tmp_path)
+    longer = run_main(*[2 if a == 1 and SWEEP[i - 1] == "--epochs" else a for i, a in enumerate(SWEEP)],
+                      cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert longer.returncode == 0 and "skipped" not in longer.stdout  # other epochs: other runs
     assert len((tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()) == 8
     assert len(list((tmp_path / "models" / "tune" / "small").iterdir())) == 4  # one model per configuration and seed
 
 
-def test_a_bad_grid_is_refused_before_anything_runs(tmp_path):
-    result = run_cli("tune", "rnn", "--grid", "no_such_flag=1,2", "--max_examples", 16, cwd=tmp_path)
+def test_a_bad_grid_is_refused_before_anything_runs(tmp_path, monkeypatch, capfd):
+    result = run_main("tune", "rnn", "--grid", "no_such_flag=1,2", "--max_examples", 16, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "unrecognized arguments: --no_such_flag 1" in result.stderr
-    result = run_cli("tune", "rnn", "--grid", "lr=0.1,-1", cwd=tmp_path)
+    result = run_main("tune", "rnn", "--grid", "lr=0.1,-1", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 2 and "argument --lr: must be in (0, inf], got -1" in result.stderr
     assert not any(tmp_path.iterdir())
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import run
 import tune
 import utils
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 
 
 def planned(argv):
@@ -26,7 +26,7 @@ def planned(argv):
 
 
 def test_a_killed_run_leaves_its_epochs_plotted_and_logged_unfinished_and_resume_finishes_the_record(
-        tiny_gpt_dir, tmp_path):
+        tiny_gpt_dir, tmp_path, monkeypatch, capfd):
     from PIL import Image
     argv = ["LoRA", "--gpt_variant", tiny_gpt_dir, "--max_examples", "1024", "--epochs", "3", "--model_path",
             "adapter"]
@@ -49,17 +49,14 @@ def test_a_killed_run_leaves_its_epochs_plotted_and_logged_unfinished_and_resume
     for name in ("LoRA_loss.png", "LoRA_acc.png"):
         with Image.open(tmp_path / "plots" / name) as image:
             image.verify()
-    os.chdir(tmp_path)
-    try:
-        assert tune.logged_run(planned(argv), utils.read_jsonl(log)) is None  # a sweep would run it again
-        resumed = run_cli(*argv, "--resume", cwd=tmp_path)
-        assert resumed.returncode == 0, resumed.stderr
-        [final] = utils.read_jsonl(log)  # the same record, finished
-        assert final["run_id"] == record["run_id"] and final["finished"] is True
-        assert [h["epoch"] for h in final["history"]] == [1, 2, 3]
-        assert tune.logged_run(planned(argv), utils.read_jsonl(log)) == final
-    finally:
-        os.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)
+    assert tune.logged_run(planned(argv), utils.read_jsonl(log)) is None  # a sweep would run it again
+    resumed = run_main(*argv, "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert resumed.returncode == 0, resumed.stderr
+    [final] = utils.read_jsonl(log)  # the same record, finished
+    assert final["run_id"] == record["run_id"] and final["finished"] is True
+    assert [h["epoch"] for h in final["history"]] == [1, 2, 3]
+    assert tune.logged_run(planned(argv), utils.read_jsonl(log)) == final
 
 
 def test_tensorboard_holds_the_step_losses_and_the_printed_epoch_metrics(tmp_path):
@@ -118,13 +115,13 @@ def test_mps_decodes_in_fp16_and_trains_in_fp32():
     assert utils.compute_dtype("auto", mps, training=True) == torch.float32
 
 
-def test_the_assignments_command_line_runs_unchanged(tiny_gpt_dir, tmp_path):
+def test_the_assignments_command_line_runs_unchanged(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
     common = ["--gpt_variant", tiny_gpt_dir, "--max_examples", 64, "--epochs", 1, "--dtype", "float32",
               "--model_path", "adapter"]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     assert run_cli("LoRA", 12345, *common, cwd=tmp_path / "a").returncode == 0
-    assert run_cli("LoRA", "--seed", 12345, *common, cwd=tmp_path / "b").returncode == 0
+    assert run_main("LoRA", "--seed", 12345, *common, cwd=tmp_path / "b", monkeypatch=monkeypatch, capfd=capfd).returncode == 0
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
