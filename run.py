@@ -378,6 +378,9 @@ def check_output_folder(parser, flag, path):
 def check_training(parser, args, output_flag):
     for flag in (output_flag, "data_dir"):
         check_output_folder(parser, flag, getattr(args, flag))
+    ignored = DataSpec.from_args(args).ignored_flag()
+    if ignored:
+        parser.error(ignored)
     check_tensorboard(parser, args)
     check_results_writable(parser, args)
 

@@ -527,6 +527,20 @@ class DataSpec:
         """How reports name the dataset: 'CoLA', 'nyu-mll/glue (sst2)', a folder's path."""
         return "CoLA" if self.is_cola else self.dataset + (f" ({self.dataset_config})" if self.dataset_config else "")
 
+    def ignored_flag(self):
+        """What is wrong with a flag this dataset would ignore, or None: CoLA's files have fixed splits and columns,
+        and only a dataset from the hub has configurations."""
+        if self.is_cola:
+            given = [f.name for f in fields(self) if f.name not in ("dataset", "data_dir")
+                     and getattr(self, f.name) != f.default]
+            if given:
+                return (f"--{given[0]} {getattr(self, given[0])}: CoLA's files have fixed splits and columns (it "
+                        "applies to a --dataset from the hub or a folder)")
+        elif self.dataset_config and Path(self.dataset).is_dir():
+            return (f"--dataset_config {self.dataset_config}: a local folder has no configurations (only a dataset "
+                    "from the hub has)")
+        return None
+
     @property
     def slug(self):
         """How file names carry the dataset: 'cola', 'nyu-mll_glue-sst2', a local folder's own name."""
