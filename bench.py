@@ -239,7 +239,7 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
 def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
     """`--num_samples 8` against generate(num_return_sequences=8), from run.py's default 8-token prompt."""
     prompt = encode(get_tokenizer(), ["Hello, I'm a language model,"])[0]
-    auto = decode_dtype("cpu")
+    auto = decode_dtype("cpu", n)
     ours = GPT.from_random(variant).for_generation(CPU, auto)
     peer = hf_generator(ours.config)
 

@@ -400,7 +400,7 @@ def execute(args):
     """Run a parsed subcommand on the device and dtype its flags ask for, resolved here once."""
     device = resolve_device(args.device)
     args.func(args, device, compute_dtype(args.dtype, device, training=args.mode in tune.TUNABLE,
-                                          decoding=args.mode == "gen"))
+                                          decoding=args.num_samples if args.mode == "gen" else 0))
 
 
 def seed_from_sr_no(argv):

@@ -99,10 +99,11 @@ def has_fast_bf16(device):
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def auto_dtype(device, training, decoding=False):
+def auto_dtype(device, training, decoding=0):
     """What `--dtype auto` runs, the one place that decides it. CUDA: bf16 where it is native, else fp16 on tensor
     cores (capability 7.x: T4, V100; training then scales the loss), else fp32. Apple's MPS: fp16 to decode and
-    classify, fp32 to train (no loss scaling there yet). CPU: bf16 where it is fast, else fp32."""
+    classify, fp32 to train (no loss scaling there yet). CPU: bf16 where it is fast, else fp32, but to decode
+    `decoding` samples together whichever of the two decode_dtype measures faster."""
     if device.type == "cuda":
         if has_fast_bf16(device):
             return torch.bfloat16
@@ -110,44 +111,92 @@ def auto_dtype(device, training, decoding=False):
     if device.type == "mps":
         return torch.float32 if training else torch.float16
     if decoding:
-        return decode_dtype("cpu")
+        return decode_dtype("cpu", decoding)
     return torch.bfloat16 if has_fast_bf16(device) else torch.float32
 
 
-@functools.cache
-def decode_dtype(device_type, budget_s=0.1, matrices=4):
-    """float32 or bfloat16, whichever decodes faster on this machine, measured once per process.
+def column_major(weight):
+    """The same matrix stored transposed in memory (strides (1, rows)): a product with one row then runs through
+    the matrix as x @ W^T with W^T contiguous."""
+    return weight.t().contiguous().t()
 
-    Decoding is matrix-vector products, bound by how fast weights stream from memory. Whether bf16's half-size
-    weights stream faster depends on the CPU (fast on an AMD EPYC with AVX512-BF16; on a Cascade Lake Xeon, which
-    emulates bf16, and on an AMX Xeon, not much faster than fp32), so no CPU flag decides. GPT-2-sized products by
-    a vector are timed in pairs, one per dtype, cycling through `matrices` weights per dtype (more than a 32 MB
-    cache holds, so they stream from memory as in decoding) for `budget_s` seconds; the median of the pairs' time
-    ratios decides, since a busy moment of the machine then hits both sides.
-    bf16 must be 1.5x faster: the rest of a step (attention, norms, sampling) gains less or loses, and on that
-    Xeon products 1.25x faster in bf16 gave whole steps no faster than fp32 (measured). One vector, whatever the
-    number of samples, so that a sample's tokens do not depend on how many are drawn beside it. CUDA takes bf16
-    where it has it.
+
+def seconds(product, *args):
+    start = time.perf_counter()
+    product(*args)
+    return time.perf_counter() - start
+
+
+def product_seconds(x, weight):
+    return seconds(torch.nn.functional.linear, x, weight)
+
+
+def faster_one_row_layout(weight, pairs=3):
+    """`weight` as it is (row-major) or column-major, whichever one row multiplies faster on this CPU: the median
+    time ratio of `pairs` products with each decides (a few milliseconds for GPT-2's head).
+
+    Which wins depends on the CPU and the dtype: for GPT-2's 50257x768 head on a Cascade Lake Xeon, column-major
+    is 1.1x faster in fp32 and 1.7x in bf16 (measured). In fp16 column-major products fall back to a path 25x
+    slower, so only fp32 and bf16 are tried.
+    """
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return weight
+    candidates = (weight, column_major(weight))
+    x = torch.ones(1, weight.size(1), dtype=weight.dtype, device=weight.device)
+    for w in candidates:
+        torch.nn.functional.linear(x, w)  # the first product of a layout sets up its kernel: not timed
+    ratios = [product_seconds(x, candidates[1]) / product_seconds(x, candidates[0]) for _ in range(pairs)]
+    return candidates[1] if statistics.median(ratios) < 1 else candidates[0]
+
+
+@functools.cache
+def decode_dtype(device_type, rows=1, budget_s=0.05):
+    """float32 or bfloat16, whichever decodes `rows` samples together faster on this machine, measured once per
+    process (about 0.15 s).
+
+    Decoding is products of the weights by a few rows, bound by how fast the weights stream from memory. Whether
+    bf16's half-size weights stream faster depends on the CPU (much faster on an AMD EPYC with AVX512-BF16; on a
+    Cascade Lake Xeon, which emulates bf16, a block's products barely, the head 1.7x), so no CPU flag decides.
+    What is timed, in pairs, one per dtype, for `budget_s` seconds: the products by a GPT-2 block's three largest
+    weights and by an 8192-row slice of a head, as decoding runs them (one row: the head in its faster layout;
+    several rows in fp32: MKL's packed weights, see model.PackedLinear). The two dtypes together hold more than a
+    36 MB cache, so the weights stream from memory as in decoding. bf16 must be 5% faster by the median of the
+    pairs' time ratios: the rest of a step (norms, casts) costs a little more in bf16, and a tie goes to fp32,
+    which is exact. On that Xeon, for one row, the products are 1.25x faster in bf16 and whole steps 1.13x; for 8
+    rows fp32's packed products win (measured). CUDA takes bf16 where it has it.
     """
     if device_type != "cpu":
         return auto_dtype(torch.device(device_type), training=False)
-    x, w = torch.ones(1, 768), torch.ones(matrices, 3072, 768)  # the values do not matter to the time
-    weights = {torch.float32: (x, w), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
-    for a, w in weights.values():
-        a @ w[0].T  # the first product of a dtype sets up its kernel: not timed
+    shapes = [(2304, 768), (3072, 768), (768, 3072), (8192, 768)]  # c_attn, c_fc, mlp.c_proj, a head slice
+    steps = {dtype: decoding_products(shapes, rows, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    for block, heads in steps.values():
+        for product in block + heads:
+            product()  # the first product of a kind sets up its kernel: not timed
     ratios, stop = [], time.perf_counter() + budget_s
     while time.perf_counter() < stop or not ratios:
-        seconds = {}
-        for dtype, (a, w) in weights.items():
-            start = time.perf_counter()
-            a @ w[len(ratios) % matrices].T
-            seconds[dtype] = time.perf_counter() - start
-        ratios.append(seconds[torch.bfloat16] / seconds[torch.float32])
-    return torch.bfloat16 if statistics.median(ratios) < 1 / 1.5 else torch.float32
+        step = {dtype: sum(map(seconds, block)) + min(map(seconds, heads)) for dtype, (block, heads) in steps.items()}
+        ratios.append(step[torch.bfloat16] / step[torch.float32])
+    return torch.bfloat16 if statistics.median(ratios) < 0.95 else torch.float32
 
 
-def compute_dtype(flag, device, training=False, decoding=False):
-    """The dtype that `--dtype` asks for: for training, for token-by-token decoding (gen), or for prediction."""
+def decoding_products(shapes, rows, dtype):
+    """For decode_dtype: the products of `rows` rows by weights of these shapes (the last a head), as decoding runs
+    them, each a function of no arguments; the values do not matter to the time. Returns the block's products and
+    the head's candidates, of which the faster counts."""
+    x = {n: torch.ones(rows, n, dtype=dtype) for n in {shape[1] for shape in shapes}}
+    weights = [torch.ones(shape, dtype=dtype) for shape in shapes]
+    if rows > 1 and dtype == torch.float32 and torch.backends.mkl.is_available():
+        packed = [(w, torch.ops.mkl._mkl_reorder_linear_weight(w, rows)) for w in weights]
+        products = [functools.partial(torch.ops.mkl._mkl_linear, x[w.size(1)], p, w, None, rows) for w, p in packed]
+        return products[:-1], products[-1:]
+    column_major_head = torch.ones(shapes[-1][::-1], dtype=dtype).T
+    products = [functools.partial(torch.nn.functional.linear, x[w.size(1)], w) for w in weights + [column_major_head]]
+    return products[:-2], products[-2:]
+
+
+def compute_dtype(flag, device, training=False, decoding=0):
+    """The dtype that `--dtype` asks for: for training, for token-by-token decoding of `decoding` samples together
+    (gen), or for prediction."""
     if flag == "auto":
         return auto_dtype(device, training, decoding)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[flag]
