@@ -25,8 +25,8 @@ from model import (GPT, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_froze
                    mark_only_lora_as_trainable, quantize_int8)
 from train_utils import (KDLoss, Split, activation_bytes_per_token, bucketed_batches, collate, cross_entropy,
                          default_micro_batch_tokens, predict_logits, sorted_batches, train_epoch)
-from utils import (EOT, compute_dtype, decode_dtype, default_cola_dir, encode, get_tokenizer, load_cola, loss_scaler,
-                   write_text)
+from utils import (EOT, DecodingWork, compute_dtype, decode_dtype, default_cola_dir, encode, get_tokenizer, load_cola,
+                   loss_scaler, write_text)
 
 CPU = torch.device("cpu")
 CASES = ("lora", "lora_bf16", "gen", "samples", "predict", "distil", "rss")
@@ -214,7 +214,7 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
     def run_ours(model):
         return lambda: list(model.generate(prompt, new_tokens, Sampler(1.0, top_k=50, seed=0)))
 
-    auto = decode_dtype("cpu")
+    auto = decode_dtype("cpu", DecodingWork(1, len(prompt), new_tokens))
     ours_auto = GPT.from_random(variant).for_generation(CPU, auto)
     ours.for_generation(CPU, torch.float32)
     times = alternate({"ours": run_ours(ours_auto), "peer": run_peer, "ours_fp32": run_ours(ours)}, reps)
@@ -239,7 +239,7 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
 def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
     """`--num_samples 8` against generate(num_return_sequences=8), from run.py's default 8-token prompt."""
     prompt = encode(get_tokenizer(), ["Hello, I'm a language model,"])[0]
-    auto = decode_dtype("cpu", n)
+    auto = decode_dtype("cpu", DecodingWork(n, len(prompt), new_tokens))
     ours = GPT.from_random(variant).for_generation(CPU, auto)
     peer = hf_generator(ours.config)
 

@@ -17,7 +17,7 @@ from model import (ADAPTER_CONFIG, GPT, LORA_TARGETS, STUDENT_CONFIG, DistilRNN,
 from train_utils import (PLOTS_DIR, TUNING_DIR, KDLoss, activation_bytes_per_token, cached_teacher_logits,
                          check_teacher_data, cross_entropy, load_splits, predict_logits, print_distil_report,
                          print_parameter_table, print_predictions, run_stem, train_and_report)
-from utils import (EOT, LABELS, DataSpec, OneLineParser, Terminated, UserError, compiled, compute_dtype,
+from utils import (EOT, LABELS, DataSpec, DecodingWork, OneLineParser, Terminated, UserError, compiled, compute_dtype,
                    data_fingerprint, default_cola_dir, encode, file_sha256, fraction, get_tokenizer, gpu_device,
                    init_distributed, interrupt_exit_code, is_main, main_first, non_negative_float, non_negative_int,
                    number_in, positive_float, positive_int, print_samples, read_sentences, resolve_device,
@@ -70,13 +70,18 @@ def data_splits(args, tokenizer, block_size=None):
 
 # ----------------------------------------------------------------------------- subcommands
 
+def read_prompt(args, tokenizer):
+    """The prompt's text (--prompt or --prompt_file) and its token ids; an empty prompt starts at <|endoftext|>."""
+    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    return prompt, tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [tokenizer.eot_token]
+
+
 def cmd_gen(args, device, dtype):
     """All samples decode in one batch (see print_samples for how they are printed)."""
     tokenizer = get_tokenizer()
-    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    prompt, prompt_ids = read_prompt(args, tokenizer)
     model = gpt_weights(GPT, args.gpt_variant, args.random_init).for_generation(device, dtype, args.quantize,
                                                                                 args.compile)
-    prompt_ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [tokenizer.eot_token]
     temperature = 0.0 if args.greedy else args.temperature
     eos = None if args.ignore_eos else tokenizer.eot_token
     samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)
@@ -399,8 +404,10 @@ def check_results_writable(parser, args):
 def execute(args):
     """Run a parsed subcommand on the device and dtype its flags ask for, resolved here once."""
     device = resolve_device(args.device)
-    args.func(args, device, compute_dtype(args.dtype, device, training=args.mode in tune.TUNABLE,
-                                          decoding=args.num_samples if args.mode == "gen" else 0))
+    decoding = None
+    if args.mode == "gen":  # what decoding will do decides the dtype that does it fastest (see decode_dtype)
+        decoding = DecodingWork(args.num_samples, len(read_prompt(args, get_tokenizer())[1]), args.max_new_tokens)
+    args.func(args, device, compute_dtype(args.dtype, device, args.mode in tune.TUNABLE, decoding))
 
 
 def seed_from_sr_no(argv):

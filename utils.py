@@ -99,11 +99,11 @@ def has_fast_bf16(device):
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def auto_dtype(device, training, decoding=0):
+def auto_dtype(device, training, decoding=None):
     """What `--dtype auto` runs, the one place that decides it. CUDA: bf16 where it is native, else fp16 on tensor
     cores (capability 7.x: T4, V100; training then scales the loss), else fp32. Apple's MPS: fp16 to decode and
-    classify, fp32 to train (no loss scaling there yet). CPU: bf16 where it is fast, else fp32, but to decode
-    `decoding` samples together whichever of the two decode_dtype measures faster."""
+    classify, fp32 to train (no loss scaling there yet). CPU: bf16 where it is fast, else fp32, but to decode (the
+    DecodingWork `decoding`) whichever of the two decode_dtype measures faster for that work."""
     if device.type == "cuda":
         if has_fast_bf16(device):
             return torch.bfloat16
@@ -149,54 +149,69 @@ def faster_one_row_layout(weight, pairs=3):
     return candidates[1] if statistics.median(ratios) < 1 else candidates[0]
 
 
+@dataclass(frozen=True)
+class DecodingWork:
+    """What `gen` decodes, for decode_dtype: samples decoding together, the prompt's tokens (read once, shared by
+    the samples) and the new tokens per sample."""
+    rows: int = 1
+    prompt_tokens: int = 1
+    new_tokens: int = 100
+
+
 @functools.cache
-def decode_dtype(device_type, rows=1, budget_s=0.05):
-    """float32 or bfloat16, whichever decodes `rows` samples together faster on this machine, measured once per
-    process (about 0.15 s).
+def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_rows=32):
+    """float32 or bfloat16, whichever does this decoding `work` faster on this machine, measured once per process
+    (about 0.15 s).
 
     Decoding is products of the weights by a few rows, bound by how fast the weights stream from memory. Whether
     bf16's half-size weights stream faster depends on the CPU (much faster on an AMD EPYC with AVX512-BF16; on a
     Cascade Lake Xeon, which emulates bf16, a block's products barely, the head 1.7x), so no CPU flag decides.
-    What is timed, in pairs, one per dtype, for `budget_s` seconds: the products by a GPT-2 block's three largest
-    weights and by an 8192-row slice of a head, as decoding runs them (one row: the head in its faster layout;
-    several rows in fp32: MKL's packed weights, see model.PackedLinear). The two dtypes together hold more than a
-    36 MB cache, so the weights stream from memory as in decoding. bf16 must be 5% faster by the median of the
-    pairs' time ratios: the rest of a step (norms, casts) costs a little more in bf16, and a tie goes to fp32,
-    which is exact. On that Xeon, for one row, the products are 1.25x faster in bf16 and whole steps 1.13x; for 8
-    rows fp32's packed products win (measured). CUDA takes bf16 where it has it.
+    Reading the prompt is the opposite, matrix products bound by arithmetic, which that Xeon does 5x slower in
+    bf16: 2.9 ms more a prompt token for gpt2, against 3-4 ms saved a new token.
+    So the products of the whole work are timed, in pairs, one per dtype, for `budget_s` seconds (three pairs at
+    least): for a step, a GPT-2 block's three largest weights and an 8192-row slice of a head, as decoding runs
+    them (one row: the head in its faster layout; several rows in fp32: MKL's packed weights, see
+    model.PackedLinear), times the new tokens; for the prompt, the block's weights by up to `most_prompt_rows`
+    rows, scaled to its length (a prompt skips the head). The two dtypes together hold more than a 36 MB cache, so
+    one-row products stream from memory as in decoding. bf16 must be 5% faster by the median of the pairs' time
+    ratios: the rest of a step (norms, casts) costs a little more in bf16, and a tie goes to fp32, which is exact.
+    On that Xeon, for one row, the products are 1.25x faster in bf16 and whole steps 1.13x; for 8 rows fp32's
+    packed products win (measured). CUDA takes bf16 where it has it.
     """
     if device_type != "cpu":
         return auto_dtype(torch.device(device_type), training=False)
-    shapes = [(2304, 768), (3072, 768), (768, 3072), (8192, 768)]  # c_attn, c_fc, mlp.c_proj, a head slice
-    steps = {dtype: decoding_products(shapes, rows, dtype) for dtype in (torch.float32, torch.bfloat16)}
-    for block, heads in steps.values():
-        for product in block + heads:
+    prompt_rows = min(work.prompt_tokens, most_prompt_rows)
+    step, prompt = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):  # the values do not matter to the time
+        block = [torch.ones(shape, dtype=dtype) for shape in [(2304, 768), (3072, 768), (768, 3072)]]
+        packed = work.rows > 1 and dtype == torch.float32 and torch.backends.mkl.is_available()
+        heads = [torch.ones(8192, 768, dtype=dtype)] + ([] if packed else [torch.ones(768, 8192, dtype=dtype).T])
+        step[dtype] = product_functions(work.rows, block, packed), product_functions(work.rows, heads, packed)
+        prompt[dtype] = product_functions(prompt_rows, block)
+        for product in step[dtype][0] + step[dtype][1] + prompt[dtype]:
             product()  # the first product of a kind sets up its kernel: not timed
     ratios, stop = [], time.perf_counter() + budget_s
-    while time.perf_counter() < stop or not ratios:
-        step = {dtype: sum(map(seconds, block)) + min(map(seconds, heads)) for dtype, (block, heads) in steps.items()}
-        ratios.append(step[torch.bfloat16] / step[torch.float32])
+    while time.perf_counter() < stop or len(ratios) < 3:
+        total = {dtype: work.new_tokens * (sum(map(seconds, block)) + min(map(seconds, heads)))
+                 + work.prompt_tokens / prompt_rows * sum(map(seconds, prompt[dtype]))
+                 for dtype, (block, heads) in step.items()}
+        ratios.append(total[torch.bfloat16] / total[torch.float32])
     return torch.bfloat16 if statistics.median(ratios) < 0.95 else torch.float32
 
 
-def decoding_products(shapes, rows, dtype):
-    """For decode_dtype: the products of `rows` rows by weights of these shapes (the last a head), as decoding runs
-    them, each a function of no arguments; the values do not matter to the time. Returns the block's products and
-    the head's candidates, of which the faster counts."""
-    x = {n: torch.ones(rows, n, dtype=dtype) for n in {shape[1] for shape in shapes}}
-    weights = [torch.ones(shape, dtype=dtype) for shape in shapes]
-    if rows > 1 and dtype == torch.float32 and torch.backends.mkl.is_available():
-        packed = [(w, torch.ops.mkl._mkl_reorder_linear_weight(w, rows)) for w in weights]
-        products = [functools.partial(torch.ops.mkl._mkl_linear, x[w.size(1)], p, w, None, rows) for w, p in packed]
-        return products[:-1], products[-1:]
-    column_major_head = torch.ones(shapes[-1][::-1], dtype=dtype).T
-    products = [functools.partial(torch.nn.functional.linear, x[w.size(1)], w) for w in weights + [column_major_head]]
-    return products[:-2], products[-2:]
+def product_functions(rows, weights, packed=False):
+    """Functions of no arguments, each the product of `rows` rows by one of `weights` (as decoding runs it: through
+    MKL's packed weights if `packed`, see model.PackedLinear); for decode_dtype, the values do not matter."""
+    x = {n: torch.ones(rows, n, dtype=weights[0].dtype) for n in {w.size(1) for w in weights}}
+    if packed:
+        return [functools.partial(torch.ops.mkl._mkl_linear, x[w.size(1)],
+                                  torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w, None, rows) for w in weights]
+    return [functools.partial(torch.nn.functional.linear, x[w.size(1)], w) for w in weights]
 
 
-def compute_dtype(flag, device, training=False, decoding=0):
-    """The dtype that `--dtype` asks for: for training, for token-by-token decoding of `decoding` samples together
-    (gen), or for prediction."""
+def compute_dtype(flag, device, training=False, decoding=None):
+    """The dtype that `--dtype` asks for: for training, for token-by-token decoding (gen: `decoding` is its
+    DecodingWork), or for prediction."""
     if flag == "auto":
         return auto_dtype(device, training, decoding)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[flag]
