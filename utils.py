@@ -166,8 +166,8 @@ def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_ro
     Decoding is products of the weights by a few rows, bound by how fast the weights stream from memory. Whether
     bf16's half-size weights stream faster depends on the CPU (much faster on an AMD EPYC with AVX512-BF16; on a
     Cascade Lake Xeon, which emulates bf16, a block's products barely, the head 1.7x), so no CPU flag decides.
-    Reading the prompt is the opposite, matrix products bound by arithmetic, which that Xeon does 5x slower in
-    bf16: 2.9 ms more a prompt token for gpt2, against 3-4 ms saved a new token.
+    Reading the prompt is the opposite, matrix products bound by arithmetic, which that Xeon does about 5x slower
+    in bf16: for gpt2, 2.9 ms more a prompt token, against 3-4 ms saved a new token.
     So the products of the whole work are timed, in pairs, one per dtype, for `budget_s` seconds (three pairs at
     least): for a step, a GPT-2 block's three largest weights and an 8192-row slice of a head, as decoding runs
     them (one row: the head in its faster layout; several rows in fp32: MKL's packed weights, see
@@ -176,7 +176,8 @@ def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_ro
     one-row products stream from memory as in decoding. bf16 must be 5% faster by the median of the pairs' time
     ratios: the rest of a step (norms, casts) costs a little more in bf16, and a tie goes to fp32, which is exact.
     On that Xeon, for one row, the products are 1.25x faster in bf16 and whole steps 1.13x; for 8 rows fp32's
-    packed products win (measured). CUDA takes bf16 where it has it.
+    packed products win (measured). The work's samples decide, so under this measurement sample i of several is
+    the text it would be alone only if both run in the same dtype. CUDA takes bf16 where it has it.
     """
     if device_type != "cpu":
         return auto_dtype(torch.device(device_type), training=False)
