@@ -161,7 +161,7 @@ class DecodingWork:
 @functools.cache
 def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_rows=32):
     """float32 or bfloat16, whichever does this decoding `work` faster on this machine, measured once per process
-    (about 0.15 s).
+    (0.15-0.3 s on a 2-core Xeon).
 
     Decoding is products of the weights by a few rows, bound by how fast the weights stream from memory. Whether
     bf16's half-size weights stream faster depends on the CPU (much faster on an AMD EPYC with AVX512-BF16; on a
