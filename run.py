@@ -405,7 +405,7 @@ def execute(args):
     """Run a parsed subcommand on the device and dtype its flags ask for, resolved here once."""
     device = resolve_device(args.device)
     decoding = None
-    if args.mode == "gen":  # what decoding will do decides the dtype that does it fastest (see decode_dtype)
+    if args.mode == "gen" and args.dtype == "auto" and device.type == "cpu":  # the work decides (see decode_dtype)
         decoding = DecodingWork(args.num_samples, len(read_prompt(args, get_tokenizer())[1]), args.max_new_tokens)
     args.func(args, device, compute_dtype(args.dtype, device, args.mode in tune.TUNABLE, decoding))
 
