@@ -229,7 +229,8 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
     yield case("same, both fp32", "ours fp32", "GPT2LMHeadModel.generate fp32", times | {"ours": times["ours_fp32"]},
                target=1.0, limit=("bandwidth", weight_bytes(ours) * new_tokens, bandwidth))
 
-    int8 = quantize_int8(GPT.from_random(variant).for_generation(CPU, torch.float32))
+    int8_dtype = decode_dtype("cpu", DecodingWork(1, len(prompt), new_tokens, int8=True))
+    int8 = quantize_int8(GPT.from_random(variant).for_generation(CPU, int8_dtype))
     int8_bytes = sum(b.numel() * b.element_size() for b in int8.buffers())  # the int8 blocks and head
     times = alternate({"ours": run_ours(int8), "peer": run_peer}, reps)
     yield case("same, ours int8 weights", "run.py gen --quantize int8", "GPT2LMHeadModel.generate fp32", times,

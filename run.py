@@ -210,7 +210,7 @@ def build_parser():
                         help="the assignment's GPU index N: the same as --device cuda:N")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 where it is native (GPUs from A100 on, CPUs with AMX/AVX512-BF16), fp16 on "
-                        "T4/V100, else fp32")
+                        "T4/V100, else fp32; gen on a CPU times fp32 against bf16 (with --quantize int8: fp32)")
     common.add_argument("--compile", action="store_true", help="torch.compile the model (no faster on a 2-core CPU)")
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -406,7 +406,8 @@ def execute(args):
     device = resolve_device(args.device)
     decoding = None
     if args.mode == "gen" and args.dtype == "auto" and device.type == "cpu":  # the work decides (see decode_dtype)
-        decoding = DecodingWork(args.num_samples, len(read_prompt(args, get_tokenizer())[1]), args.max_new_tokens)
+        decoding = DecodingWork(args.num_samples, len(read_prompt(args, get_tokenizer())[1]), args.max_new_tokens,
+                                int8=args.quantize == "int8")
     args.func(args, device, compute_dtype(args.dtype, device, args.mode in tune.TUNABLE, decoding))
 
 

@@ -1,4 +1,6 @@
 """GPT-2: same function as transformers' GPT2LMHeadModel, loading, KV-cache generation, sampling filters, CLI."""
+import functools
+
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -296,9 +298,9 @@ def test_decoding_dtype_probe_is_fp32_or_bf16_and_measured_once_per_work():
 
 def fake_seconds(step_bf16, prompt_bf16):
     """A fake utils.seconds: fp32 products take 1, bf16 ones `step_bf16` for a decoding step's row and
-    `prompt_bf16` for the prompt's rows (more than one)."""
+    `prompt_bf16` for the prompt's rows (more than one). It also times faster_one_row_layout's products."""
     def seconds(product, *args):
-        x = product.args[0]
+        x = (product.args if isinstance(product, functools.partial) else args)[0]
         if x.dtype == torch.float32:
             return 1.0
         return prompt_bf16 if x.size(0) > 1 else step_bf16
@@ -317,6 +319,34 @@ def test_decoding_takes_bf16_only_when_the_whole_work_is_5_percent_faster(work, 
     decode_dtype.cache_clear()
     assert decode_dtype("cpu", work, 0) == expected
     decode_dtype.cache_clear()
+
+
+def test_int8_decoding_keeps_the_rest_of_the_model_fp32_unmeasured(monkeypatch):
+    monkeypatch.setattr(utils, "seconds", fake_seconds(0.1, 0.1))  # bf16 ten times faster: not asked
+    decode_dtype.cache_clear()
+    assert decode_dtype("cpu", DecodingWork(1, 5, 100, int8=True)) == torch.float32
+    assert decode_dtype("cpu", DecodingWork(1, 5, 100)) == torch.bfloat16
+    decode_dtype.cache_clear()
+
+
+def test_cli_gen_int8_decodes_with_an_fp32_rest_and_plain_gen_as_measured(tiny_gpt_dir, tmp_path, monkeypatch,
+                                                                            capfd):
+    chosen = []
+    for_generation = GPT.for_generation
+
+    def recording(self, device, dtype, *rest):
+        chosen.append(dtype)
+        return for_generation(self, device, dtype, *rest)
+
+    monkeypatch.setattr(GPT, "for_generation", recording)
+    monkeypatch.setattr(utils, "seconds", fake_seconds(0.1, 0.1))  # bf16 measures ten times faster
+    args = ("gen", "--gpt_variant", tiny_gpt_dir, "--prompt", "Once upon", "--max_new_tokens", "3", "--device", "cpu")
+    decode_dtype.cache_clear()
+    for extra in (["--quantize", "int8"], []):
+        result = run_main(*args, *extra, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+        assert result.returncode == 0, result.stderr
+    decode_dtype.cache_clear()
+    assert chosen == [torch.float32, torch.bfloat16]
 
 
 def test_the_probe_runs_products_as_decoding_does():
