@@ -347,7 +347,8 @@ class Int8Linear(nn.Module):
     torch's _weight_int8pack_mm reads the int8 weights as they are, a quarter of fp32's bytes, which is what
     decoding is bound by. It wants bf16 activations and scales: with fp32 ones it falls back to a path 5-14x
     slower than fp32 itself (measured), so activations are cast to bf16 for the product and back after it.
-    Elsewhere than on CPU the weights are dequantized for an ordinary product.
+    Elsewhere than on CPU there is no such kernel: the weights are dequantized for an ordinary product in the
+    activations' dtype (fp16 on a T4, which has no bf16 arithmetic).
     """
 
     def __init__(self, linear):
@@ -359,15 +360,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x):
+        if x.device.type != "cpu":
+            return F.linear(x, self.dequantized(x.dtype), self.bias)
         rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (B*T, in)
-        if rows.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)  # (B*T, out)
-        else:
-            y = rows @ (self.weight.to(torch.bfloat16) * self.scale[:, None]).T
-        y = y.view(*x.shape[:-1], -1)  # (B, T, out)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale).view(*x.shape[:-1], -1)  # (B, T, out)
         if self.bias is not None:
             y = y + self.bias  # a bf16 product plus an fp32 bias adds in fp32 (exactly as casting first)
         return y.to(x.dtype)  # no copy when it already is
+
+    def dequantized(self, dtype):
+        """The (out, in) weight that the int8 values and their scales stand for, in `dtype`."""
+        return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
 
 
 def quantize_int8(model):

@@ -321,6 +321,17 @@ def test_decoding_takes_bf16_only_when_the_whole_work_is_5_percent_faster(work, 
     decode_dtype.cache_clear()
 
 
+def test_int8_kernel_computes_the_dequantized_product():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    q, x = Int8Linear(linear), torch.randn(2, 3, 64)
+    expected = torch.nn.functional.linear(x, q.dequantized(torch.float32), q.bias)  # the path off CPU
+    error = (q.dequantized(torch.float32) - linear.weight).abs()  # rounding (half a step) and the bf16 scale's
+    assert (error <= q.scale.float()[:, None]).all()  # own rounding (127 x 2^-9 of a step): under one step
+    assert torch.allclose(q(x), expected, atol=0.02)  # the kernel's activations are bf16
+    assert q.dequantized(torch.float16).dtype == torch.float16
+
+
 def test_int8_decoding_keeps_the_rest_of_the_model_fp32_unmeasured(monkeypatch):
     monkeypatch.setattr(utils, "seconds", fake_seconds(0.1, 0.1))  # bf16 ten times faster: not asked
     decode_dtype.cache_clear()
