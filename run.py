@@ -80,6 +80,7 @@ def cmd_gen(args, device, dtype):
     """All samples decode in one batch (see print_samples for how they are printed)."""
     tokenizer = get_tokenizer()
     prompt, prompt_ids = read_prompt(args, tokenizer)
+    seed_everything(args.seed)  # --random_init draws its weights from the seed too
     model = gpt_weights(GPT, args.gpt_variant, args.random_init).for_generation(device, dtype, args.quantize,
                                                                                 args.compile)
     temperature = 0.0 if args.greedy else args.temperature

@@ -360,6 +360,14 @@ def test_cli_gen_int8_decodes_with_an_fp32_rest_and_plain_gen_as_measured(tiny_g
     assert chosen == [torch.float32, torch.bfloat16]
 
 
+def test_cli_gen_random_weights_follow_the_seed(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
+    args = ("gen", "--gpt_variant", tiny_gpt_dir, "--random_init", "--prompt", "Hi", "--greedy", "--max_new_tokens", "8",
+            "--ignore_eos", "--dtype", "float32")
+    texts = [run_main(*args, "--seed", seed, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd).stdout
+             for seed in (3, 3, 4)]
+    assert texts[0] == texts[1] != texts[2]
+
+
 def test_the_probe_runs_products_as_decoding_does():
     weights = [torch.zeros(16, 8), torch.zeros(8, 32).T]  # row-major, column-major
     plain = utils.product_functions(1, weights)
