@@ -100,6 +100,9 @@ class GPTConfig:
                    n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
 
 
+# GPT-2's tokenizer has ids 0..50256. A checkpoint may pad its vocabulary past them (nanoGPT's 50304, for faster
+# matmuls): those rows stand for no token, so generation never draws them.
+BPE_TOKENS = 50257
 # The four released checkpoints (OpenAI's sizes); all share the vocabulary and the 1024-token context.
 VARIANTS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -276,7 +279,7 @@ class GPT(nn.Module):
                 idx = torch.tensor([tokens[i][-self.config.block_size:] for i in live], device=device)  # (n, T)
                 cache = self.new_cache(len(live)) if use_cache else None
             hidden = self.hidden(idx, cache)[:, -1]  # (1 or n, n_embd): the prompt's other positions are unused
-            logits = self.lm_head(hidden).float().expand(len(live), -1)  # (n, vocab)
+            logits = self.lm_head(hidden)[:, :BPE_TOKENS].float().expand(len(live), -1)  # (n, tokens)
             next_ids = [None] * len(samplers)
             for row, i in enumerate(live):
                 next_ids[i] = samplers[i](logits[row], tokens[i])
@@ -479,10 +482,13 @@ def load_config(name_or_path):
     path = os.path.join(folder, "config.json")
     try:
         with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-        return GPTConfig.from_hf(hf)
+            config = GPTConfig.from_hf(json.load(f))
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise UserError(f"{path}: not a readable GPT-2 config ({type(e).__name__}: {e})") from None
+    if config.vocab_size < BPE_TOKENS:
+        raise UserError(f"{path}: a vocabulary of {config.vocab_size} tokens, fewer than GPT-2's tokenizer has "
+                        f"({BPE_TOKENS}), which is what reads the text here")
+    return config
 
 
 def open_checkpoint(folder):

@@ -6,8 +6,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import run_cli, run_main, save_tiny_gpt2
-from model import (GPT, Int8Linear, PackedLinear, Sampler, apply_repetition_penalty, packable, quantize_int8,
-                   top_k_candidates, top_p_filter)
+from model import (BPE_TOKENS, GPT, GPTConfig, Int8Linear, PackedLinear, Sampler, apply_repetition_penalty, packable,
+                   quantize_int8, top_k_candidates, top_p_filter)
 import utils
 from utils import DecodingWork, UserError, decode_dtype
 
@@ -358,6 +358,18 @@ def test_cli_gen_int8_decodes_with_an_fp32_rest_and_plain_gen_as_measured(tiny_g
         assert result.returncode == 0, result.stderr
     decode_dtype.cache_clear()
     assert chosen == [torch.float32, torch.bfloat16]
+
+
+def test_generation_never_draws_the_rows_that_pad_a_vocabulary():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50304)).eval()  # nanoGPT's
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)  # every hidden state is all ones...
+        model.lm_head.weight[BPE_TOKENS:] = 10.0  # ...so the padding rows would win by far
+        assert model(torch.tensor([[1]]))[0, -1].argmax() >= BPE_TOKENS
+    drawn = [tok for steps in model.generate_batch([1], 5, [Sampler(temperature=0), Sampler(seed=0)]) for tok in steps]
+    assert all(tok < BPE_TOKENS for tok in drawn)
 
 
 def test_cli_gen_random_weights_follow_the_seed(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
