@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from model import (GPT, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_frozen_linears, inject_lora,
-                   mark_only_lora_as_trainable, quantize_int8)
+                   mark_only_lora_as_trainable)
 from train_utils import (KDLoss, Split, activation_bytes_per_token, bucketed_batches, collate, cross_entropy,
                          default_micro_batch_tokens, predict_logits, sorted_batches, train_epoch)
 from utils import (EOT, DecodingWork, compute_dtype, decode_dtype, default_cola_dir, encode, get_tokenizer, load_cola,
@@ -230,7 +230,7 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
                target=1.0, limit=("bandwidth", weight_bytes(ours) * new_tokens, bandwidth))
 
     int8_dtype = decode_dtype("cpu", DecodingWork(1, len(prompt), new_tokens, int8=True))
-    int8 = quantize_int8(GPT.from_random(variant).for_generation(CPU, int8_dtype))
+    int8 = GPT.from_random(variant).for_generation(CPU, int8_dtype, quantize="int8")  # as run.py builds it
     int8_bytes = sum(b.numel() * b.element_size() for b in int8.buffers())  # the int8 blocks and head
     times = alternate({"ours": run_ours(int8), "peer": run_peer}, reps)
     yield case("same, ours int8 weights", "run.py gen --quantize int8", "GPT2LMHeadModel.generate fp32", times,
