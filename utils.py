@@ -152,11 +152,21 @@ def faster_one_row_layout(weight, pairs=3):
 @dataclass(frozen=True)
 class DecodingWork:
     """What `gen` decodes, for decode_dtype: samples decoding together, the prompt's tokens (read once, shared by
-    the samples), the new tokens per sample, and whether the weights are int8 (--quantize int8)."""
+    the samples), the new tokens per sample, whether the weights are int8 (--quantize int8), and the model's
+    context window (1024 tokens for every GPT-2)."""
     rows: int = 1
     prompt_tokens: int = 1
     new_tokens: int = 100
     int8: bool = False
+    window: int = 1024
+
+    def token_reads(self):
+        """(one-row steps per sample, tokens read as a prompt is): the prompt's last `window` tokens once, then one
+        step per new token while the cache has room; past the window each new token of each sample re-reads the
+        whole window (see GPT.generate_batch)."""
+        read = min(self.prompt_tokens, self.window)
+        steps = min(self.new_tokens, self.window - read + 1)
+        return steps, read + (self.new_tokens - steps) * self.rows * self.window
 
 
 @functools.cache
@@ -172,8 +182,9 @@ def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_ro
     So the products of the whole work are timed, in pairs, one per dtype, for `budget_s` seconds (three pairs at
     least): for a step, a GPT-2 block's three largest weights and an 8192-row slice of a head, as decoding runs
     them (one row: the head in its faster layout; several rows in fp32: MKL's packed weights, see
-    model.PackedLinear), times the new tokens; for the prompt, the block's weights by up to `most_prompt_rows`
-    rows, scaled to its length (a prompt skips the head). The two dtypes together hold more than a 36 MB cache, so
+    model.PackedLinear), times the steps; for the prompt, the block's weights by up to `most_prompt_rows` rows,
+    scaled to the tokens read as a prompt is (a prompt skips the head; past the context window every new token
+    re-reads the window, see DecodingWork.token_reads). The two dtypes together hold more than a 36 MB cache, so
     one-row products stream from memory as in decoding. bf16 must be 5% faster by the median of the pairs' time
     ratios: the rest of a step (norms, casts) costs a little more in bf16, and a tie goes to fp32, which is exact.
     On that Xeon, for one row, the products are 1.25x faster in bf16 and whole steps 1.13x; for 8 rows fp32's
@@ -181,15 +192,15 @@ def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_ro
     the text it would be alone only if both run in the same dtype. CUDA takes bf16 where it has it.
 
     int8 work is fp32, unmeasured: its products run on int8 weights whichever dtype is chosen, so the dtype would
-    only change the rest of the model (norms, attention, the residual stream). In fp32 that rest is exact, so
-    quantization is the only error (as the README measures it), and it was as fast as in bf16 on that Xeon (an int8
-    step 32.7 against 32.3 ms, alternating).
+    only change the rest of the model (norms, attention, the residual stream). In fp32 that rest is exact, so the
+    only error is the int8 products' (as the README measures it), and it was as fast as in bf16 on that Xeon (an
+    int8 step 32.7 against 32.3 ms, alternating).
     """
     if device_type != "cpu":
         return auto_dtype(torch.device(device_type), training=False)
     if work.int8:
         return torch.float32
-    prompt_rows = min(work.prompt_tokens, most_prompt_rows)
+    prompt_rows = min(work.prompt_tokens, work.window, most_prompt_rows)
     step, prompt = {}, {}
     for dtype in (torch.float32, torch.bfloat16):  # the values do not matter to the time
         block = [torch.ones(shape, dtype=dtype) for shape in [(2304, 768), (3072, 768), (768, 3072)]]
@@ -199,10 +210,11 @@ def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_ro
         prompt[dtype] = product_functions(prompt_rows, block)
         for product in step[dtype][0] + step[dtype][1] + prompt[dtype]:
             product()  # the first product of a kind sets up its kernel: not timed
+    steps, prompt_tokens = work.token_reads()
     ratios, stop = [], time.perf_counter() + budget_s
     while time.perf_counter() < stop or len(ratios) < 3:
-        total = {dtype: work.new_tokens * (sum(map(seconds, block)) + min(map(seconds, heads)))
-                 + work.prompt_tokens / prompt_rows * sum(map(seconds, prompt[dtype]))
+        total = {dtype: steps * (sum(map(seconds, block)) + min(map(seconds, heads)))
+                 + prompt_tokens / prompt_rows * sum(map(seconds, prompt[dtype]))
                  for dtype, (block, heads) in step.items()}
         ratios.append(total[torch.bfloat16] / total[torch.float32])
     return torch.bfloat16 if statistics.median(ratios) < 0.95 else torch.float32

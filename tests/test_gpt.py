@@ -332,6 +332,23 @@ def test_int8_kernel_computes_the_dequantized_product():
     assert q.dequantized(torch.float16).dtype == torch.float16
 
 
+@pytest.mark.parametrize("work, expected", [
+    (DecodingWork(1, 128, 384), (384, 128)),  # all within the window
+    (DecodingWork(1, 1000, 100), (25, 1000 + 75 * 1024)),  # 24 cached steps, then each token re-reads the window
+    (DecodingWork(4, 3000, 10), (1, 1024 + 9 * 4 * 1024)),  # a prompt longer than the window: its last 1024
+])
+def test_decoding_work_counts_steps_and_tokens_read_past_the_window(work, expected):
+    assert work.token_reads() == expected
+
+
+def test_a_generation_past_the_window_is_weighed_as_prompt_reading(monkeypatch):
+    monkeypatch.setattr(utils, "seconds", fake_seconds(0.5, 5.0))  # bf16 steps fast, bf16 prompt reading slow
+    decode_dtype.cache_clear()
+    assert decode_dtype("cpu", DecodingWork(1, 8, 900), 0) == torch.bfloat16
+    assert decode_dtype("cpu", DecodingWork(1, 8, 2000), 0) == torch.float32  # 985 steps re-read the window
+    decode_dtype.cache_clear()
+
+
 def test_int8_decoding_keeps_the_rest_of_the_model_fp32_unmeasured(monkeypatch):
     monkeypatch.setattr(utils, "seconds", fake_seconds(0.1, 0.1))  # bf16 ten times faster: not asked
     decode_dtype.cache_clear()
@@ -373,8 +390,8 @@ def test_generation_never_draws_the_rows_that_pad_a_vocabulary():
 
 
 def test_cli_gen_random_weights_follow_the_seed(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
-    args = ("gen", "--gpt_variant", tiny_gpt_dir, "--random_init", "--prompt", "Hi", "--greedy", "--max_new_tokens", "8",
-            "--ignore_eos", "--dtype", "float32")
+    args = ("gen", "--gpt_variant", tiny_gpt_dir, "--random_init", "--prompt", "Hi", "--greedy",
+            "--max_new_tokens", "8", "--ignore_eos", "--dtype", "float32")
     texts = [run_main(*args, "--seed", seed, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd).stdout
              for seed in (3, 3, 4)]
     assert texts[0] == texts[1] != texts[2]
