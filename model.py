@@ -256,7 +256,8 @@ class GPT(nn.Module):
 
         The samples share one read of the prompt (a batch of one, its keys copied to every cache row), then
         decode together, one row each (on CPU in fp32 through weights packed for that many rows, see PackedLinear).
-        Each sample draws with its own sampler, so sample i is the same as when drawn alone with that sampler. A
+        Each sample draws with its own sampler, so sample i is the same as when drawn alone with that sampler (up
+        to rounding: a batch's products round differently from one row's, by about 1e-6 in fp32 logits). A
         sample that ends leaves the batch. The model sees at most block_size tokens: past that the window slides,
         and because positions are absolute the cached keys go stale, so each step then re-reads the whole window.
         """
