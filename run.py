@@ -267,7 +267,7 @@ def build_parser():
                    "--seed, --seed+1, ...); sample 1 streams, the rest print at the end")
     g.add_argument("--no_stream", action="store_true", help="print each sample when it is complete")
     g.add_argument("--quantize", choices=["int8"], help="int8 weights (one scale per output channel) for the "
-                   "blocks and the head: a quarter of fp32's bytes to read per token, logits within about 1%%")
+                   "blocks and the head: a quarter of fp32's bytes to read per token (errors: see README)")
     g.set_defaults(func=cmd_gen, check=check_gen)
 
     lora = sub.add_parser("LoRA", parents=[common, gpt, train, data],
@@ -305,7 +305,7 @@ def build_parser():
     predict.add_argument("--format", default="table", choices=["table", "jsonl", "tsv"], help="output format")
     predict.add_argument("--batch_size", type=positive_int, default=128, help="sentences per forward pass")
     predict.add_argument("--quantize", choices=["int8"], help="int8 weights for the blocks and the head "
-                         "(GPT-2 classifiers): a quarter of the memory; slower than fp32 for large batches")
+                         "(GPT-2 classifiers): about half the memory; slower than fp32 for large batches")
     predict.set_defaults(func=cmd_predict, check=check_model_use)
 
     export = sub.add_parser("export", parents=[common],

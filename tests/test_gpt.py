@@ -280,8 +280,8 @@ def test_int8_logits_and_greedy_tokens_stay_close_to_fp32(tmp_path):
     agreement = float((a.argmax(-1) == b.argmax(-1)).float().mean())
     print(f"int8 vs fp32: max logit error {err.max():.4f}, mean {err.mean():.4f} (mean |logit| {a.abs().mean():.3f}),"
           f" greedy agreement {agreement:.1%} over 200 tokens")
-    assert err.max() <= 0.2 and err.mean() <= 0.03  # measured: 0.135 and 0.0135
-    assert agreement >= 0.9  # measured: 95.5%
+    assert err.max() <= 0.2 and err.mean() <= 0.03  # measured: 0.131 and 0.0135
+    assert agreement >= 0.9  # measured: 94.0%
 
 
 def test_decoding_dtype_probe_is_fp32_or_bf16_and_measured_once_per_work():
@@ -347,6 +347,26 @@ def test_a_generation_past_the_window_is_weighed_as_prompt_reading(monkeypatch):
     assert decode_dtype("cpu", DecodingWork(1, 8, 900), 0) == torch.bfloat16
     assert decode_dtype("cpu", DecodingWork(1, 8, 2000), 0) == torch.float32  # 985 steps re-read the window
     decode_dtype.cache_clear()
+
+
+def test_int8_centered_head_keeps_logits_with_a_shared_offset_as_close_as_without():
+    """A head whose rows share a component, so that logits sit near -35 and spread by about 4, as GPT-2's do:
+    plain int8 rows spend their scale on the shared part; centered ones quantize what tells tokens apart."""
+    torch.manual_seed(0)
+    vocab, width = 4096, 256
+    shared = torch.randn(width)
+    head = torch.nn.Linear(width, vocab, bias=False)
+    head.weight.data = torch.randn(vocab, width) * 0.15 + 0.1 * shared
+    x = torch.randn(8, width) - 350 * shared / shared.norm() ** 2  # x . shared = -350 on average
+    exact = x @ head.weight.T
+    plain, centered = Int8Linear(head)(x).float(), Int8Linear(head, centered=True)(x).float()
+    print(f"logits: mean {exact.mean():.1f}, spread {exact.std(dim=1).mean():.1f}")
+    assert -45 < exact.mean() < -25 and exact.std(dim=1).mean() < 8
+    plain_error, centered_error = (plain - exact).abs().mean(), (centered - exact).abs().mean()
+    print(f"int8 head, mean logit {exact.mean():.1f}: mean error plain {plain_error:.4f}, centered {centered_error:.4f}")
+    assert centered_error < plain_error / 2  # measured: 0.0775 and 0.0250
+    off_cpu = x @ Int8Linear(head, centered=True).dequantized(torch.float32).T  # the product off the CPU
+    assert (off_cpu - exact).abs().mean() < plain_error / 2
 
 
 def test_int8_decoding_keeps_the_rest_of_the_model_fp32_unmeasured(monkeypatch):
