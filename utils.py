@@ -91,10 +91,11 @@ def resolve_device(name):
 
 def has_fast_bf16(device):
     """True where bf16 matmuls beat fp32: a GPU that runs bf16 natively (compute capability 8.0 and up: A100, H100,
-    RTX 30xx and later), or a CPU with AMX / AVX512-BF16. A T4 or V100 only emulates bf16, slower than fp32, though
-    `torch.cuda.is_bf16_supported()` answers True there unless emulation is excluded."""
+    RTX 30xx and later; every ROCm GPU), or a CPU with AMX / AVX512-BF16. A T4 or V100 only emulates bf16, slower
+    than fp32. Not `torch.cuda.is_bf16_supported()`: it answers for the current GPU, not `device`, and True on a T4
+    unless emulation is excluded."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
     # Not mkldnn's bf16 support: it is true on any AVX512 CPU, where oneDNN emulates bf16 about 3x slower than fp32.
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 

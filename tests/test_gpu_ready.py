@@ -60,6 +60,19 @@ def test_dtype_follows_the_capability(monkeypatch, gpu, expected):
     assert utils.compute_dtype("auto", device, training=False) == expected
 
 
+def test_each_gpu_of_a_mixed_machine_gets_its_own_dtype(monkeypatch):
+    fake_gpu(monkeypatch, "a100")  # cuda:0, the current device
+
+    def properties(device=None):
+        name, major, minor = (GPUS["a100"], GPUS["t4"])[torch.device(device or "cuda:0").index or 0]
+        return types.SimpleNamespace(name=name, major=major, minor=minor, total_memory=16 * 2 ** 30)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert utils.compute_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
+    assert utils.compute_dtype("auto", torch.device("cuda:1")) == torch.float16
+
+
 def test_mps_trains_in_fp32_and_decodes_in_fp16():
     mps = torch.device("mps")
     assert utils.compute_dtype("auto", mps, training=True) == torch.float32
