@@ -181,16 +181,17 @@ def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_ro
     Reading the prompt is the opposite, matrix products bound by arithmetic, which that Xeon does about 5x slower
     in bf16: for gpt2, 2.9 ms more a prompt token, against 3-4 ms saved a new token.
     So the products of the whole work are timed, in pairs, one per dtype, for `budget_s` seconds (three pairs at
-    least): for a step, a GPT-2 block's three largest weights and an 8192-row slice of a head, as decoding runs
-    them (one row: the head in its faster layout; several rows in fp32: MKL's packed weights, see
-    model.PackedLinear), times the steps; for the prompt, the block's weights by up to `most_prompt_rows` rows,
-    scaled to the tokens read as a prompt is (a prompt skips the head; past the context window every new token
-    re-reads the window, see DecodingWork.token_reads). The two dtypes together hold more than a 36 MB cache, so
-    one-row products stream from memory as in decoding. bf16 must be 5% faster by the median of the pairs' time
-    ratios: the rest of a step (norms, casts) costs a little more in bf16, and a tie goes to fp32, which is exact.
-    On that Xeon, for one row, the products are 1.25x faster in bf16 and whole steps 1.13x; for 8 rows fp32's
-    packed products win (measured). The work's samples decide, so under this measurement sample i of several is
-    the text it would be alone only if both run in the same dtype. CUDA takes bf16 where it has it.
+    least): for a step, a GPT-2 block's three largest weights and an 8192-row slice of a head, as decoding runs them
+    (one row: the head in its faster layout; several rows in fp32: MKL's packed weights, see model.PackedLinear),
+    each weighed by its share of gpt2's step (12 blocks, the whole head), times the steps; for the prompt, the
+    block's weights by up to `most_prompt_rows` rows, scaled to the tokens read as a prompt is (a prompt skips the
+    head; past the context window every new token re-reads the window, see DecodingWork.token_reads). The two dtypes
+    together hold more than a 36 MB cache, so one-row products stream from memory as in decoding. bf16 must be 5%
+    faster by the median of the pairs' time ratios: the rest of a step (norms, casts) costs a little more in bf16,
+    and a tie goes to fp32, which is exact. On that Xeon, for one row, the weighed products are 1.2x faster in bf16
+    (ratio 0.83-0.84) and whole steps 1.13x; for 8 rows fp32's packed products win (ratio 2.55; measured). The
+    work's samples decide, so under this measurement sample i of several is the text it would be alone only if both
+    run in the same dtype. CUDA takes bf16 where it has it.
 
     int8 work is fp32, unmeasured: its products run on int8 weights whichever dtype is chosen, so the dtype would
     only change the rest of the model (norms, attention, the residual stream). In fp32 that rest is exact, so the
@@ -212,10 +213,11 @@ def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_ro
         for product in step[dtype][0] + step[dtype][1] + prompt[dtype]:
             product()  # the first product of a kind sets up its kernel: not timed
     steps, prompt_tokens = work.token_reads()
+    blocks, heads_per_slice = 12 * 9216 / 8448, 50257 / 8192  # gpt2: 12 blocks of 9216 x 768, a 50257-row head
     ratios, stop = [], time.perf_counter() + budget_s
     while time.perf_counter() < stop or len(ratios) < 3:
-        total = {dtype: steps * (sum(map(seconds, block)) + min(map(seconds, heads)))
-                 + prompt_tokens / prompt_rows * sum(map(seconds, prompt[dtype]))
+        total = {dtype: steps * (blocks * sum(map(seconds, block)) + heads_per_slice * min(map(seconds, heads)))
+                 + prompt_tokens / prompt_rows * blocks * sum(map(seconds, prompt[dtype]))
                  for dtype, (block, heads) in step.items()}
         ratios.append(total[torch.bfloat16] / total[torch.float32])
     return torch.bfloat16 if statistics.median(ratios) < 0.95 else torch.float32
