@@ -103,6 +103,11 @@ class GPTConfig:
 # GPT-2's tokenizer has ids 0..50256. A checkpoint may pad its vocabulary past them (nanoGPT's 50304, for faster
 # matmuls): those rows stand for no token, so generation never draws them.
 BPE_TOKENS = 50257
+# Options of transformers' GPT2Config that change what the model computes, and the values this one computes (the
+# first is the default); a config with another value (or an MLP other than 4 x n_embd wide) is refused rather than
+# run with wrong logits.
+ARCHITECTURE = {"activation_function": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # three names, one function
+                "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
 # The four released checkpoints (OpenAI's sizes); all share the vocabulary and the 1024-token context.
 VARIANTS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -495,9 +500,14 @@ def load_config(name_or_path):
     path = os.path.join(folder, "config.json")
     try:
         with open(path, encoding="utf-8") as f:
-            config = GPTConfig.from_hf(json.load(f))
+            hf = json.load(f)
+        config = GPTConfig.from_hf(hf)
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise UserError(f"{path}: not a readable GPT-2 config ({type(e).__name__}: {e})") from None
+    for key, values in (ARCHITECTURE | {"n_inner": (4 * config.n_embd, None)}).items():  # None: 4 x n_embd
+        if hf.get(key, values[0]) not in values:
+            raise UserError(f"{path}: {key} {hf[key]!r} is a GPT-2 variant this model does not compute (it "
+                            f"computes {values[0]!r})")
     if config.vocab_size < BPE_TOKENS:
         raise UserError(f"{path}: a vocabulary of {config.vocab_size} tokens, fewer than GPT-2's tokenizer has "
                         f"({BPE_TOKENS}), which is what reads the text here")

@@ -28,6 +28,9 @@ CASES = [
      "error: --gpt_variant ./no/such/folder: no such folder"),
     ("a model with fewer tokens than the tokenizer", "gen --gpt_variant small-vocab --prompt Hi", 1,
      "error: small-vocab/config.json: a vocabulary of 300 tokens, fewer than GPT-2's tokenizer has (50257)"),
+    ("a GPT-2 variant this model does not compute", "gen --gpt_variant relu-gpt2 --prompt Hi", 1,
+     "error: relu-gpt2/config.json: activation_function 'relu' is a GPT-2 variant this model does not compute "
+     "(it computes 'gelu_new')"),
     ("hub id offline or unknown", "gen --gpt_variant no-such-org/no-such-gpt2", 1,
      "error: could not get 'no-such-org/no-such-gpt2' from the Hugging Face hub"),
     ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf], got 0"),
@@ -107,6 +110,7 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
     d = tmp_path_factory.mktemp("errors")
     save_tiny_gpt2(d / "tiny-gpt2")
     save_tiny_gpt2(d / "small-vocab", vocab_size=300)
+    save_tiny_gpt2(d / "relu-gpt2", activation_function="relu")
     (d / "notes.txt").write_text("a file\n")
     (d / "empty").mkdir()
     for name in ("adapter-tiny", "corrupt-adapter", "bad-config"):

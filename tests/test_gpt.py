@@ -185,6 +185,25 @@ def test_loading_refuses_mismatched_checkpoint(tmp_path):
         model.load_gpt2_weights(bad, source="x")
 
 
+@pytest.mark.parametrize("option, accepted", [
+    ({"activation_function": "gelu_pytorch_tanh"}, True), ({"n_inner": 128}, True),  # the same function
+    ({"activation_function": "relu"}, False), ({"scale_attn_weights": False}, False),
+    ({"scale_attn_by_inverse_layer_idx": True}, False), ({"n_inner": 64}, False),
+])
+def test_loading_refuses_gpt2_variants_this_model_does_not_compute(tmp_path, option, accepted):
+    """Each refused option changes transformers' logits (by 0.28-2.8 on the tiny model), which this model would
+    not follow."""
+    folder = save_tiny_gpt2(tmp_path / "m", **option)
+    if accepted:
+        ours, hf = GPT.from_pretrained(folder).eval(), GPT2LMHeadModel.from_pretrained(folder).eval()
+        idx = torch.tensor([[464, 2068, 7586]])
+        with torch.no_grad():
+            assert torch.allclose(ours(idx), hf(idx).logits, atol=1e-4)
+    else:
+        with pytest.raises(UserError, match=f"{next(iter(option))} .* is a GPT-2 variant this model does not"):
+            GPT.from_pretrained(folder)
+
+
 def test_cli_gen_on_a_local_folder(tiny_gpt_dir, tmp_path):
     result = run_cli("gen", "--gpt_variant", tiny_gpt_dir, "--prompt", "The cat sat", "--max_new_tokens", "12",
                      "--seed", "3", cwd=tmp_path)
