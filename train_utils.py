@@ -936,6 +936,9 @@ def print_prediction_scores(preds, labels, names, file):
     if unknown:
         raise UserError(f"the input's label {unknown[0]!r} is not one the model was trained on ({', '.join(names)})")
     rows = [i for i, y in enumerate(labels) if y is not None]
+    if not rows:
+        print(f"no row has a label: nothing scored ({len(labels)} unlabelled rows)", file=file)
+        return
     ids = [names.index(labels[i]) for i in rows]
     s = scores([preds[i] for i in rows], ids, len(names))
     majority = scores([majority_label(ids)] * len(ids), ids)["acc"]

@@ -567,6 +567,8 @@ def read_cola_tsv(path):
             raise UserError(f"{path}:{line_no}: expected 4 tab-separated columns, found {len(row)}")
         if row[1] not in ("0", "1"):
             raise UserError(f"{path}:{line_no}: label must be 0 or 1, found {row[1]!r}")
+        if not row[3].strip():
+            raise UserError(f"{path}:{line_no}: the sentence is empty")
         sentences.append(row[3])
         labels.append(int(row[1]))
     if not sentences:
@@ -704,12 +706,17 @@ def unlabelled(value):
     return value is None or value == -1 or value == ""
 
 
+def label_text(value):
+    """A label value as text. A numeric column with an empty cell is read as floats, so 1.0 is the label 1."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def label_names(feature, columns):
     """The dataset's label names: its ClassLabel's names when it has one, else the sorted distinct values (as
     text), over every split read."""
     if hasattr(feature, "names"):
         return tuple(feature.names)
-    return tuple(str(v) for v in sorted({v for values in columns for v in values if not unlabelled(v)}))
+    return tuple(label_text(v) for v in sorted({v for values in columns for v in values if not unlabelled(v)}))
 
 
 def checked_texts(texts, where, column):
@@ -726,7 +733,7 @@ def label_ids(values, feature, names):
     index = {name: i for i, name in enumerate(names)}
     if hasattr(feature, "names"):
         return [-1 if unlabelled(v) else int(v) for v in values]
-    return [-1 if unlabelled(v) else index[str(v)] for v in values]
+    return [-1 if unlabelled(v) else index[label_text(v)] for v in values]
 
 
 def load_text_data(spec):
@@ -794,7 +801,7 @@ def read_table_file(path, spec):
     if label is None:
         return sentences, None
     feature = table.features[label]
-    names = [None if unlabelled(v) else feature.names[v] if hasattr(feature, "names") else str(v)
+    names = [None if unlabelled(v) else feature.names[v] if hasattr(feature, "names") else label_text(v)
              for v in table[label]]
     return sentences, names
 
@@ -810,8 +817,8 @@ def read_sentences(sentences=None, input_path=None, spec=DataSpec()):
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--input {path}: cannot read it ({e})") from None
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        if first.count("\t") == 3:  # a CoLA-format TSV: source, label, original mark, sentence
+        first = next((line for line in text_lines(text) if line.strip()), "").split("\t")
+        if len(first) == 4 and first[1] in ("0", "1"):  # a CoLA-format TSV: source, label, original mark, sentence
             sentences, labels = read_cola_tsv(path)
             return sentences, [LABELS[y] for y in labels]
         if path.suffix in DATA_FILE_TYPES:
@@ -822,7 +829,14 @@ def read_sentences(sentences=None, input_path=None, spec=DataSpec()):
         return sentences, [data.labels[y] for y in labels]
     else:
         text = sys.stdin.read()
-    return text.splitlines(), None
+    return text_lines(text), None
+
+
+def text_lines(text):
+    """The lines of a text file: split at line ends only (\n, \r\n, \r), not at the other characters that
+    str.splitlines takes for line breaks (U+2028, form feed, ...), which can sit inside a sentence."""
+    lines = io.StringIO(text, newline=None).read().split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def data_fingerprint(splits):

@@ -33,6 +33,7 @@ def test_windows_line_endings_and_trailing_blank_line(tmp_path):
     (b"a\t2\t\tbad label\n", "x.tsv:1: label must be 0 or 1, found '2'"),
     (b"", "x.tsv: no rows"),
     (b"a\t1\t\tok\nb\t1\t\tcaf\xe9\n", "x.tsv:2: not UTF-8 text"),
+    (b"a\t1\t\tok\nb\t0\t*\t \n", "x.tsv:2: the sentence is empty"),
 ])
 def test_malformed_files_name_the_place(tmp_path, content, message):
     path = tmp_path / "x.tsv"

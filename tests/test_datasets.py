@@ -15,7 +15,7 @@ from conftest import PAD_BATCH, padded, run_cli, run_main
 from model import GPTClassifier
 from train_utils import (Split, bootstrap, macro_f1, macro_f1_rows, matthews_corrcoef, predict_logits,
                          train_epoch)
-from utils import DataSpec, UserError, encode, load_text_data
+from utils import DataSpec, UserError, encode, load_text_data, read_sentences
 
 TOPICS = {"sport": ["goal", "match", "team", "coach", "league"], "tech": ["chip", "code", "robot", "laptop", "server"],
           "food": ["bread", "soup", "salad", "pasta", "cheese"]}
@@ -188,3 +188,29 @@ def test_unlabelled_rows_are_left_out_and_said_so(tmp_path):
     assert data.notes == ["1 unlabelled rows of dev left out", "the test split has no labels: no second evaluation"]
     with pytest.raises(UserError, match=r"--test_split nope: no such split \(there are: dev, test, train\)"):
         load_text_data(DataSpec(dataset=str(tmp_path / "d"), test_split="nope"))
+
+
+def test_a_numeric_label_column_with_an_empty_cell_keeps_its_labels(tmp_path):
+    """A CSV column of 0/1 with one empty cell is read as floats: its labels are still '0' and '1'."""
+    (tmp_path / "d").mkdir()
+    for split in ("train", "validation"):
+        (tmp_path / "d" / f"{split}.csv").write_text("sentence,label\nGood.,1\nBad.,0\nUnknown.,\n")
+    data = load_text_data(DataSpec(dataset=str(tmp_path / "d")))
+    assert data.labels == ("0", "1") and data.splits["dev"] == (["Good.", "Bad."], [1, 0])
+    (tmp_path / "some.csv").write_text("sentence,label\nGood.,1\nUnknown.,\nBad.,0\n")
+    assert read_sentences(input_path=tmp_path / "some.csv") == (["Good.", "Unknown.", "Bad."], ["1", None, "0"])
+
+
+def test_a_headed_four_column_tsv_is_a_table_not_cola(tmp_path):
+    path = tmp_path / "four.tsv"
+    path.write_text("id\tsentence\tlabel\tsource\n1\tGood.\t1\tme\n2\tBad.\t0\tme\n")
+    assert read_sentences(input_path=path) == (["Good.", "Bad."], ["1", "0"])
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("src\t1\t\tGood.\nsrc\t0\t*\tBad.\n")
+    assert read_sentences(input_path=cola) == (["Good.", "Bad."], ["acceptable", "unacceptable"])
+
+
+def test_plain_lines_split_at_line_ends_only(tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_bytes("one\u2028still one\x0cand\r\ntwo\rthree\n".encode())
+    assert read_sentences(input_path=path) == (["one\u2028still one\x0cand", "two", "three"], None)

@@ -126,3 +126,11 @@ def test_weights_outside_the_declared_targets_are_refused_naming_both(tiny_gpt_d
     with pytest.raises(UserError, match=r"holds transformer\.h\.0\.mlp\.c_fc\.lora_A\.weight, outside the target "
                                         r"set \['attn\.c_attn'\]"):
         run.load_lora_classifier(tmp_path / "peft")
+
+
+def test_predict_on_a_file_whose_label_column_is_empty_scores_nothing(student_dir, tmp_path, monkeypatch, capfd):
+    (tmp_path / "nolab.csv").write_text("sentence,label\nGood.,\nBad.,\n")
+    result = run_main("predict", "--model_path", student_dir, "--input", "nolab.csv", cwd=tmp_path,
+                      monkeypatch=monkeypatch, capfd=capfd)
+    assert result.returncode == 0, result.stderr
+    assert "no row has a label: nothing scored (2 unlabelled rows)" in result.stdout
