@@ -858,7 +858,8 @@ def flags(args):
 def result_flags(args):
     """The flags that decide a run's result: a resumed run must share them with the run it continues, and a sweep
     skips a run already logged with them (and the same --epochs). Where it runs and how it reports do not count."""
-    return {k: v for k, v in flags(args).items() if k not in ("resume", "debug", "epochs", "device", "compile")}
+    ignored = ("resume", "debug", "epochs", "device", "compile", "tensorboard")
+    return {k: v for k, v in flags(args).items() if k not in ignored}
 
 
 RUN_INFO = "run_info.json"  # how the run that wrote a checkpoint was configured (ignored by PEFT)

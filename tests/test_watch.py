@@ -84,6 +84,16 @@ def test_tensorboard_holds_the_step_losses_and_the_printed_epoch_metrics(tmp_pat
     assert events.Tags()["tensors"] or os.listdir(tmp_path / "runs" / "mine")  # the hyper-parameters summary
 
 
+def test_where_a_run_reports_does_not_change_what_it_is():
+    """--resume and tune compare runs by result_flags: TensorBoard on or off, like the device, is not a new run."""
+    parser = run.build_parser()
+
+    def config(*argv):
+        return utils.result_flags(parser.parse_args(["rnn", *argv]))
+
+    assert config() == config("--tensorboard", "runs/x", "--device", "cpu") != config("--lr", "0.1")
+
+
 def test_tensorboard_missing_is_one_line_before_training(monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)
     real = run.importlib.util.find_spec
