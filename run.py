@@ -1,6 +1,7 @@
 """Command line: `python run.py {gen,LoRA,rnn,distil,predict,export,tune,info} ...`. Parse, validate, build, call,
 report."""
 import argparse
+import hashlib
 import importlib.util
 import os
 import sys
@@ -148,12 +149,22 @@ def teacher_logits(splits, args, variant, device, dtype):
     """The teacher's logits on every split, cached under a key made of the adapter's content, the base model, the
     dtype and the data: a second run with the same teacher neither builds nor runs it."""
     folder = Path(args.model_path)
-    key = file_sha256(*(p for p in sorted(folder.iterdir()) if p.is_file()))[:16]
+    adapter = file_sha256(*(p for p in sorted(folder.iterdir()) if p.is_file()))
+    key = hashlib.sha256(f"{adapter} {base_identity(variant)}".encode()).hexdigest()[:16]
     name = "-".join([run_stem("teacher", splits.spec), key, variant_slug(variant), str(dtype).removeprefix("torch."),
                      data_fingerprint(splits)])
     return cached_teacher_logits(Path("models/cache") / f"{name}.safetensors",
                                  lambda: cast_frozen_linears(load_lora_classifier(folder, variant), dtype).to(device),
                                  splits, batch_size=args.batch_size, device=device, dtype=dtype)
+
+
+def base_identity(variant):
+    """A hub id as it is; a local folder by its absolute path and its files' sizes and modification times, so that
+    a base replaced or rewritten in place (or another folder of the same name) gets its own teacher logits."""
+    if not os.path.isdir(variant):
+        return variant
+    files = sorted(p for p in Path(variant).resolve().iterdir() if p.is_file())
+    return repr([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
 def load_predictor(folder, variant):

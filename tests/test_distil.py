@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import run
-from conftest import COLA_DEV, COLA_OOD, count_classifier_rows, run_cli, run_main
+from conftest import COLA_DEV, COLA_OOD, count_classifier_rows, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2
 from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters
 from train_utils import KDLoss, Split, kd_loss, predict_logits, train_epoch
 from utils import EOT
@@ -83,6 +83,18 @@ def test_teacher_runs_once_per_example_and_never_with_its_cache(adapter_dir, tmp
     seen.clear()
     assert run.main(args) == 0
     assert sum(seen) == 0
+
+
+def test_teacher_logits_are_cached_again_when_a_local_base_changes(tmp_path, monkeypatch):
+    base = save_tiny_gpt2(tmp_path / "base")
+    adapter = save_tiny_adapter(tmp_path / "adapter", base)
+    monkeypatch.chdir(tmp_path)
+    seen = count_classifier_rows(monkeypatch.setattr)
+    args = ["distil", "--model_path", str(adapter), "--max_examples", "16", "--epochs", "1", "--rnn_hidden", "8"]
+    assert run.main(args) == 0 and sum(seen) > 0
+    seen.clear()
+    save_tiny_gpt2(base, seed=1)  # the same folder, other weights
+    assert run.main(args) == 0 and sum(seen) > 0
 
 
 def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path, monkeypatch, capfd):
