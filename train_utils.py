@@ -876,7 +876,7 @@ def print_mcnemar(entries, labels, title, missing_log):
     print(f"McNemar's exact test, student with KD vs {other['name']} on the {len(labels)} {title} sentences: "
           f"{only_kd} right only with KD, {only_other} right only without; p = {p:.3g}")
     if missing_log:
-        print(f"(no `run.py rnn` run on the same data and student shape in {missing_log}: "
+        print(f"(no `run.py rnn` run with the same data, student shape, seed and training flags in {missing_log}: "
               "run it for the without-KD row)")
 
 
@@ -886,8 +886,10 @@ def rnn_log(run):
 
 
 def latest_matching_rnn_run(run):
-    """The latest `run.py rnn` run on the same data, student shape and seed as `run` (a distil run), if any."""
-    same = ("rnn_hidden", "rnn_layers", "rnn_cell", "max_examples", "seed")
+    """The latest `run.py rnn` run on the same data, student shape, seed and training recipe as `run` (a distil
+    run), if any: the two then differ by KD alone."""
+    same = ("rnn_hidden", "rnn_layers", "rnn_cell", "max_examples", "seed", "lr", "epochs", "batch_size", "clip",
+            "dtype")
     matches = [r for r in read_jsonl(rnn_log(run)) if r.get("finished", True) and r["data"] == run["data"]
                and all(r["args"].get(k) == run["args"].get(k) for k in same)]
     return matches[-1] if matches else None

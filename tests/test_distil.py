@@ -1,6 +1,7 @@
 """Distillation: the KD loss against torch's kl_div, the student's padding invariance and size, the teacher run
 exactly once (and never with its cache), and the rnn / distil commands end to end."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,18 @@ def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path, monkeypatch, capf
     assert len(kd["dev_preds"]) == COLA_DEV and kd["args"]["temperature"] == 2.0
     assert (tmp_path / "models" / "distil-rnn" / "model.safetensors").exists()
     assert (tmp_path / "models" / "rnn" / "config.json").exists()
+
+
+def test_the_student_without_kd_is_an_rnn_run_that_differs_by_kd_alone(tmp_path, monkeypatch):
+    from train_utils import latest_matching_rnn_run, rnn_log
+    monkeypatch.chdir(tmp_path)
+    parser = run.build_parser()
+    kd = {"args": vars(parser.parse_args(["distil"])), "data": "d"}
+    rnn_runs = [{"args": vars(parser.parse_args(["rnn", *extra])), "data": "d", "id": i}
+                for i, extra in enumerate([[], ["--lr", "0.01"], ["--epochs", "1"], ["--rnn_hidden", "8"]])]
+    (tmp_path / "tuning").mkdir()
+    Path(rnn_log(kd)).write_text("".join(json.dumps(r, default=str) + "\n" for r in rnn_runs))
+    assert latest_matching_rnn_run(kd)["id"] == 0
 
 
 def test_cli_distil_without_adapter_says_how_to_make_one(tmp_path, monkeypatch, capfd):
