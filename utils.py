@@ -175,52 +175,60 @@ def decode_dtype(device_type, work=DecodingWork(), budget_s=0.05, most_prompt_ro
     """float32 or bfloat16, whichever does this decoding `work` faster on this machine, measured once per process
     (0.15-0.3 s on a 2-core Xeon).
 
-    Decoding is products of the weights by a few rows, bound by how fast the weights stream from memory. Whether
+    Decoding is products of the weights by a few rows, bound by how fast the weights stream from memory; whether
     bf16's half-size weights stream faster depends on the CPU (much faster on an AMD EPYC with AVX512-BF16; on a
     Cascade Lake Xeon, which emulates bf16, a block's products barely, the head 1.7x), so no CPU flag decides.
-    Reading the prompt is the opposite, matrix products bound by arithmetic, which that Xeon does about 5x slower
-    in bf16: for gpt2, 2.9 ms more a prompt token, against 3-4 ms saved a new token.
-    So the products of the whole work are timed, in pairs, one per dtype, for `budget_s` seconds (three pairs at
-    least): for a step, a GPT-2 block's three largest weights and an 8192-row slice of a head, as decoding runs them
-    (one row: the head in its faster layout; several rows in fp32: MKL's packed weights, see model.PackedLinear),
-    each weighed by its share of gpt2's step (12 blocks, the whole head), times the steps; for the prompt, the
-    block's weights by up to `most_prompt_rows` rows, scaled to the tokens read as a prompt is (a prompt skips the
-    head; past the context window every new token re-reads the window, see DecodingWork.token_reads). The two dtypes
-    together hold more than a 36 MB cache, so one-row products stream from memory as in decoding. bf16 must be 5%
-    faster by the median of the pairs' time ratios: the rest of a step (norms, casts) costs a little more in bf16,
-    and a tie goes to fp32, which is exact. On that Xeon, for one row, the weighed products are 1.2x faster in bf16
-    (ratio 0.83-0.84) and whole steps 1.13x; for 8 rows fp32's packed products win (ratio 2.55; measured). The
-    work's samples decide, so under this measurement sample i of several is the text it would be alone only if both
-    run in the same dtype. CUDA takes bf16 where it has it.
+    Reading the prompt is the opposite, bound by arithmetic, which that Xeon does about 5x slower in bf16. So the
+    products of the whole work (decoding_products) are timed in fp32/bf16 pairs for `budget_s` seconds, three pairs
+    at least, each weighed by its share of gpt2 (12 blocks, the whole head) and by the steps and prompt tokens of
+    the work (DecodingWork.token_reads). bf16 must be 5% faster by the median ratio: the rest of a step (norms,
+    casts) costs a little more in bf16, and a tie goes to fp32, which is exact. On that Xeon one row's weighed
+    products are 1.2x faster in bf16 (ratio 0.83-0.84; whole steps 1.13x), and for 8 rows fp32's packed products
+    win (ratio 2.55). Since the samples count, sample i of several is the text it would be alone only if both run in
+    the same dtype. CUDA takes bf16 where it has it.
 
-    int8 work is fp32, unmeasured: its products run on int8 weights whichever dtype is chosen, so the dtype would
-    only change the rest of the model (norms, attention, the residual stream). In fp32 that rest is exact, so the
-    only error is the int8 products' (as the README measures it), and it was as fast as in bf16 on that Xeon (an
-    int8 step 32.7 against 32.3 ms, alternating).
+    int8 work is fp32, unmeasured: its products run on int8 weights in either dtype, which would only change the
+    rest of the model (norms, attention, the residual stream). In fp32 that rest is exact, so the only error is the
+    int8 products' (as the README measures it), and it was as fast as in bf16 on that Xeon (an int8 step 32.7
+    against 32.3 ms, alternating).
     """
     if device_type != "cpu":
         return auto_dtype(torch.device(device_type), training=False)
     if work.int8:
         return torch.float32
     prompt_rows = min(work.prompt_tokens, work.window, most_prompt_rows)
-    step, prompt = {}, {}
-    for dtype in (torch.float32, torch.bfloat16):  # the values do not matter to the time
-        block = [torch.ones(shape, dtype=dtype) for shape in [(2304, 768), (3072, 768), (768, 3072)]]
-        packed = work.rows > 1 and dtype == torch.float32 and torch.backends.mkl.is_available()
-        heads = [torch.ones(8192, 768, dtype=dtype)] + ([] if packed else [torch.ones(768, 8192, dtype=dtype).T])
-        step[dtype] = product_functions(work.rows, block, packed), product_functions(work.rows, heads, packed)
-        prompt[dtype] = product_functions(prompt_rows, block)
-        for product in step[dtype][0] + step[dtype][1] + prompt[dtype]:
-            product()  # the first product of a kind sets up its kernel: not timed
+    products = decoding_products(work.rows, prompt_rows)
     steps, prompt_tokens = work.token_reads()
-    blocks, heads_per_slice = 12 * 9216 / 8448, 50257 / 8192  # gpt2: 12 blocks of 9216 x 768, a 50257-row head
+    blocks, head_slices = 12 * 9216 / 8448, 50257 / 8192  # gpt2: 12 blocks of 9216 x 768, a 50257-row head
+
+    def work_seconds(block, heads, prompt):
+        return (steps * (blocks * sum(map(seconds, block)) + head_slices * min(map(seconds, heads)))
+                + prompt_tokens / prompt_rows * blocks * sum(map(seconds, prompt)))
+
     ratios, stop = [], time.perf_counter() + budget_s
     while time.perf_counter() < stop or len(ratios) < 3:
-        total = {dtype: steps * (blocks * sum(map(seconds, block)) + heads_per_slice * min(map(seconds, heads)))
-                 + prompt_tokens / prompt_rows * blocks * sum(map(seconds, prompt[dtype]))
-                 for dtype, (block, heads) in step.items()}
-        ratios.append(total[torch.bfloat16] / total[torch.float32])
+        fp32 = work_seconds(*products[torch.float32])
+        ratios.append(work_seconds(*products[torch.bfloat16]) / fp32)
     return torch.bfloat16 if statistics.median(ratios) < 0.95 else torch.float32
+
+
+def decoding_products(rows, prompt_rows):
+    """{dtype: (a step's block products, its head products, the prompt's block products)} in fp32 and bf16, for
+    decode_dtype to time: a GPT-2 block's three largest weights and an 8192-row slice of a head by `rows` rows, as
+    decoding runs them (one row: the head in both layouts, the faster one counts; several rows in fp32: MKL's
+    packed weights, see model.PackedLinear), and the block's weights by `prompt_rows` rows. The two dtypes together
+    hold more than a 36 MB cache, so one-row products stream from memory as in decoding. Each product has run once:
+    the first of a kind sets up its kernel."""
+    products = {}
+    for dtype in (torch.float32, torch.bfloat16):  # the values do not matter to the time
+        block = [torch.ones(shape, dtype=dtype) for shape in [(2304, 768), (3072, 768), (768, 3072)]]
+        packed = rows > 1 and dtype == torch.float32 and torch.backends.mkl.is_available()
+        heads = [torch.ones(8192, 768, dtype=dtype)] + ([] if packed else [torch.ones(768, 8192, dtype=dtype).T])
+        products[dtype] = (product_functions(rows, block, packed), product_functions(rows, heads, packed),
+                           product_functions(prompt_rows, block))
+        for product in [p for kind in products[dtype] for p in kind]:
+            product()
+    return products
 
 
 def product_functions(rows, weights, packed=False):
