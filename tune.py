@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -26,26 +27,39 @@ def tune_plan(parser, args, rest):
 
     Each run is the mode's own command line plus --seed and the grid's flags, so a sweep run is exactly the plain
     subcommand's run, and a logged run with the same flags counts as done."""
+    out_flag = "--student_path" if args.target == "distil" else "--model_path"
+    fixed = {"seed": "use --seeds", out_flag[2:]: "each run writes under models/tune/<name>/"} | {
+        f.name: "run one sweep per dataset" for f in fields(DataSpec)}
     grid = {}
     for item in args.grid:
         flag, _, values = item.partition("=")
+        flag = flag.lstrip("-")
         if not flag or not values:
             parser.error(f"--grid {item}: expected flag=value[,value...], e.g. temperature=1,2,4")
-        grid[flag.lstrip("-")] = values.split(",")
+        if flag in grid:
+            parser.error(f"--grid {item}: {flag} is given twice")
+        if flag in fixed:
+            parser.error(f"--grid {item}: {flag} cannot vary in a sweep ({fixed[flag]})")
+        grid[flag] = values.split(",")
+    given = [flag for flag in ("--seed", out_flag) if any(a == flag or a.startswith(flag + "=") for a in rest)]
+    if given:
+        parser.error(f"tune: {given[0]} is set by the sweep ({fixed[given[0][2:]]})")
+    if len(set(args.seeds)) < len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
     spec = DataSpec.from_args(parser.parse_args([args.target, *rest]))
     name = args.name or "_".join([run_stem(args.target, spec)] + [f"{k}-{'-'.join(v)}" for k, v in grid.items()])
     name = safe_name(name)
-    out_flag = "--student_path" if args.target == "distil" else "--model_path"
     plan = []
     for values in itertools.product(*grid.values()):
         config = dict(zip(grid, values))
         for seed in args.seeds:
             folder = f"models/tune/{name}/{safe_name(config_label(config))}_seed{seed}"
-            out = [] if out_flag in rest else [out_flag, folder]
-            argv = [args.target, *rest, *out, "--seed", str(seed)]
+            argv = [args.target, *rest, out_flag, folder, "--seed", str(seed)]
             argv += [a for k, v in config.items() for a in (f"--{k}", v)]
             run_args = parser.parse_args(argv)
             run_args.check(parser, run_args)
+            if run_args.epochs < 1:
+                parser.error(f"tune: --epochs {run_args.epochs}: a sweep trains, at least 1 epoch")
             plan.append({"config": config, "seed": seed, "argv": argv, "args": run_args})
     return name, grid, plan
 

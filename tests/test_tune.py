@@ -1,6 +1,8 @@
 """`run.py tune`: a sweep through the plain subcommands' code path, resumable, summarized with its plot."""
 import json
 
+import pytest
+
 from conftest import run_cli, run_main
 
 SWEEP = ["tune", "rnn", "--seeds", 1, 2, "--grid", "lr=0.001,0.003", "--max_examples", 128, "--epochs", 1,
@@ -34,6 +36,22 @@ def test_a_bad_grid_is_refused_before_anything_runs(tmp_path, monkeypatch, capfd
     assert "unrecognized arguments: --no_such_flag 1" in result.stderr
     result = run_main("tune", "rnn", "--grid", "lr=0.1,-1", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 2 and "argument --lr: must be in (0, inf], got -1" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "seed=1,2"], "--grid seed=1,2: seed cannot vary in a sweep (use --seeds)"),
+    (["--grid", "lr=0.1", "lr=0.2"], "--grid lr=0.2: lr is given twice"),
+    (["--grid", "dataset=a,b"], "--grid dataset=a,b: dataset cannot vary in a sweep (run one sweep per dataset)"),
+    (["--seeds", 0, 0], "--seeds 0 0: a seed is given twice"),
+    (["--seed", 5], "tune: --seed is set by the sweep (use --seeds)"),
+    (["--model_path=models/mine"], "tune: --model_path is set by the sweep (each run writes under models/tune/"),
+    (["--epochs", 0], "tune: --epochs 0: a sweep trains, at least 1 epoch"),
+])
+def test_what_a_sweep_sets_or_cannot_vary_is_refused(tmp_path, monkeypatch, capfd, args, message):
+    result = run_main("tune", "rnn", *args, "--max_examples", 16, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
     assert not any(tmp_path.iterdir())
 
 
