@@ -3,6 +3,7 @@ report."""
 import argparse
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 import traceback
@@ -196,6 +197,10 @@ def cmd_predict(args, device, dtype):
 
 
 def cmd_export(args, device, dtype):
+    base = adapter_base(args.model_path, args.gpt_variant)[2]
+    if os.path.isdir(base) and Path(base).resolve() == Path(args.out).resolve():
+        raise UserError(f"--out {args.out}: is the adapter's base model, which the export would replace; "
+                        "choose another folder")
     model = load_lora_classifier(args.model_path, args.gpt_variant)
     save_checkpoint(args.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
     print(f"merged classifier written to {args.out}: GPT2ForSequenceClassification.from_pretrained({args.out!r})")
@@ -349,9 +354,17 @@ def build_parser():
 def check_gen(parser, args):
     check_variant(parser, args.gpt_variant)
     check_exists(parser, "prompt_file", args.prompt_file)
+    if args.prompt_file:
+        try:
+            Path(args.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            parser.error(f"--prompt_file {args.prompt_file}: not UTF-8 text (byte {e.start})")
 
 
 def check_lora(parser, args):
+    twice = next((t for i, t in enumerate(args.lora_targets) if t in args.lora_targets[:i]), None)
+    if twice:
+        parser.error(f"--lora_targets: {twice} is given twice")
     args.lora_alpha = args.LoRA_rank if args.lora_alpha is None else args.lora_alpha
     args.model_path = args.model_path or f"models/LoRA-{variant_slug(args.gpt_variant)}"
     check_variant(parser, args.gpt_variant)
@@ -371,6 +384,7 @@ def check_model_use(parser, args):
     check_exists(parser, "model_path", args.model_path, folder=True)
     if args.mode == "export":
         check_output_folder(parser, "out", args.out)
+        check_output_kind(parser, "out", args.out, "a transformers model")
 
 
 def check_variant(parser, variant):
@@ -392,9 +406,34 @@ def check_output_folder(parser, flag, path):
         parser.error(f"--{flag} {path}: cannot write there (a file is in the way, or no permission)")
 
 
+def folder_holds(path):
+    """Which model a folder holds: a LoRA adapter, a student checkpoint, a transformers model, or None."""
+    folder = Path(path)
+    if (folder / ADAPTER_CONFIG).is_file():
+        return "a LoRA adapter"
+    if not (folder / STUDENT_CONFIG).is_file():
+        return None
+    try:
+        kind = json.loads((folder / STUDENT_CONFIG).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    return "a student checkpoint" if kind == "DistilRNN" else "a transformers model"
+
+
+def check_output_kind(parser, flag, path, writes):
+    """An output folder may hold an earlier model of the kind written there, never another model's files (a
+    teacher's adapter, a base model), which the write would overwrite or mix with."""
+    held = folder_holds(path)
+    if held and held != writes:
+        parser.error(f"--{flag} {path}: holds {held}; {writes} written there would overwrite or mix with it, "
+                     "choose another folder")
+
+
 def check_training(parser, args, output_flag):
     for flag in (output_flag, "data_dir"):
         check_output_folder(parser, flag, getattr(args, flag))
+    check_output_kind(parser, output_flag, getattr(args, output_flag),
+                      "a LoRA adapter" if args.mode == "LoRA" else "a student checkpoint")
     ignored = DataSpec.from_args(args).ignored_flag()
     if ignored:
         parser.error(ignored)
@@ -405,10 +444,14 @@ def check_training(parser, args, output_flag):
 def check_tensorboard(parser, args):
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if args.tensorboard not in (None, "auto"):
+        check_output_folder(parser, "tensorboard", args.tensorboard)
 
 
 def check_results_writable(parser, args):
     for folder in (TUNING_DIR, PLOTS_DIR):
+        if Path(folder).exists() and not Path(folder).is_dir():
+            parser.error(f"{folder}: a file is where run results go (the folder {folder}/); move it away")
         if not writable(folder):
             parser.error(f"{folder}/: cannot write run results there (permission denied)")
 

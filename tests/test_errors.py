@@ -31,6 +31,17 @@ CASES = [
     ("a GPT-2 variant this model does not compute", "gen --gpt_variant relu-gpt2 --prompt Hi", 1,
      "error: relu-gpt2/config.json: activation_function 'relu' is a GPT-2 variant this model does not compute "
      "(it computes 'gelu_new')"),
+    ("a prompt file that is not UTF-8", "gen --prompt_file latin1.txt", 2,
+     "error: --prompt_file latin1.txt: not UTF-8 text (byte 3)"),
+    ("a LoRA target given twice", "LoRA --lora_targets attn.c_attn attn.c_attn", 2,
+     "error: --lora_targets: attn.c_attn is given twice"),
+    ("a file where TensorBoard writes", "rnn --tensorboard notes.txt", 2,
+     "error: --tensorboard notes.txt: exists and is not a folder"),
+    ("a student written over a teacher adapter", "distil --model_path adapter-tiny --student_path adapter-tiny", 2,
+     "error: --student_path adapter-tiny: holds a LoRA adapter; a student checkpoint written there would overwrite "
+     "or mix with it, choose another folder"),
+    ("an export over its base model", "export --model_path adapter-tiny --out tiny-gpt2", 1,
+     "error: --out tiny-gpt2: is the adapter's base model, which the export would replace; choose another folder"),
     ("hub id offline or unknown", "gen --gpt_variant no-such-org/no-such-gpt2", 1,
      "error: could not get 'no-such-org/no-such-gpt2' from the Hugging Face hub"),
     ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf], got 0"),
@@ -112,6 +123,7 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
     save_tiny_gpt2(d / "small-vocab", vocab_size=300)
     save_tiny_gpt2(d / "relu-gpt2", activation_function="relu")
     (d / "notes.txt").write_text("a file\n")
+    (d / "latin1.txt").write_bytes(b"Caf\xe9 au lait")
     (d / "empty").mkdir()
     for name in ("adapter-tiny", "corrupt-adapter", "bad-config"):
         save_tiny_adapter(d / name, str(d / "tiny-gpt2"), base_model="tiny-gpt2", run_info={})
@@ -154,6 +166,14 @@ def test_bad_input(workdir, what, command, code, message, monkeypatch, capfd):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(message), result.stderr
     assert snapshot(workdir) == before  # nothing written, nothing half-written
+
+
+def test_a_file_where_run_results_go_is_refused_before_training(tmp_path, monkeypatch, capfd):
+    (tmp_path / "plots").write_text("not a folder")
+    result = run_main("rnn", "--max_examples", 8, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: plots: a file is where run results go (the folder plots/); move it away")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
 
 
 def test_readme_shows_every_case():
