@@ -437,8 +437,9 @@ def mode_for(path):
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes. The result has the
-    mode open() would give it (mkstemp makes its files private, 0o600)."""
-    path = Path(path)
+    mode open() would give it (mkstemp makes its files private, 0o600). A symbolic link is written through: its
+    target is replaced, and the link stays."""
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -477,16 +478,34 @@ def write_jsonl_record(path, record, key=None):
         fcntl.flock(fd, fcntl.LOCK_EX)
         lines = Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
         if key is not None:
-            lines = [line for line in lines if not line.strip() or json.loads(line).get(key) != record[key]]
+            lines = [line for line in lines if (json_record(line) or {}).get(key) != record[key]]
         write_text(path, "".join(line + "\n" for line in lines) + json.dumps(record) + "\n")
     finally:
         os.close(fd)  # releases the lock
 
 
 def read_jsonl(path):
+    """The records of a JSONL log. A line that is not a JSON object (a log edited by hand, or cut short by a full
+    disk) is skipped with a warning, so that one bad line does not stop every later run."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        record = json_record(line)
+        if record is None and line.strip():
+            print(f"warning: {path}:{number}: not a JSON record, ignored", file=sys.stderr)
+        elif record is not None:
+            records.append(record)
+    return records
+
+
+def json_record(line):
+    """The JSON object on `line`, or None if it holds none."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def writable(path):

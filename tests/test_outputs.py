@@ -102,6 +102,24 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o640
 
 
+def test_writing_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "notes.md").write_text("old")
+    (tmp_path / "notes.md").symlink_to(tmp_path / "real" / "notes.md")
+    utils.write_text(tmp_path / "notes.md", "new")
+    assert (tmp_path / "notes.md").is_symlink() and (tmp_path / "real" / "notes.md").read_text() == "new"
+
+
+def test_a_bad_line_in_a_log_is_skipped_with_a_warning(tmp_path, capsys):
+    log = tmp_path / "rnn.jsonl"
+    log.write_text('{"id": 1}\n{"id": 2, "cut sh\n[1, 2]\n{"id": 3}\n')
+    assert utils.read_jsonl(log) == [{"id": 1}, {"id": 3}]
+    assert capsys.readouterr().err.splitlines() == [f"warning: {log}:2: not a JSON record, ignored",
+                                                    f"warning: {log}:3: not a JSON record, ignored"]
+    utils.write_jsonl_record(log, {"id": 3, "new": True}, key="id")
+    assert utils.read_jsonl(log)[-1] == {"id": 3, "new": True} and len(utils.read_jsonl(log)) == 2
+
+
 def test_the_log_lock_leaves_no_file(tmp_path):
     utils.write_jsonl_record(tmp_path / "tuning" / "rnn.jsonl", {"a": 1})
     utils.write_jsonl_record(tmp_path / "tuning" / "rnn.jsonl", {"a": 2})
