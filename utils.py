@@ -1031,6 +1031,7 @@ def data_locations():
 def system_report(device, bytes_per_token):
     """`run.py info`: versions, hardware, what each subcommand would choose on `device`, where the data is."""
     dtype = lambda training: str(compute_dtype("auto", device, training)).removeprefix("torch.")
+    gen_dtype = str(compute_dtype("auto", device, decoding=DecodingWork())).removeprefix("torch.")
     cpu_bf16 = has_fast_bf16(torch.device("cpu"))
     lines = [", ".join(f"{k} {v}" for k, v in package_versions().items()),
              f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
@@ -1039,7 +1040,9 @@ def system_report(device, bytes_per_token):
              *[f"CUDA: {line}" for line in cuda_devices()],
              f"MPS: {'available' if torch.backends.mps.is_available() else 'not available'}",
              f"chosen here with --dtype auto: device {device}",
-             f"  gen, predict: {dtype(False)}",
+             f"  gen: {gen_dtype}" + (" (measured for each run's work: here one sample of 100 new tokens)"
+                                      if device.type == "cpu" else ""),
+             f"  predict: {dtype(False)}",
              f"  LoRA, rnn, distil: {dtype(True)}{' with loss scaling' if dtype(True) == 'float16' else ''}, "
              f"micro-batch {default_micro_batch_tokens(device, bytes_per_token)} tokens (LoRA on gpt2)"]
     lines += [f"{name}: {place}" for name, place in data_locations().items()]
