@@ -18,7 +18,7 @@ from model import (ADAPTER_CONFIG, GPT, LORA_TARGETS, STUDENT_CONFIG, DistilRNN,
                    variant_slug)
 from train_utils import (PLOTS_DIR, TUNING_DIR, KDLoss, activation_bytes_per_token, cached_teacher_logits,
                          check_teacher_data, cross_entropy, load_splits, predict_logits, print_distil_report,
-                         print_parameter_table, print_predictions, run_stem, train_and_report)
+                         print_parameter_table, print_predictions, resume_state_path, run_stem, train_and_report)
 from utils import (EOT, LABELS, DataSpec, DecodingWork, OneLineParser, Terminated, UserError, compiled, compute_dtype,
                    data_fingerprint, default_cola_dir, encode, file_sha256, fraction, get_tokenizer, gpu_device,
                    init_distributed, interrupt_exit_code, is_main, main_first, non_negative_float, non_negative_int,
@@ -340,7 +340,7 @@ def build_parser():
     sweep.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="values to sweep, per flag")
     sweep.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png (default: from the grid)")
     sweep.add_argument("--parallel", type=positive_int, default=1,
-                      help="run this many configurations side by side, one process each (one GPU each if present)")
+                      help="run this many configurations side by side, one process each (each on one visible GPU, if any)")
     sweep.add_argument("--debug", action="store_true", help="show full tracebacks")
     sweep.set_defaults(func=None, check=check_results_writable)
     sub.add_parser("info", parents=[common], help="versions, hardware, what would be chosen here, where data is"
@@ -432,6 +432,10 @@ def check_output_kind(parser, flag, path, writes):
 def check_training(parser, args, output_flag):
     for flag in (output_flag, "data_dir"):
         check_output_folder(parser, flag, getattr(args, flag))
+    state = resume_state_path(getattr(args, output_flag))  # beside the output folder, not in it
+    if not writable(state):
+        parser.error(f"--{output_flag} {getattr(args, output_flag)}: cannot write {state} (a run's state between "
+                     "epochs) there")
     check_output_kind(parser, output_flag, getattr(args, output_flag),
                       "a LoRA adapter" if args.mode == "LoRA" else "a student checkpoint")
     ignored = DataSpec.from_args(args).ignored_flag()

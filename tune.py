@@ -92,6 +92,16 @@ def sweep(args, plan_of_sweep, execute):
     summarize_tune(name, args.target, grid, plan)
 
 
+def slot_gpu(slot):
+    """The environment that gives a side-by-side slot one GPU of those visible (CUDA_VISIBLE_DEVICES, if set),
+    taken in turn when there are more slots than GPUs; nothing without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]}
+
+
 def run_side_by_side(pending, slots, log_dir):
     """Run the pending sweep runs as separate processes, `slots` at a time, each slot on its own GPU when there
     are GPUs; each run's output goes to log_dir/<n>.log. Ctrl-C or SIGTERM is passed on to the running ones, which
@@ -100,7 +110,7 @@ def run_side_by_side(pending, slots, log_dir):
     running, lock, stopping = {}, threading.Lock(), threading.Event()
 
     def worker(slot):
-        env = os.environ | ({"CUDA_VISIBLE_DEVICES": str(slot)} if torch.cuda.is_available() else {})
+        env = os.environ | slot_gpu(slot)
         for n, (label, run) in list(enumerate(pending))[slot::slots]:
             with open(log_dir / f"{n}.log", "w") as log:
                 with lock:

@@ -84,9 +84,13 @@ def resolve_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: no Apple GPU (MPS) is available here (use --device cpu)")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name}: not a device name (try auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def has_fast_bf16(device):
@@ -675,9 +679,11 @@ class TextData:
     notes: list = field(default_factory=list)
 
 
-def safe_name(text):
-    """`text` with every character other than letters, digits, '.', '_' and '-' made '_'."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+def safe_name(text, most=100):
+    """`text` with every character other than letters, digits, '.', '_' and '-' made '_'; past `most` characters
+    cut, and ended with a hash of the whole, so that it stays a valid file name and tells texts apart."""
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+    return name if len(name) <= most else f"{name[:most - 17]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def local_data_files(folder):
@@ -885,7 +891,7 @@ def flags(args):
 def result_flags(args):
     """The flags that decide a run's result: a resumed run must share them with the run it continues, and a sweep
     skips a run already logged with them (and the same --epochs). Where it runs and how it reports do not count."""
-    ignored = ("resume", "debug", "epochs", "device", "compile", "tensorboard")
+    ignored = ("resume", "debug", "epochs", "device", "compile", "tensorboard", "micro_batch_tokens")
     return {k: v for k, v in flags(args).items() if k not in ignored}
 
 

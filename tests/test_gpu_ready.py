@@ -73,6 +73,25 @@ def test_each_gpu_of_a_mixed_machine_gets_its_own_dtype(monkeypatch):
     assert utils.compute_dtype("auto", torch.device("cuda:1")) == torch.float16
 
 
+def test_a_gpu_index_past_the_machines_is_one_line(monkeypatch):
+    fake_gpu(monkeypatch, "t4")
+    assert utils.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(utils.UserError, match=r"--device cuda:1: this machine has 1 CUDA device\(s\), cuda:0 to"):
+        utils.resolve_device("cuda:1")
+
+
+def test_side_by_side_slots_take_the_visible_gpus_in_turn(monkeypatch):
+    import tune
+    fake_gpu(monkeypatch, "a100")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [tune.slot_gpu(slot)["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["0", "1", "0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # the user's own choice of GPUs
+    assert [tune.slot_gpu(slot)["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["4", "6", "4"]
+    fake_gpu(monkeypatch, None)
+    assert tune.slot_gpu(0) == {}
+
+
 def test_mps_trains_in_fp32_and_decodes_in_fp16():
     mps = torch.device("mps")
     assert utils.compute_dtype("auto", mps, training=True) == torch.float32

@@ -91,7 +91,21 @@ def test_where_a_run_reports_does_not_change_what_it_is():
     def config(*argv):
         return utils.result_flags(parser.parse_args(["rnn", *argv]))
 
-    assert config() == config("--tensorboard", "runs/x", "--device", "cpu") != config("--lr", "0.1")
+    assert config() == config("--tensorboard", "runs/x", "--device", "cpu", "--micro_batch_tokens", "64")
+    assert config() != config("--lr", "0.1")
+
+
+def test_long_names_stay_valid_file_names_and_distinct():
+    a, b = utils.safe_name("lr=0.001" + "0" * 300 + "1"), utils.safe_name("lr=0.001" + "0" * 300 + "2")
+    assert len(a) == len(b) == 100 and a != b and utils.safe_name("lr=1e-3 seed") == "lr_1e-3_seed"
+
+
+def test_a_run_whose_state_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(run, "writable", lambda path: not str(path).endswith(".resume.pt"))
+    result = run_main("rnn", "--model_path", "out/s", "--max_examples", 8, cwd=tmp_path, monkeypatch=monkeypatch,
+                      capfd=capfd)
+    assert result.returncode == 2 and "--model_path out/s: cannot write out/s.resume.pt" in result.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_tensorboard_missing_is_one_line_before_training(monkeypatch, capsys, tmp_path):
