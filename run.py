@@ -218,18 +218,23 @@ def build_parser():
     parser = OneLineParser(description="GPT-2 generation, LoRA fine-tuning and distillation on CoLA.")
     sub = parser.add_subparsers(dest="mode", required=True)
 
+    # Each subcommand takes only the flags it uses: `common` every one, `placed` those that use a device,
+    # `compute` those that run a model there, `seeded` those that draw random numbers.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seed", type=seed_int, default=0, help="seeds weights, data order, dropout and sampling "
-                        "(the assignment's form, a number right after the subcommand, means the same)")
-    common.add_argument("--device", default="auto", help="auto (CUDA, else an Apple GPU, else the CPU), cpu, cuda, "
-                        "cuda:N, mps")
-    common.add_argument("--gpu_id", dest="device", type=gpu_device, default=argparse.SUPPRESS,
-                        help="the assignment's GPU index N: the same as --device cuda:N")
-    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bf16 where it is native (GPUs from A100 on, CPUs with AMX/AVX512-BF16), fp16 on "
-                        "T4/V100, else fp32; gen on a CPU times fp32 against bf16 (with --quantize int8: fp32)")
-    common.add_argument("--compile", action="store_true", help="torch.compile the model (no faster on a 2-core CPU)")
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    placed = argparse.ArgumentParser(add_help=False, parents=[common])
+    placed.add_argument("--device", default="auto", help="auto (CUDA, else an Apple GPU, else the CPU), cpu, cuda, "
+                        "cuda:N, mps")
+    placed.add_argument("--gpu_id", dest="device", type=gpu_device, default=argparse.SUPPRESS,
+                        help="the assignment's GPU index N: the same as --device cuda:N")
+    compute = argparse.ArgumentParser(add_help=False, parents=[placed])
+    compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                         help="auto: bf16 where it is native (GPUs from A100 on, CPUs with AMX/AVX512-BF16), fp16 "
+                         "on T4/V100, else fp32; gen on a CPU times fp32 against bf16 (with --quantize int8: fp32)")
+    compute.add_argument("--compile", action="store_true", help="torch.compile the model (no faster on a 2-core CPU)")
+    seeded = argparse.ArgumentParser(add_help=False, parents=[compute])
+    seeded.add_argument("--seed", type=seed_int, default=0, help="seeds weights, data order, dropout and sampling "
+                        "(the assignment's form, a number right after the subcommand, means the same)")
 
     gpt = argparse.ArgumentParser(add_help=False)
     gpt.add_argument("--gpt_variant", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, any Hugging "
@@ -267,7 +272,7 @@ def build_parser():
                          help="gradient-norm clipping, 0 for none (ReLU RNNs explode without it)")
     student.add_argument("--epochs", type=non_negative_int, default=5, help="0 prints the parameter table only")
 
-    g = sub.add_parser("gen", parents=[common, gpt], help="generate text")
+    g = sub.add_parser("gen", parents=[seeded, gpt], help="generate text")
     prompt = g.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     prompt.add_argument("--prompt_file", help="read the prompt from this file")
@@ -286,7 +291,7 @@ def build_parser():
                    "blocks and the head: a quarter of fp32's bytes to read per token (errors: see README)")
     g.set_defaults(func=cmd_gen, check=check_gen)
 
-    lora = sub.add_parser("LoRA", parents=[common, gpt, train, data],
+    lora = sub.add_parser("LoRA", parents=[seeded, gpt, train, data],
                           help="LoRA fine-tuning of GPT-2 on CoLA or another dataset")
     lora.add_argument("--LoRA_rank", "--lora_rank", type=positive_int, default=4, help="rank r of the update B A")
     lora.add_argument("--lora_alpha", type=positive_float, help="scale numerator (default: the rank, i.e. scale 1)")
@@ -298,11 +303,11 @@ def build_parser():
     lora.add_argument("--model_path", help="adapter folder to write (default models/LoRA-<variant>)")
     lora.set_defaults(func=cmd_lora, check=check_lora)
 
-    rnn = sub.add_parser("rnn", parents=[common, train, data, student], help="train the DistilRNN student on labels")
+    rnn = sub.add_parser("rnn", parents=[seeded, train, data, student], help="train the DistilRNN student on labels")
     rnn.add_argument("--model_path", default="models/rnn", help="student checkpoint folder to write")
     rnn.set_defaults(func=cmd_rnn, check=lambda parser, args: check_training(parser, args, "model_path"))
 
-    distil = sub.add_parser("distil", parents=[common, train, data, student],
+    distil = sub.add_parser("distil", parents=[seeded, train, data, student],
                             help="distil the LoRA-tuned GPT-2 into the DistilRNN student")
     distil.add_argument("--gpt_variant", help="the teacher's base (default: the one the adapter names)")
     distil.add_argument("--model_path", help="the teacher's adapter folder (default models/LoRA-<variant>)")
@@ -311,7 +316,7 @@ def build_parser():
     distil.add_argument("--alpha", type=fraction, default=0.5, help="weight of the soft (KL) part; 1-alpha on labels")
     distil.set_defaults(func=cmd_distil, check=check_distil)
 
-    predict = sub.add_parser("predict", parents=[common, data], help="classify sentences with a trained model")
+    predict = sub.add_parser("predict", parents=[compute, data], help="classify sentences with a trained model")
     predict.add_argument("--model_path", required=True, help="a LoRA adapter folder or a student checkpoint")
     predict.add_argument("--gpt_variant", help="GPT-2 base for an adapter (default: the one it names)")
     source = predict.add_mutually_exclusive_group()
@@ -329,7 +334,7 @@ def build_parser():
     export.add_argument("--model_path", required=True, help="the adapter folder")
     export.add_argument("--gpt_variant", help="GPT-2 base (default: the one the adapter names)")
     export.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
-    export.set_defaults(func=cmd_export, check=check_model_use)
+    export.set_defaults(func=cmd_export, check=check_model_use, device="cpu", dtype="float32")  # fixed, no flags
 
     sweep = sub.add_parser("tune", help="sweep seeds x a grid of flags of LoRA, rnn or distil", description=(
         "Example: python run.py tune distil --seeds 1 2 3 --grid temperature=1,2,4 alpha=0.3,0.5,0.9 --epochs 3. "
@@ -340,11 +345,12 @@ def build_parser():
     sweep.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="values to sweep, per flag")
     sweep.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png (default: from the grid)")
     sweep.add_argument("--parallel", type=positive_int, default=1,
-                      help="run this many configurations side by side, one process each (each on one visible GPU, if any)")
+                       help="run this many configurations side by side, one process each (each on a visible GPU if "
+                       "any)")
     sweep.add_argument("--debug", action="store_true", help="show full tracebacks")
     sweep.set_defaults(func=None, check=check_results_writable)
-    sub.add_parser("info", parents=[common], help="versions, hardware, what would be chosen here, where data is"
-                   ).set_defaults(func=cmd_info, check=lambda parser, args: None)
+    sub.add_parser("info", parents=[placed], help="versions, hardware, what would be chosen here, where data is"
+                   ).set_defaults(func=cmd_info, check=lambda parser, args: None, dtype="auto")
     return parser
 
 
