@@ -85,7 +85,7 @@ def cmd_gen(args, device, dtype):
     seed_everything(args.seed)  # --random_init draws its weights from the seed too
     model = gpt_weights(GPT, args.gpt_variant, args.random_init).for_generation(device, dtype, args.quantize,
                                                                                 args.compile)
-    temperature = 0.0 if args.greedy else args.temperature
+    temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
     eos = None if args.ignore_eos else tokenizer.eot_token
     samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)
                 for i in range(args.num_samples)]
@@ -277,7 +277,7 @@ def build_parser():
     prompt.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     prompt.add_argument("--prompt_file", help="read the prompt from this file")
     g.add_argument("--max_new_tokens", type=positive_int, default=100, help="tokens to generate per sample")
-    g.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 means greedy")
+    g.add_argument("--temperature", type=non_negative_float, help="0 means greedy (default: 1)")
     g.add_argument("--top_k", type=positive_int, default=50, help="sample among the k most likely tokens")
     g.add_argument("--top_p", type=number_in(float, 0, 1, low_open=True), default=None,
                    help="nucleus sampling: keep the most likely tokens up to this probability mass")
@@ -358,6 +358,9 @@ def build_parser():
 # is downloaded or built. Each subcommand names its `check` in build_parser; main() calls it.
 
 def check_gen(parser, args):
+    ignored = [flag for flag in ("temperature", "top_p") if args.greedy and getattr(args, flag) is not None]
+    if ignored:
+        parser.error(f"--greedy takes the most likely token: --{ignored[0]} would be ignored")
     check_variant(parser, args.gpt_variant)
     check_exists(parser, "prompt_file", args.prompt_file)
     if args.prompt_file:

@@ -105,21 +105,22 @@ def slot_gpu(slot):
 def run_side_by_side(pending, slots, log_dir):
     """Run the pending sweep runs as separate processes, `slots` at a time, each slot on its own GPU when there
     are GPUs; each run's output goes to log_dir/<n>.log. Ctrl-C or SIGTERM is passed on to the running ones, which
-    stop as a plain run does (resume state kept), and no further run starts."""
+    stop as a plain run does (resume state kept), and no further run starts. A run's log is named after its
+    configuration and seed, so a rerun overwrites only the same run's log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     running, lock, stopping = {}, threading.Lock(), threading.Event()
 
     def worker(slot):
         env = os.environ | slot_gpu(slot)
         for n, (label, run) in list(enumerate(pending))[slot::slots]:
-            with open(log_dir / f"{n}.log", "w") as log:
+            with open(log_dir / f"{safe_name(label)}.log", "w") as log:
                 with lock:
                     if stopping.is_set():
                         return
                     running[n] = subprocess.Popen([sys.executable, str(RUN_PY), *run["argv"]], env=env, stdout=log,
                                                   stderr=subprocess.STDOUT)
                 code = running[n].wait()
-            print(f"{label}: {'done' if code == 0 else f'FAILED (exit {code}), see {log_dir}/{n}.log'}", flush=True)
+            print(f"{label}: {'done' if code == 0 else f'FAILED (exit {code}), see {log.name}'}", flush=True)
 
     with ThreadPoolExecutor(slots) as pool:
         try:

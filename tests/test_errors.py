@@ -44,6 +44,8 @@ CASES = [
      "error: --out tiny-gpt2: is the adapter's base model, which the export would replace; choose another folder"),
     ("a flag the subcommand does not use", "export --model_path adapter-tiny --out x --dtype float16", 2,
      "error: unrecognized arguments: --dtype float16"),
+    ("greedy with a temperature", "gen --greedy --temperature 0.7", 2,
+     "error: --greedy takes the most likely token: --temperature would be ignored"),
     ("hub id offline or unknown", "gen --gpt_variant no-such-org/no-such-gpt2", 1,
      "error: could not get 'no-such-org/no-such-gpt2' from the Hugging Face hub"),
     ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf], got 0"),

@@ -61,5 +61,6 @@ def test_parallel_sweep_runs_side_by_side_without_losing_a_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(": done") == 4
     assert len((tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()) == 4
-    assert len(list((tmp_path / "tuning" / "par-logs").iterdir())) == 4
+    assert sorted(p.name for p in (tmp_path / "tuning" / "par-logs").iterdir()) == [
+        f"lr_{lr}_seed_{seed}.log" for lr in ("0.001", "0.002") for seed in (3, 4)]  # one per run, by name
     assert "| lr=0.002 | 2 |" in (tmp_path / "tuning" / "par.md").read_text()
