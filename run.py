@@ -439,14 +439,13 @@ def check_output_kind(parser, flag, path, writes):
 
 
 def check_training(parser, args, output_flag):
+    out = getattr(args, output_flag)
     for flag in (output_flag, "data_dir"):
         check_output_folder(parser, flag, getattr(args, flag))
-    state = resume_state_path(getattr(args, output_flag))  # beside the output folder, not in it
+    state = resume_state_path(out)  # beside the output folder, not in it
     if not writable(state):
-        parser.error(f"--{output_flag} {getattr(args, output_flag)}: cannot write {state} (a run's state between "
-                     "epochs) there")
-    check_output_kind(parser, output_flag, getattr(args, output_flag),
-                      "a LoRA adapter" if args.mode == "LoRA" else "a student checkpoint")
+        parser.error(f"--{output_flag} {out}: cannot write {state} (a run's state between epochs) there")
+    check_output_kind(parser, output_flag, out, "a LoRA adapter" if args.mode == "LoRA" else "a student checkpoint")
     ignored = DataSpec.from_args(args).ignored_flag()
     if ignored:
         parser.error(ignored)

@@ -496,10 +496,10 @@ def read_jsonl(path):
     records = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         record = json_record(line)
-        if record is None and line.strip():
-            print(f"warning: {path}:{number}: not a JSON record, ignored", file=sys.stderr)
-        elif record is not None:
+        if record is not None:
             records.append(record)
+        elif line.strip():
+            print(f"warning: {path}:{number}: not a JSON record, ignored", file=sys.stderr)
     return records
 
 
