@@ -3,8 +3,8 @@
 Random-weight models of the real architectures (nothing downloaded), real CoLA sentences. Each case runs ours
 and the peer alternately (A B A B ...) after a warm-up and reports medians and their ratio.
 
-    python bench.py              # the full table (33 minutes on the README's AMD EPYC; over an hour where
-                                 # bf16 is emulated, as on a Cascade Lake Xeon)
+    python bench.py              # the full table (about half an hour on 2 cores where bf16 is native, over
+                                 # an hour where it is emulated)
     python bench.py --cases gen samples predict --reps 3   # only these rows, 3 repetitions each
     python bench.py --quick      # a reduced run that only checks the benchmark still works
     python bench.py --json out.json
@@ -21,12 +21,16 @@ from pathlib import Path
 
 import torch
 
-from model import (GPT, DistilRNN, GPTClassifier, RNNConfig, Sampler, cast_frozen_linears, inject_lora,
+from batches import Split, bucketed_batches, collate, sorted_batches
+from cpu_decoding import prepare_for_generation
+from data import default_cola_dir, encode, get_tokenizer, load_cola
+from devices import compute_dtype, default_micro_batch_tokens, loss_scaler
+from distil import KDLoss
+from generation import Sampler
+from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora,
                    mark_only_lora_as_trainable)
-from train_utils import (KDLoss, Split, activation_bytes_per_token, bucketed_batches, collate, cross_entropy,
-                         default_micro_batch_tokens, predict_logits, sorted_batches, train_epoch)
-from utils import (EOT, DecodingWork, compute_dtype, decode_dtype, default_cola_dir, encode, get_tokenizer, load_cola,
-                   loss_scaler, write_text)
+from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_epoch
+from utils import write_text
 
 CPU = torch.device("cpu")
 CASES = ("lora", "lora_bf16", "gen", "samples", "predict", "distil", "rss")
@@ -214,9 +218,9 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
     def run_ours(model):
         return lambda: list(model.generate(prompt, new_tokens, Sampler(1.0, top_k=50, seed=0)))
 
-    auto = decode_dtype("cpu", DecodingWork(1, len(prompt), new_tokens))
-    ours_auto = GPT.from_random(variant).for_generation(CPU, auto)
-    ours.for_generation(CPU, torch.float32)
+    auto = compute_dtype("auto", CPU)
+    ours_auto = prepare_for_generation(GPT.from_random(variant), CPU, auto)
+    prepare_for_generation(ours, CPU, torch.float32)
     times = alternate({"ours": run_ours(ours_auto), "peer": run_peer, "ours_fp32": run_ours(ours)}, reps)
     bandwidth = memory_gbps()
 
@@ -229,8 +233,7 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
     yield case("same, both fp32", "ours fp32", "GPT2LMHeadModel.generate fp32", times | {"ours": times["ours_fp32"]},
                target=1.0, limit=("bandwidth", weight_bytes(ours) * new_tokens, bandwidth))
 
-    int8_dtype = decode_dtype("cpu", DecodingWork(1, len(prompt), new_tokens, int8=True))
-    int8 = GPT.from_random(variant).for_generation(CPU, int8_dtype, quantize="int8")  # as run.py builds it
+    int8 = prepare_for_generation(GPT.from_random(variant), CPU, auto, quantize="int8")  # as run.py builds it
     int8_bytes = sum(b.numel() * b.element_size() for b in int8.buffers())  # the int8 blocks and head
     times = alternate({"ours": run_ours(int8), "peer": run_peer}, reps)
     yield case("same, ours int8 weights", "run.py gen --quantize int8", "GPT2LMHeadModel.generate fp32", times,
@@ -240,8 +243,8 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
 def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
     """`--num_samples 8` against generate(num_return_sequences=8), from run.py's default 8-token prompt."""
     prompt = encode(get_tokenizer(), ["Hello, I'm a language model,"])[0]
-    auto = decode_dtype("cpu", DecodingWork(n, len(prompt), new_tokens))
-    ours = GPT.from_random(variant).for_generation(CPU, auto)
+    auto = compute_dtype("auto", CPU)
+    ours = prepare_for_generation(GPT.from_random(variant), CPU, auto, rows=n)
     peer = hf_generator(ours.config)
 
     def run_peer():
@@ -347,7 +350,7 @@ def case(title, ours, peer, times, target, limit=None, speedup=True):
 
 
 def print_table(rows):
-    from train_utils import format_table
+    from report import format_table
     headers = ["case", "ours (median)", "peer (median)", "ratio", "target", "met", "of machine limit"]
     print(format_table(headers, [[r["case"], r["ours"], r["peer"], r["ratio"], r["target"],
                                   "yes" if r["met"] else "NO", r.get("of_limit", "-")] for r in rows]))

@@ -1,13 +1,12 @@
-"""GPT-2 in one file (the nanoGPT layout), LoRA as a small wrapper plus functions, and the DistilRNN student.
+"""GPT-2 in one file (the nanoGPT layout), the classifier on top of it, LoRA as a small wrapper plus functions,
+and the DistilRNN student. Needs torch alone (safetensors and huggingface_hub only inside loading).
 
 Module and parameter names follow Hugging Face's GPT-2 (transformer.h.0.attn.c_attn, ...), so checkpoints and
-PEFT adapters map onto this model name for name.
-"""
-import contextlib
+PEFT adapters map onto this model name for name."""
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -15,16 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from utils import LABELS, RUN_INFO, UserError, faster_one_row_layout, read_json, read_tensors, save_checkpoint
 
 
 def attention(q, k, v, causal):
     """softmax(q k^T / sqrt(hs)) v for q (B, nh, T, hs) against k, v (B, nh, S, hs), S >= T; with `causal`, query i
     (at position S - T + i) sees keys up to its own position.
 
-    On CPU at the lengths of CoLA sentences (T <= 64, causal) the explicit product is as fast as the fused kernel in
-    fp32 and faster in bf16, whose flash backward is slow for short sequences; on CUDA, for longer sequences, and
-    for a decoding step against its cache (not causal), the fused kernel wins (measured).
+    On a CPU, short causal sequences (T <= 64, CoLA's lengths) take the explicit product: the fused kernel's bf16
+    backward is slow for them there. Everywhere else the fused kernel runs (CUDA picks its flash kernel).
     """
     T, S = q.size(-2), k.size(-2)
     visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if causal else None  # (T, S)
@@ -100,6 +97,8 @@ class GPTConfig:
                    n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
 
 
+EOT = 50256  # <|endoftext|>: GPT-2's end-of-text token, also the padding (never attended to, see GPTClassifier)
+LABELS = ("unacceptable", "acceptable")  # CoLA's labels 0 and 1: the classes of a model that names none
 # GPT-2's tokenizer has ids 0..50256. A checkpoint may pad its vocabulary past them (nanoGPT's 50304, for faster
 # matmuls): those rows stand for no token, so generation never draws them.
 BPE_TOKENS = 50257
@@ -120,6 +119,86 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # Checkpoint entries that are not parameters of this model: causal-mask buffers, and the head tied to wte.
 IGNORED_KEYS = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
+
+class ModelError(Exception):
+    """A checkpoint, config or adapter update this file cannot use; run.py prints it as one line, like every error a
+    user can fix."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def looks_like_path(name):
+    """A folder path rather than a Hugging Face id ("name" or "org/name")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def variant_slug(variant):
+    return Path(variant.rstrip("/")).name
+
+
+def checkpoint_folder(name_or_path, files=("config.json", "*.safetensors", "*.safetensors.index.json")):
+    """A local folder as is; a Hugging Face id downloaded (its `files`, with progress bars) and cached."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if looks_like_path(name_or_path):
+        raise ModelError(f"--gpt_variant {name_or_path}: no such folder")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_path, allow_patterns=list(files))
+    except Exception as e:
+        raise ModelError(f"could not get '{name_or_path}' from the Hugging Face hub ({type(e).__name__}); check the "
+                         "name and your connection, or pass a local folder with --gpt_variant") from e
+
+
+def load_config(name_or_path):
+    """GPTConfig of one of the four variants (no download), or read from a folder's / hub id's config.json."""
+    if name_or_path in VARIANTS and not os.path.isdir(name_or_path):
+        return GPTConfig(**VARIANTS[name_or_path])
+    folder = checkpoint_folder(name_or_path, files=("config.json",))  # the architecture only, no weights
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+        config = GPTConfig.from_hf(hf)
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ModelError(f"{path}: not a readable GPT-2 config ({type(e).__name__}: {e})") from None
+    for key, values in (ARCHITECTURE | {"n_inner": (4 * config.n_embd, None)}).items():  # None: 4 x n_embd
+        if hf.get(key, values[0]) not in values:
+            raise ModelError(f"{path}: {key} {hf[key]!r} is a GPT-2 variant this model does not compute (it "
+                             f"computes {values[0]!r})")
+    if config.vocab_size < BPE_TOKENS:
+        raise ModelError(f"{path}: a vocabulary of {config.vocab_size} tokens, fewer than GPT-2's tokenizer has "
+                         f"({BPE_TOKENS}), which is what reads the text here")
+    return config
+
+
+def open_checkpoint(folder):
+    """{key: function reading that tensor} over a folder's model.safetensors or the shards its index lists.
+
+    Tensors are read one at a time while they are copied, so loading never holds two copies of the weights.
+    """
+    from safetensors import SafetensorError, safe_open
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    readers = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise ModelError(f"{folder}: no {name} (a GPT-2 folder needs config.json and model.safetensors)")
+        try:
+            handle = safe_open(path, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{path}: unreadable or truncated weights ({e})") from None
+        readers.update({key: (lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})
+    return readers
+
+
+# ----------------------------------------------------------------------------- GPT
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, one row per sample, preallocated for `size`
@@ -209,8 +288,8 @@ class GPT(nn.Module):
         ours = self.transformer.state_dict()
         missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
         if missing or unexpected:
-            raise UserError(f"{source}: not a GPT-2 checkpoint of this shape (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]})")
+            raise ModelError(f"{source}: not a GPT-2 checkpoint of this shape (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
         with torch.no_grad():
             for key, their_key in theirs.items():
                 value = tensors[their_key]
@@ -218,31 +297,16 @@ class GPT(nn.Module):
                 if key.endswith(CONV1D_WEIGHTS):
                     value = value.t()
                 if value.shape != ours[key].shape:
-                    raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, "
-                                    f"expected {tuple(ours[key].shape)}")
+                    raise ModelError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(ours[key].shape)}")
                 ours[key].copy_(value)
 
     # ------------------------------------------------------------------ generation
 
-    def for_generation(self, device, dtype, quantize=None, compile=False):
-        """Move to `device` and `dtype` for decoding, in eval mode; `quantize` "int8" makes the linear layers int8
-        (see Int8Linear); `compile` (--compile) compiles `hidden`, which decoding calls, with dynamic shapes (the
-        cache grows each step). On CPU the tied embedding and head takes the memory layout that a product with one
-        row runs through faster (see faster_one_row_layout).
-        """
-        self.to(device=device, dtype=dtype).eval()
-        if quantize == "int8":
-            quantize_int8(self)
-        elif device.type == "cpu":
-            self.transformer.wte.weight.data = faster_one_row_layout(self.transformer.wte.weight.data)
-        if compile:
-            self.hidden = torch.compile(self.hidden, dynamic=True)
-        return self
-
     def new_cache(self, batch_size=1, size=None):
-        """An empty KVCache for decoding. On CPU it is fp32 whatever the weights, so attention runs in fp32 there:
-        the CPU attention kernel takes 3x as long in bf16 for one query (emulated on a Cascade Lake Xeon, measured),
-        and the keys and values lose nothing."""
+        """An empty KVCache for decoding. On a CPU it is fp32 whatever the weights, so attention runs in fp32 there:
+        CPUs without native bf16 run the one-query attention kernel far slower in bf16, and fp32 keys and values
+        lose nothing."""
         p = self.transformer.wte.weight
         dtype = torch.float32 if p.device.type == "cpu" else p.dtype
         return KVCache(self.config, batch_size, p.device, dtype, size)
@@ -260,16 +324,12 @@ class GPT(nn.Module):
         (one sample per sampler; None for a sample that has already yielded `eos_id`).
 
         The samples share one read of the prompt (a batch of one, its keys copied to every cache row), then
-        decode together, one row each (on CPU in fp32 through weights packed for that many rows, see PackedLinear).
-        Each sample draws with its own sampler, so sample i is the same as when drawn alone with that sampler (up
-        to rounding: a batch's products round differently from one row's, by about 1e-6 in fp32 logits). A
-        sample that ends leaves the batch. The model sees at most block_size tokens: past that the window slides,
-        and because positions are absolute the cached keys go stale, so each step then re-reads the whole window.
+        decode together, one row each. Each sample draws with its own sampler, so sample i is the same as when drawn
+        alone with that sampler (up to rounding: a batch's products round differently from one row's, by about 1e-6
+        in fp32 logits). A sample that ends leaves the batch. The model sees at most block_size tokens: past that
+        the window slides, and because positions are absolute the cached keys go stale, so each step then re-reads
+        the whole window.
         """
-        with packed_for_rows(self, len(samplers)):
-            yield from self._decode(prompt, max_new_tokens, samplers, eos_id, use_cache)
-
-    def _decode(self, prompt, max_new_tokens, samplers, eos_id, use_cache):
         tokens = [list(prompt) for _ in samplers]
         live = list(range(len(samplers)))  # the samples still running, in batch-row order
         size = min(self.config.block_size, len(prompt) + max_new_tokens)  # the most positions the cache holds
@@ -298,245 +358,6 @@ class GPT(nn.Module):
                     return
                 if cache is not None:
                     cache.keep(torch.tensor(going, device=device))
-
-
-class PackedLinear(nn.Module):
-    """A frozen fp32 linear layer on CPU whose weight is also stored in MKL's packed GEMM format for products with
-    exactly `rows` rows (other row counts take the ordinary product).
-
-    A few rows at a time (samples decoding together) is where the ordinary product is at its worst: 8 rows cost
-    2.5-3x one row (measured on a Cascade Lake Xeon), while the packed form, the one torch.compile's CPU freezing
-    uses, brings them to about 1.2x. The packed copy takes about twice the fp32 weight's memory.
-    """
-
-    def __init__(self, linear, rows):
-        super().__init__()
-        self.linear, self.rows = linear, rows
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.size(-1))  # (B*T, in)
-        y = torch.ops.mkl._mkl_linear(flat, self.packed, self.linear.weight, self.linear.bias, self.rows)
-        return y.view(*x.shape[:-1], -1)
-
-
-def packable(model, rows):
-    """Whether products with `rows` rows go through PackedLinear: several rows, fp32 weights on a CPU whose torch
-    has MKL, and room for the packed copies (about twice the weights) in half the memory now available."""
-    w = model.transformer.wte.weight
-    if rows < 2 or w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkl.is_available():
-        return False
-    if "SC_AVPHYS_PAGES" not in getattr(os, "sysconf_names", {}):  # not a POSIX system that can tell
-        return False
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return 2 * sum(p.numel() * 4 for p in model.parameters()) < available / 2
-
-
-@contextlib.contextmanager
-def packed_for_rows(model, rows):
-    """Within the block, the block linears and the head of `model` are PackedLinear for `rows` rows (if packable);
-    the plain layers are put back after it."""
-    swapped = []
-    if packable(model, rows):
-        for parent in [model] + [m for block in model.transformer.h for m in (block.attn, block.mlp)]:
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, PackedLinear(child, rows))
-                    swapped.append((parent, name, child))
-    try:
-        yield model
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
-
-
-class Int8Linear(nn.Module):
-    """A frozen linear layer with int8 weights and one scale per output channel (weight-only quantization).
-
-    torch's _weight_int8pack_mm reads the int8 weights as they are, a quarter of fp32's bytes, which is what
-    decoding is bound by. It wants bf16 activations and scales: with fp32 ones it falls back to a path 5-14x
-    slower than fp32 itself (measured), so activations are cast to bf16 for the product and back after it.
-    Elsewhere than on CPU there is no such kernel: the weights are dequantized for an ordinary product in the
-    activations' dtype (fp16 on a T4, which has no bf16 arithmetic).
-
-    `centered` (for the LM head) quantizes each row's difference from the mean row, and adds x . mean_row, the
-    part every output shares, in fp32. The outputs' mean over the vocabulary is exactly that part, and logits can
-    sit far from zero while they differ by a few units: a row's scale then covers what distinguishes it, and the
-    kernel's bf16 output (8 significant bits) rounds numbers the size of those differences, not of the logits.
-    """
-
-    def __init__(self, linear, centered=False):
-        super().__init__()
-        w = linear.weight.detach().float()  # (out, in)
-        mean_row = w.mean(dim=0) if centered else None  # (in,)
-        if centered:
-            w = w - mean_row
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # (out,): each row's largest weight maps to 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.register_buffer("mean_row", mean_row)
-
-    def forward(self, x):
-        if x.device.type != "cpu":
-            return F.linear(x, self.dequantized(x.dtype), self.bias)
-        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (B*T, in)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale).view(*x.shape[:-1], -1)  # (B, T, out)
-        if self.bias is not None:
-            y = y + self.bias  # a bf16 product plus an fp32 bias adds in fp32 (exactly as casting first)
-        if self.mean_row is not None:
-            y = y + (x.float() @ self.mean_row).unsqueeze(-1)  # the shared part of every output, in fp32
-        return y.to(x.dtype)  # no copy when it already is
-
-    def dequantized(self, dtype):
-        """The (out, in) weight that the int8 values, their scales and the mean row stand for, in `dtype`."""
-        w = self.weight.to(dtype) * self.scale.to(dtype)[:, None]
-        return w if self.mean_row is None else w + self.mean_row.to(dtype)
-
-
-def quantize_int8(model):
-    """Replace the linear layers of every block, and the head, with Int8Linear, for inference.
-
-    The LM head shares its weight with the token embedding: the head gets an int8 copy, centered (see
-    Int8Linear), and the embedding stays as it is. A classifier's head is its `score` layer.
-    """
-    for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                setattr(parent, name, Int8Linear(child))
-    if isinstance(model, GPTClassifier):
-        model.score = Int8Linear(model.score)
-    else:
-        model.lm_head = Int8Linear(model.lm_head, centered=True)
-    return model
-
-
-class Sampler:
-    """Picks the next token from logits: repetition penalty, then temperature, top-k, top-p (transformers' order).
-
-    temperature 0 means greedy (argmax after the repetition penalty).
-    """
-
-    def __init__(self, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=None):
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.repetition_penalty = repetition_penalty
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
-
-    def __call__(self, logits, context):
-        logits = apply_repetition_penalty(logits, context, self.repetition_penalty)
-        if self.temperature == 0:
-            return int(logits.argmax())
-        logits = logits / self.temperature
-        candidates = None
-        if self.top_k is not None:  # sample among the k best only: the same distribution, far less work
-            logits, candidates = top_k_candidates(logits, self.top_k)
-        if self.top_p is not None:
-            logits = top_p_filter(logits, self.top_p)
-        probs = F.softmax(logits, dim=-1).cpu()
-        choice = int(torch.multinomial(probs, 1, generator=self.generator))
-        return choice if candidates is None else int(candidates[choice])
-
-
-def apply_repetition_penalty(logits, context, penalty):
-    """CTRL's rule: each token already in the context has its logit divided by `penalty` if positive, else
-    multiplied by it."""
-    if penalty == 1.0 or not context:
-        return logits
-    seen = torch.tensor(sorted(set(context)), device=logits.device)
-    scores = logits[seen]
-    logits = logits.clone()
-    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
-    return logits
-
-
-def top_k_candidates(logits, k):
-    """The k largest logits, in descending order, and their token ids."""
-    return torch.topk(logits, min(k, logits.size(-1)))
-
-
-def top_p_filter(logits, p):
-    """Keep the smallest set of most likely tokens whose probability adds up to at least p (nucleus sampling)."""
-    sorted_logits, order = torch.sort(logits, descending=True)
-    probs = F.softmax(sorted_logits, dim=-1)
-    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
-    drop_sorted = mass_before >= p
-    drop_sorted[0] = False  # the most likely token always stays
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-# ----------------------------------------------------------------------------- loading helpers
-
-def looks_like_path(name):
-    """A folder path rather than a Hugging Face id ("name" or "org/name")."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
-def variant_slug(variant):
-    return Path(variant.rstrip("/")).name
-
-
-def checkpoint_folder(name_or_path, files=("config.json", "*.safetensors", "*.safetensors.index.json")):
-    """A local folder as is; a Hugging Face id downloaded (its `files`, with progress bars) and cached."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if looks_like_path(name_or_path):
-        raise UserError(f"--gpt_variant {name_or_path}: no such folder")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(name_or_path, allow_patterns=list(files))
-    except Exception as e:
-        raise UserError(f"could not get '{name_or_path}' from the Hugging Face hub ({type(e).__name__}); check the "
-                        "name and your connection, or pass a local folder with --gpt_variant") from e
-
-
-def load_config(name_or_path):
-    """GPTConfig of one of the four variants (no download), or read from a folder's / hub id's config.json."""
-    if name_or_path in VARIANTS and not os.path.isdir(name_or_path):
-        return GPTConfig(**VARIANTS[name_or_path])
-    folder = checkpoint_folder(name_or_path, files=("config.json",))  # the architecture only, no weights
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-        config = GPTConfig.from_hf(hf)
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise UserError(f"{path}: not a readable GPT-2 config ({type(e).__name__}: {e})") from None
-    for key, values in (ARCHITECTURE | {"n_inner": (4 * config.n_embd, None)}).items():  # None: 4 x n_embd
-        if hf.get(key, values[0]) not in values:
-            raise UserError(f"{path}: {key} {hf[key]!r} is a GPT-2 variant this model does not compute (it "
-                            f"computes {values[0]!r})")
-    if config.vocab_size < BPE_TOKENS:
-        raise UserError(f"{path}: a vocabulary of {config.vocab_size} tokens, fewer than GPT-2's tokenizer has "
-                        f"({BPE_TOKENS}), which is what reads the text here")
-    return config
-
-
-def open_checkpoint(folder):
-    """{key: function reading that tensor} over a folder's model.safetensors or the shards its index lists.
-
-    Tensors are read one at a time while they are copied, so loading never holds two copies of the weights.
-    """
-    from safetensors import SafetensorError, safe_open
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    readers = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            raise UserError(f"{folder}: no {name} (a GPT-2 folder needs config.json and model.safetensors)")
-        try:
-            handle = safe_open(path, framework="pt")
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{path}: unreadable or truncated weights ({e})") from None
-        readers.update({key: (lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})
-    return readers
 
 
 # ----------------------------------------------------------------------------- classification
@@ -597,8 +418,8 @@ def count_parameters(model):
 
 
 # ----------------------------------------------------------------------------- LoRA
-# All that LoRA means lives in this section: the layer, where it goes, what trains, merging, and PEFT's adapter
-# format on disk. The GPT and classifier code above never mentions it.
+# All that LoRA means to the model: the layer, where it goes, what trains, merging. The GPT and classifier code
+# above never mentions it; PEFT's format on disk is in checkpoints.py.
 
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -616,7 +437,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.scaling = alpha / rank
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -636,7 +457,7 @@ class LoRALinear(nn.Module):
             return
         delta = self.delta_weight()
         if not torch.isfinite(delta).all():
-            raise UserError("refusing to merge a LoRA update that holds NaN or inf")
+            raise ModelError("refusing to merge a LoRA update that holds NaN or inf")
         self.base.weight += delta.to(self.base.weight.dtype)
         self.merged = True
 
@@ -704,112 +525,6 @@ def mark_only_lora_as_trainable(model):
     return model
 
 
-# PEFT's adapter format: `PeftModel.from_pretrained(GPT2ForSequenceClassification..., folder)` loads what we save,
-# and adapters PEFT saved load here.
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-
-
-def modules_to_save(model):
-    """PEFT's name for what trains beside LoRA: the short names of those modules, e.g. ['ln_1', 'ln_2', 'ln_f',
-    'score']."""
-    names = []
-    for name, module in model.named_modules():
-        trains = any(p.requires_grad for p in module.parameters(recurse=False))
-        short = name.rsplit(".", 1)[-1]
-        if trains and not short.startswith("lora_") and short not in names:
-            names.append(short)
-    return names
-
-
-def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info):
-    """Save the trainable tensors (LoRA A/B, LayerNorms, head) in PEFT's LoRA format for
-    GPT2ForSequenceClassification: `PeftModel.from_pretrained` loads the folder as it is."""
-    tensors = {PEFT_PREFIX + k: v for k, v in model.named_parameters() if v.requires_grad}
-    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
-              "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
-              "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
-              "bias": "none", "modules_to_save": modules_to_save(model),
-              "use_rslora": False, "use_dora": False, "inference_mode": True}
-    save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info})
-
-
-def read_adapter_config(folder):
-    """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model'}, refusing what we can't run."""
-    path = Path(folder) / ADAPTER_CONFIG
-    if not Path(folder).is_dir():
-        raise UserError(f"{folder}: no such adapter folder")
-    cfg = read_json(path, "adapter config")
-    for key, ok in (("peft_type", "LORA"), ("use_dora", False), ("use_rslora", False), ("bias", "none")):
-        if cfg.get(key, ok) != ok:
-            raise UserError(f"{path}: {key}={cfg[key]!r} is not supported (only plain LoRA: {key}={ok!r})")
-    if cfg.get("layers_to_transform") is not None or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise UserError(f"{path}: per-layer ranks or layer subsets are not supported")
-    wanted = cfg.get("target_modules") or []
-    wanted = [wanted] if isinstance(wanted, str) else wanted
-    targets = [t for t in LORA_TARGETS if any(t == w or t.endswith("." + w) for w in wanted)]
-    unknown = [w for w in wanted if not any(t == w or t.endswith("." + w) for t in LORA_TARGETS)]
-    if unknown or not targets:
-        raise UserError(f"{path}: target_modules {unknown or wanted} are not GPT-2 layers we adapt "
-                        f"(supported: {', '.join(LORA_TARGETS)})")
-    try:
-        return {"r": int(cfg["r"]), "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
-                "base_model": cfg.get("base_model_name_or_path")}
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: corrupt adapter config (r: {e})") from None
-
-
-def adapter_base(folder, variant=None):
-    """(LoRA settings, run info, GPT-2 base) of an adapter folder; `variant`, when given, must be its base."""
-    cfg = read_adapter_config(folder)
-    info = read_json(Path(folder) / RUN_INFO, "run info") if (Path(folder) / RUN_INFO).exists() else {}
-    base = cfg["base_model"]
-    if variant is not None and base is not None and variant_slug(variant) != variant_slug(base):
-        raise UserError(f"{folder}: this adapter was trained on {base}, not on --gpt_variant {variant}")
-    if (variant or base) is None:
-        raise UserError(f"{folder}: the adapter names no base model; pass --gpt_variant")
-    return cfg, info, variant or base
-
-
-def load_lora_model(folder, variant, build_base):
-    """The model an adapter folder describes, LoRA folded in, in eval mode: `build_base(variant, random_init, seed,
-    labels)` makes the base (pretrained, or random from the seed the adapter's run_info.json records) with the
-    labels it records (CoLA's when it records none, as PEFT's adapters)."""
-    cfg, info, variant = adapter_base(folder, variant)
-    model = build_base(variant, info.get("random_init", False), info.get("seed", 0), info.get("labels", LABELS))
-    inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"])
-    load_adapter_weights(model, folder)
-    return fold_lora(model).eval().requires_grad_(False)
-
-
-def injected_targets(named_parameters):
-    """The LoRA targets present in a model, e.g. ['attn.c_attn', 'mlp.c_fc']."""
-    return sorted({".".join(k.split(".")[3:5]) for k in named_parameters if ".lora_A." in k})
-
-
-def load_adapter_weights(model, folder):
-    """Copy an adapter's tensors into a model that already has LoRA injected with the same settings."""
-    path = Path(folder) / ADAPTER_WEIGHTS
-    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_tensors(path).items()}
-    ours = dict(model.named_parameters())
-    unknown = sorted(tensors.keys() - ours.keys())
-    if unknown:
-        raise UserError(f"{path}: holds {unknown[0]}, outside the target set {injected_targets(ours)} that "
-                        f"{ADAPTER_CONFIG} declares")
-    if "score.weight" not in tensors:
-        raise UserError(f"{path}: no classification head (score.weight): not an adapter for sequence classification")
-    missing = [k for k in ours if ".lora_" in k and k not in tensors]
-    if missing:
-        raise UserError(f"{path}: lacks {missing[0]}, inside the target set {injected_targets(ours)} that "
-                        f"{ADAPTER_CONFIG} declares")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if value.shape != ours[key].shape:
-                raise UserError(f"{path}: {key} has shape {tuple(value.shape)} but this model's is "
-                                f"{tuple(ours[key].shape)} (an adapter of another variant or rank)")
-            ours[key].copy_(value)
-    return sorted(tensors)
-
 # ----------------------------------------------------------------------------- the student
 
 @dataclass
@@ -849,26 +564,3 @@ class DistilRNN(nn.Module):
         if isinstance(h, tuple):  # an LSTM returns (h, c)
             h = h[0]
         return self.head(h[-1])  # top layer's state after each sequence's last real token
-
-
-# A student checkpoint: config.json names the architecture, model.safetensors holds the weights.
-STUDENT_CONFIG, STUDENT_WEIGHTS = "config.json", "model.safetensors"
-
-
-def save_student(model, folder, run_info):
-    save_checkpoint(folder, STUDENT_WEIGHTS, model.state_dict(),
-                    {STUDENT_CONFIG: {"model_type": "DistilRNN", **asdict(model.config)}, RUN_INFO: run_info})
-
-
-def load_student(folder):
-    """A DistilRNN checkpoint written by `run.py rnn` or `run.py distil`, in eval mode."""
-    cfg = read_json(Path(folder) / STUDENT_CONFIG, "student config")
-    if cfg.get("model_type") != "DistilRNN":
-        raise UserError(f"{folder}: not a DistilRNN checkpoint")
-    model = DistilRNN(RNNConfig.from_dict(cfg))
-    state = read_tensors(Path(folder) / STUDENT_WEIGHTS)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{folder}: weights do not fit its config ({str(e).splitlines()[0]})") from None
-    return model.eval()

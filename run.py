@@ -1,222 +1,88 @@
-"""Command line: `python run.py {gen,LoRA,rnn,distil,predict,export,tune,info} ...`. Parse, validate, build, call,
-report."""
+"""Command line: `python run.py {gen,LoRA,rnn,distil,predict,export,tune,info} ...`. Parse, check, call."""
 import argparse
-import hashlib
 import importlib.util
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
-import torch
-
 import tune
-from model import (ADAPTER_CONFIG, GPT, LORA_TARGETS, STUDENT_CONFIG, DistilRNN, GPTClassifier, RNNConfig, Sampler,
-                   adapter_base, cast_frozen_linears, inject_lora, load_config, load_lora_model, load_student,
-                   looks_like_path, mark_only_lora_as_trainable, quantize_int8, save_adapter, save_student,
-                   variant_slug)
-from train_utils import (PLOTS_DIR, TUNING_DIR, KDLoss, activation_bytes_per_token, cached_teacher_logits,
-                         check_teacher_data, cross_entropy, load_splits, predict_logits, print_distil_report,
-                         print_parameter_table, print_predictions, resume_state_path, run_stem, train_and_report)
-from utils import (EOT, LABELS, DataSpec, DecodingWork, OneLineParser, Terminated, UserError, compiled, compute_dtype,
-                   data_fingerprint, default_cola_dir, encode, file_sha256, fraction, get_tokenizer, gpu_device,
-                   init_distributed, interrupt_exit_code, is_main, main_first, non_negative_float, non_negative_int,
-                   number_in, positive_float, positive_int, print_samples, read_sentences, resolve_device,
-                   save_checkpoint, seed_everything, seed_int, sigterm_as_interrupt, system_report, writable)
+from checkpoints import folder_holds
+from commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_predict, cmd_rnn
+from data import DataSpec, default_cola_dir
+from devices import compute_dtype, resolve_device
+from distributed import init_distributed, is_main
+from model import LORA_TARGETS, ModelError, looks_like_path, variant_slug
+from report import PLOTS_DIR
+from runlog import TUNING_DIR, resume_state_path
+from utils import (Terminated, UserError, fraction, interrupt_exit_code, non_negative_float, non_negative_int,
+                   number_in, positive_float, positive_int, seed_int, sigterm_as_interrupt, writable)
 
 
-# ----------------------------------------------------------------------------- building models
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default, so nobody has to open the code to learn it; an option without a fixed
+    default (None) says in its help what it falls back to."""
 
-def gpt_weights(cls, variant, random_init, **kwargs):
-    """`cls` (GPT or GPTClassifier) with the variant's pretrained weights, or (random_init) random ones."""
-    if random_init:
-        print(f"note: {variant} architecture with random weights (--random_init), nothing downloaded",
-              file=sys.stderr)
-        return cls.from_random(variant, **kwargs)
-    with main_first():  # one download, not one per rank
-        return cls.from_pretrained(variant, **kwargs)
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def build_classifier(variant, random_init, seed, labels=LABELS):
-    """GPT-2 + score head for `labels`: pretrained weights, or (random_init) weights drawn from `seed`, so a later
-    run can rebuild the very same base from the seed alone."""
-    seed_everything(seed)
-    return gpt_weights(GPTClassifier, variant, random_init, labels=labels)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), pointing at --help instead of the usage."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs | {"allow_abbrev": False,  # --seed must never be read as --seeds
+                                            "formatter_class": DefaultsHelpFormatter})
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def load_lora_classifier(folder, variant=None):
-    """The classifier `run.py LoRA` (or PEFT) saved in `folder`, LoRA folded in, in eval mode."""
-    return load_lora_model(folder, variant, build_classifier)
+class CommandLine(OneLineParser):
+    """The whole command line (its subcommands are OneLineParsers): the assignment's form is read as ours, and the
+    defaults that follow other flags are filled in as soon as it is parsed."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args, rest = super().parse_known_args(assignment_argv(sys.argv[1:] if args is None else args), namespace)
+        for flag, default in DERIVED_DEFAULTS.get(args.mode, {}).items():
+            if getattr(args, flag) is None:
+                setattr(args, flag, default(args))
+        return args, rest
 
 
-def build_student(args, splits=None):
-    """The student for the data's labels (CoLA's when no data is read: --epochs 0 prints its size only)."""
-    seed_everything(args.seed)
-    return DistilRNN(RNNConfig(hidden=args.rnn_hidden, layers=args.rnn_layers, cell=args.rnn_cell,
-                               labels=splits.labels if splits else LABELS))
+def assignment_argv(argv):
+    """The assignment's command line in our flags: `run.py MODE SR_NO ...` (its 5-digit SR number, right after the
+    subcommand, was the seed), `--gpu_id N` (--device cuda:N) and `--hidden_dim` (--rnn_hidden). Its --LoRA_rank
+    and --model_path are flags of ours as they are."""
+    argv = list(argv)
+    if len(argv) > 1 and argv[0] != "tune" and argv[1].isdigit():
+        argv[1:2] = ["--seed", argv[1]]
+    out = []
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name == "--gpu_id" and (eq or i + 1 < len(argv)):
+            out += ["--device", "cuda:"] if not eq else [f"--device=cuda:{value}"]
+        elif out[-1:] == ["cuda:"]:
+            out[-1] += arg
+        else:
+            out.append("--rnn_hidden" + eq + value if name == "--hidden_dim" else arg)
+    return out
 
 
-def student_saver(model, folder, args):
-    """What a student run does last: save the student to `folder` and say so."""
-    def save():
-        save_student(model, folder, {"seed": args.seed, "mode": args.mode})
-        print(f"student saved to {folder}")
-    return save
+# Defaults that follow another flag, per subcommand, filled in as soon as the command line is parsed (each flag's
+# help says what it follows).
+DERIVED_DEFAULTS = {
+    "LoRA": {"lora_alpha": lambda args: args.LoRA_rank,
+             "model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant)}"},
+    "distil": {"model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}"},
+}
 
-
-def data_splits(args, tokenizer, block_size=None):
-    return load_splits(DataSpec.from_args(args), tokenizer, block_size=block_size, max_examples=args.max_examples,
-                       seed=args.seed)
-
-
-# ----------------------------------------------------------------------------- subcommands
-
-def read_prompt(args, tokenizer):
-    """The prompt's text (--prompt or --prompt_file) and its token ids; an empty prompt starts at <|endoftext|>."""
-    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
-    return prompt, tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [tokenizer.eot_token]
-
-
-def cmd_gen(args, device, dtype):
-    """All samples decode in one batch (see print_samples for how they are printed)."""
-    tokenizer = get_tokenizer()
-    prompt, prompt_ids = read_prompt(args, tokenizer)
-    seed_everything(args.seed)  # --random_init draws its weights from the seed too
-    model = gpt_weights(GPT, args.gpt_variant, args.random_init).for_generation(device, dtype, args.quantize,
-                                                                                args.compile)
-    temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
-    eos = None if args.ignore_eos else tokenizer.eot_token
-    samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)
-                for i in range(args.num_samples)]
-    steps = model.generate_batch(prompt_ids, args.max_new_tokens, samplers, eos_id=eos)
-    print_samples(tokenizer, prompt, steps, len(samplers), eos_id=eos, stream=not args.no_stream)
-
-
-def cmd_lora(args, device, dtype):
-    if args.epochs == 0:  # only the parameter table: build on the meta device, no weights, no download
-        with torch.device("meta"):
-            model = GPTClassifier.from_random(args.gpt_variant)
-        return print_parameter_table(mark_only_lora_as_trainable(inject_lora(
-            model, args.LoRA_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)))
-    splits = data_splits(args, get_tokenizer(), load_config(args.gpt_variant).block_size)
-    model = build_classifier(args.gpt_variant, args.random_init, args.seed, splits.labels)
-    inject_lora(model, args.LoRA_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    mark_only_lora_as_trainable(model)
-    print_parameter_table(model)
-    cast_frozen_linears(model, dtype).to(device)
-
-    def save():
-        save_adapter(model, args.model_path, rank=args.LoRA_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                     targets=args.lora_targets, base_model=args.gpt_variant,
-                     run_info={"random_init": args.random_init, "seed": args.seed, "gpt_variant": args.gpt_variant,
-                               **splits.identity()})
-        print(f"adapter saved to {args.model_path} (PEFT format)")
-
-    train_and_report("LoRA", model, cross_entropy, splits, args, device, dtype, args.model_path, save)
-
-
-def cmd_rnn(args, device, dtype):
-    splits = data_splits(args, get_tokenizer()) if args.epochs else None
-    model = build_student(args, splits).to(device)
-    print_parameter_table(model)
-    if args.epochs:
-        train_and_report("rnn", model, cross_entropy, splits, args, device, dtype, args.model_path,
-                         save=student_saver(model, args.model_path, args))
-
-
-def cmd_distil(args, device, dtype):
-    if not (Path(args.model_path) / ADAPTER_CONFIG).exists():
-        raise UserError(f"no LoRA adapter at {args.model_path}: train the teacher first with "
-                        f"`python run.py LoRA --gpt_variant {args.gpt_variant or 'gpt2'}`, or pass --model_path")
-    _, info, variant = adapter_base(args.model_path, args.gpt_variant)
-    splits = data_splits(args, get_tokenizer(), load_config(variant).block_size) if args.epochs else None
-    check_teacher_data(args.model_path, info, splits)
-    student = build_student(args, splits).to(device)
-    print_parameter_table(student)
-    if args.epochs == 0:
-        return
-    logits = teacher_logits(splits, args, variant, device, dtype)
-    for name, split in splits.items():
-        split.teacher = logits[name]
-    record = train_and_report("distil", student, KDLoss(args.temperature, args.alpha), splits, args, device, dtype,
-                              args.student_path, save=student_saver(student, args.student_path, args),
-                              extra={"teacher": args.model_path})
-    if record is not None:  # rank 0
-        print_distil_report(logits, splits, record)
-
-
-def teacher_logits(splits, args, variant, device, dtype):
-    """The teacher's logits on every split, cached under a key made of the adapter's content, the base model, the
-    dtype and the data: a second run with the same teacher neither builds nor runs it."""
-    folder = Path(args.model_path)
-    adapter = file_sha256(*(p for p in sorted(folder.iterdir()) if p.is_file()))
-    key = hashlib.sha256(f"{adapter} {base_identity(variant)}".encode()).hexdigest()[:16]
-    name = "-".join([run_stem("teacher", splits.spec), key, variant_slug(variant), str(dtype).removeprefix("torch."),
-                     data_fingerprint(splits)])
-    return cached_teacher_logits(Path("models/cache") / f"{name}.safetensors",
-                                 lambda: cast_frozen_linears(load_lora_classifier(folder, variant), dtype).to(device),
-                                 splits, batch_size=args.batch_size, device=device, dtype=dtype)
-
-
-def base_identity(variant):
-    """A hub id as it is; a local folder by its absolute path and its files' sizes and modification times, so that
-    a base replaced or rewritten in place (or another folder of the same name) gets its own teacher logits."""
-    if not os.path.isdir(variant):
-        return variant
-    files = sorted(p for p in Path(variant).resolve().iterdir() if p.is_file())
-    return repr([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-
-
-def load_predictor(folder, variant):
-    """A trained classifier (GPT-2 + LoRA or a student) from its folder, recognised by its files."""
-    folder = Path(folder)
-    if (folder / ADAPTER_CONFIG).exists():
-        return load_lora_classifier(folder, variant)
-    if (folder / STUDENT_CONFIG).exists():
-        return load_student(folder)
-    raise UserError(f"{folder}: neither a LoRA adapter folder ({ADAPTER_CONFIG}) nor a student checkpoint "
-                    f"({STUDENT_CONFIG}); train one with `python run.py LoRA` or `python run.py rnn`")
-
-
-def cmd_predict(args, device, dtype):
-    sentences, labels = read_sentences(args.sentence, args.input, DataSpec.from_args(args))
-    model = load_predictor(args.model_path, args.gpt_variant)
-    block_size = model.config.block_size if isinstance(model, GPTClassifier) else None
-    if args.quantize == "int8" and not block_size:
-        raise UserError(f"--quantize int8 is for GPT-2 classifiers; {args.model_path} holds an RNN student")
-    if args.quantize == "int8":
-        quantize_int8(model)
-    elif block_size:
-        cast_frozen_linears(model, dtype)
-    # An empty line becomes <|endoftext|> alone; GPT-2 keeps the last block_size tokens, whose final one it reads.
-    tokens = [(t or [EOT])[-block_size:] if block_size else (t or [EOT]) for t in encode(get_tokenizer(), sentences)]
-    logits = predict_logits(compiled(model.to(device), args.compile), tokens, batch_size=args.batch_size,
-                            device=device, dtype=dtype)
-    print_predictions(sentences, torch.softmax(logits, -1), model.labels, labels, args.format)
-
-
-def cmd_export(args, device, dtype):
-    base = adapter_base(args.model_path, args.gpt_variant)[2]
-    if os.path.isdir(base) and Path(base).resolve() == Path(args.out).resolve():
-        raise UserError(f"--out {args.out}: is the adapter's base model, which the export would replace; "
-                        "choose another folder")
-    model = load_lora_classifier(args.model_path, args.gpt_variant)
-    save_checkpoint(args.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
-    print(f"merged classifier written to {args.out}: GPT2ForSequenceClassification.from_pretrained({args.out!r})")
-
-
-def cmd_info(args, device, dtype):
-    with torch.device("meta"):  # LoRA on gpt2's shapes, to size its default micro-batch: no weights, no download
-        model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_random("gpt2"), 4, 4))
-    print(system_report(device, activation_bytes_per_token(model)))
-
-
-# ----------------------------------------------------------------------------- arguments
 
 def build_parser():
-    parser = OneLineParser(description="GPT-2 generation, LoRA fine-tuning and distillation on CoLA.")
-    sub = parser.add_subparsers(dest="mode", required=True)
+    parser = CommandLine(description="GPT-2 generation, LoRA fine-tuning and distillation on CoLA.")
+    sub = parser.add_subparsers(dest="mode", required=True, parser_class=OneLineParser)
 
     # Each subcommand takes only the flags it uses: `common` every one, `placed` those that use a device,
     # `compute` those that run a model there, `seeded` those that draw random numbers.
@@ -225,13 +91,11 @@ def build_parser():
     placed = argparse.ArgumentParser(add_help=False, parents=[common])
     placed.add_argument("--device", default="auto", help="auto (CUDA, else an Apple GPU, else the CPU), cpu, cuda, "
                         "cuda:N, mps")
-    placed.add_argument("--gpu_id", dest="device", type=gpu_device, default=argparse.SUPPRESS,
-                        help="the assignment's GPU index N: the same as --device cuda:N")
     compute = argparse.ArgumentParser(add_help=False, parents=[placed])
     compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                          help="auto: bf16 where it is native (GPUs from A100 on, CPUs with AMX/AVX512-BF16), fp16 "
-                         "on T4/V100, else fp32; gen on a CPU times fp32 against bf16 (with --quantize int8: fp32)")
-    compute.add_argument("--compile", action="store_true", help="torch.compile the model (no faster on a 2-core CPU)")
+                         "on T4/V100, else fp32 (MPS: fp16, fp32 to train)")
+    compute.add_argument("--compile", action="store_true", help="torch.compile the model")
     seeded = argparse.ArgumentParser(add_help=False, parents=[compute])
     seeded.add_argument("--seed", type=seed_int, default=0, help="seeds weights, data order, dropout and sampling "
                         "(the assignment's form, a number right after the subcommand, means the same)")
@@ -264,8 +128,8 @@ def build_parser():
         data.add_argument(f"--{flag}", help=about)
 
     student = argparse.ArgumentParser(add_help=False)
-    student.add_argument("--rnn_hidden", "--hidden_dim", type=positive_int, default=768,
-                         help="student embedding and hidden size (--hidden_dim: the assignment's name)")
+    student.add_argument("--rnn_hidden", type=positive_int, default=768,
+                         help="student embedding and hidden size")
     student.add_argument("--rnn_layers", type=positive_int, default=2, help="stacked recurrent layers")
     student.add_argument("--rnn_cell", default="rnn", choices=["rnn", "gru", "lstm"], help="recurrent cell")
     student.add_argument("--clip", type=non_negative_float, default=1.0,
@@ -354,9 +218,6 @@ def build_parser():
     return parser
 
 
-# Checks argparse cannot express, and defaults that depend on other flags: usage errors (exit 2) before anything
-# is downloaded or built. Each subcommand names its `check` in build_parser; main() calls it.
-
 def check_gen(parser, args):
     ignored = [flag for flag in ("temperature", "top_p") if args.greedy and getattr(args, flag) is not None]
     if ignored:
@@ -374,14 +235,11 @@ def check_lora(parser, args):
     twice = next((t for i, t in enumerate(args.lora_targets) if t in args.lora_targets[:i]), None)
     if twice:
         parser.error(f"--lora_targets: {twice} is given twice")
-    args.lora_alpha = args.LoRA_rank if args.lora_alpha is None else args.lora_alpha
-    args.model_path = args.model_path or f"models/LoRA-{variant_slug(args.gpt_variant)}"
     check_variant(parser, args.gpt_variant)
     check_training(parser, args, "model_path")
 
 
 def check_distil(parser, args):
-    args.model_path = args.model_path or f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}"
     check_variant(parser, args.gpt_variant)
     check_training(parser, args, "student_path")
 
@@ -413,20 +271,6 @@ def check_output_folder(parser, flag, path):
         parser.error(f"--{flag} {path}: exists and is not a folder (nothing was written to it)")
     if not writable(path):
         parser.error(f"--{flag} {path}: cannot write there (a file is in the way, or no permission)")
-
-
-def folder_holds(path):
-    """Which model a folder holds: a LoRA adapter, a student checkpoint, a transformers model, or None."""
-    folder = Path(path)
-    if (folder / ADAPTER_CONFIG).is_file():
-        return "a LoRA adapter"
-    if not (folder / STUDENT_CONFIG).is_file():
-        return None
-    try:
-        kind = json.loads((folder / STUDENT_CONFIG).read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    return "a student checkpoint" if kind == "DistilRNN" else "a transformers model"
 
 
 def check_output_kind(parser, flag, path, writes):
@@ -471,24 +315,13 @@ def check_results_writable(parser, args):
 def execute(args):
     """Run a parsed subcommand on the device and dtype its flags ask for, resolved here once."""
     device = resolve_device(args.device)
-    decoding = None
-    if args.mode == "gen" and args.dtype == "auto" and device.type == "cpu":  # the work decides (see decode_dtype)
-        decoding = DecodingWork(args.num_samples, len(read_prompt(args, get_tokenizer())[1]), args.max_new_tokens,
-                                int8=args.quantize == "int8")
-    args.func(args, device, compute_dtype(args.dtype, device, args.mode in tune.TUNABLE, decoding))
-
-
-def seed_from_sr_no(argv):
-    """The assignment's `run.py MODE SR_NO ...`: its 5-digit SR number, right after the subcommand, was the seed."""
-    if len(argv) > 1 and argv[0] != "tune" and argv[1].isdigit():
-        return [argv[0], "--seed", argv[1], *argv[2:]]
-    return argv
+    args.func(args, device, compute_dtype(args.dtype, device, args.mode in tune.TUNABLE))
 
 
 def main(argv=None):
     """Run one subcommand; every failure ends in one line on stderr (the traceback only with --debug)."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(seed_from_sr_no(sys.argv[1:] if argv is None else argv))
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if rest and args.mode != "tune":  # a sweep passes the flags it does not know to every run
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -499,7 +332,7 @@ def main(argv=None):
             sys.stdout = open(os.devnull, "w")
         with sigterm_as_interrupt():  # SIGTERM stops a run as Ctrl-C does
             tune.sweep(args, plan, execute) if plan else execute(args)
-    except UserError as e:
+    except (UserError, ModelError) as e:  # both name what to fix, in one line
         print(f"error: {e}", file=sys.stderr)
         if args.debug:
             traceback.print_exc()

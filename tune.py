@@ -14,8 +14,12 @@ from pathlib import Path
 
 import torch
 
-from train_utils import PLOTS_DIR, TUNING_DIR, latest_matching_rnn_run, mcnemar_exact, plot_grid, run_stem
-from utils import DataSpec, Terminated, UserError, load_text_data, read_jsonl, result_flags, safe_name, write_text
+from data import DataSpec, load_text_data, run_stem
+from distil import latest_matching_rnn_run
+from metrics import mcnemar_exact
+from report import PLOTS_DIR, plot_grid
+from runlog import TUNING_DIR, read_jsonl, result_flags
+from utils import Terminated, UserError, safe_name, write_text
 
 TUNABLE = ("LoRA", "rnn", "distil")
 RUN_PY = Path(__file__).resolve().with_name("run.py")

@@ -4,8 +4,10 @@ import torch
 from sklearn.metrics import matthews_corrcoef as sk_mcc
 
 from conftest import COLA_DEV, COLA_DEV_ACCEPTABLE, COLA_OOD, COLA_TRAIN
-from train_utils import bucketed_batches, majority_label, matthews_corrcoef, sorted_batches
-from utils import UserError, load_cola, read_cola_tsv
+from batches import bucketed_batches, sorted_batches
+from metrics import majority_label, matthews_corrcoef
+from data import load_cola, read_cola_tsv
+from utils import UserError
 
 
 def test_real_cola_files_parse(cola_dir):

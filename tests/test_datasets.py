@@ -11,11 +11,14 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, matthews_corrcoef as sk_mcc
 
 import run
+import checkpoints
 from conftest import PAD_BATCH, padded, run_cli, run_main
 from model import GPTClassifier
-from train_utils import (Split, bootstrap, macro_f1, macro_f1_rows, matthews_corrcoef, predict_logits,
-                         train_epoch)
-from utils import DataSpec, UserError, encode, load_text_data, read_sentences
+from batches import Split
+from metrics import bootstrap, macro_f1, macro_f1_rows, matthews_corrcoef
+from train_utils import predict_logits, train_epoch
+from data import DataSpec, encode, load_text_data, read_sentences
+from utils import UserError
 
 TOPICS = {"sport": ["goal", "match", "team", "coach", "league"], "tech": ["chip", "code", "robot", "laptop", "server"],
           "food": ["bread", "soup", "salad", "pasta", "cheese"]}
@@ -102,7 +105,7 @@ def test_every_mode_runs_on_a_three_class_folder(three_class, tiny_gpt_dir, tmp_
     assert run.main(["export", "--model_path", "adapter", "--out", "exported"]) == 0
     theirs = GPT2ForSequenceClassification.from_pretrained(tmp_path / "exported").eval()
     assert theirs.config.num_labels == 3 and theirs.config.id2label == {0: "food", 1: "sport", 2: "tech"}
-    ours = run.load_lora_classifier("adapter")
+    ours = checkpoints.load_lora_classifier("adapter")
     ids, lengths = padded(PAD_BATCH)
     with torch.no_grad():
         assert (theirs(input_ids=ids).logits - ours(ids, lengths)).abs().max() <= 1e-4

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 import run
 from conftest import COLA_DEV, COLA_OOD, count_classifier_rows, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2
 from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters
-from train_utils import KDLoss, Split, kd_loss, predict_logits, train_epoch
-from utils import EOT
+from batches import Split
+from distil import KDLoss, kd_loss
+from train_utils import predict_logits, train_epoch
+from model import EOT
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
@@ -57,7 +59,7 @@ def test_padding_has_no_effect_on_the_student(cell):
 
 
 def test_tiny_student_matches_a_tiny_teacher(tiny_gpt_dir, tokenizer, cola_dir):
-    from utils import load_cola
+    from data import load_cola
     sentences, labels = load_cola(cola_dir)["train"]
     tokens = [tokenizer.encode_ordinary(s) for s in sentences[:32]]
     torch.manual_seed(0)
@@ -118,7 +120,7 @@ def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path, monkeypatch, capf
 
 
 def test_the_student_without_kd_is_an_rnn_run_that_differs_by_kd_alone(tmp_path, monkeypatch):
-    from train_utils import latest_matching_rnn_run, rnn_log
+    from distil import latest_matching_rnn_run, rnn_log
     monkeypatch.chdir(tmp_path)
     parser = run.build_parser()
     kd = {"args": vars(parser.parse_args(["distil"])), "data": "d"}

@@ -180,8 +180,8 @@ def test_a_file_where_run_results_go_is_refused_before_training(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
 
 
-def test_readme_shows_every_case():
-    readme = (ROOT / "README.md").read_text()
+def test_docs_errors_shows_every_case():
+    readme = (ROOT / "docs" / "errors.md").read_text()
     for what, command, code, message in CASES:
         row = f"| {what} | `python run.py {command}`".replace("python run.py `", "python run.py`")
         assert row in readme and message.replace("|", "\\|") in readme, what

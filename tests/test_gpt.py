@@ -1,15 +1,15 @@
 """GPT-2: same function as transformers' GPT2LMHeadModel, loading, KV-cache generation, sampling filters, CLI."""
-import functools
-
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import run_cli, run_main, save_tiny_gpt2
-from model import (BPE_TOKENS, GPT, GPTConfig, Int8Linear, PackedLinear, Sampler, apply_repetition_penalty, packable,
-                   quantize_int8, top_k_candidates, top_p_filter)
-import utils
-from utils import DecodingWork, UserError, decode_dtype
+import commands
+from cpu_decoding import PackedLinear, packable, prepare_for_generation
+from devices import has_fast_bf16
+from generation import Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
+from model import BPE_TOKENS, GPT, GPTConfig, ModelError
+from quantize import Int8Linear, quantize_int8
 
 
 @pytest.fixture(scope="module")
@@ -52,49 +52,26 @@ def test_greedy_with_cache_equals_without_and_transformers(pair):
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch has no MKL (packed products)")
-def column_major_is_faster(x, weight):
-    """A fake product_seconds: a column-major weight (strides (1, rows)) multiplies in half the time."""
-    return 0.5 if weight.stride(0) == 1 else 1.0
-
-
-def test_samples_decode_through_packed_weights_and_get_their_column_major_head_back(tiny_gpt_dir, pair, monkeypatch):
+def test_samples_decode_through_packed_weights_and_keep_the_head_tied(tiny_gpt_dir, pair):
     _, hf = pair
-    monkeypatch.setattr(utils, "product_seconds", column_major_is_faster)
-    ours = GPT.from_pretrained(tiny_gpt_dir).for_generation(torch.device("cpu"), torch.float32)
+    ours = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), torch.device("cpu"), torch.float32, rows=3)
+    assert isinstance(ours.transformer.h[0].mlp.c_fc, PackedLinear) and isinstance(ours.lm_head, PackedLinear)
+    assert ours.lm_head.linear.weight is ours.transformer.wte.weight  # the head is still the embedding
     prompt = [464, 2068, 7586, 21831]
     hf.generation_config.eos_token_id = None
     reference = hf.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False, pad_token_id=50256)
     steps = ours.generate_batch(prompt, 50, [Sampler(temperature=0)] * 3)
-    first = next(steps)
-    assert isinstance(ours.transformer.h[0].mlp.c_fc, PackedLinear) and isinstance(ours.lm_head, PackedLinear)
-    assert [first] + list(steps) == [[tok] * 3 for tok in reference[0, len(prompt):].tolist()]
-    assert type(ours.transformer.h[0].mlp.c_fc) is torch.nn.Linear
-    assert ours.lm_head.weight is ours.transformer.wte.weight  # the tied head is back
-    assert ours.lm_head.weight.stride() == (1, ours.config.vocab_size)  # column-major, for one-row products
-    assert not packable(ours, 1) and not packable(ours.to(torch.bfloat16), 3)  # one row, or bf16: plain products
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_head_takes_the_layout_that_multiplies_one_row_faster(dtype, monkeypatch):
-    weight = torch.randn(50, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
-    monkeypatch.setattr(utils, "product_seconds", column_major_is_faster)
-    chosen = utils.faster_one_row_layout(weight)
-    assert chosen.stride() == (1, 50) and torch.equal(chosen, weight)
-    monkeypatch.setattr(utils, "product_seconds", lambda x, w: column_major_is_faster(x, w.T))  # the reverse
-    assert utils.faster_one_row_layout(weight) is weight
-
-
-def test_fp16_heads_stay_row_major_without_timing(monkeypatch):
-    monkeypatch.setattr(utils, "product_seconds", lambda x, w: pytest.fail("timed an fp16 product"))
-    weight = torch.zeros(50, 8, dtype=torch.float16)
-    assert utils.faster_one_row_layout(weight) is weight
+    assert list(steps) == [[tok] * 3 for tok in reference[0, len(prompt):].tolist()]
+    alone = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), torch.device("cpu"), torch.float32, rows=1)
+    assert type(alone.lm_head) is torch.nn.Linear and alone.lm_head.weight.stride() == (alone.config.n_embd, 1)
+    assert not packable(alone, 1) and not packable(alone.to(torch.bfloat16), 3)  # one row, or bf16: plain products
 
 
 def test_bf16_decoding_attends_in_fp32_and_stays_close_to_fp32(tiny_gpt_dir):
     cpu, prompt = torch.device("cpu"), torch.tensor([[464, 2068, 7586, 21831, 625, 262]])
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = GPT.from_pretrained(tiny_gpt_dir).for_generation(cpu, dtype)
+        model = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), cpu, dtype)
         cache = model.new_cache(1, 8)
         assert cache.kv.dtype == torch.float32  # attention runs in fp32 on CPU whatever the weights
         with torch.no_grad():
@@ -178,10 +155,10 @@ def test_loading_refuses_mismatched_checkpoint(tmp_path):
     state = GPT.from_pretrained(folder).transformer.state_dict()
     model = GPT.from_random(folder)
     bad = {("transformer." + k): v for k, v in state.items() if not k.startswith("ln_f")}
-    with pytest.raises(UserError, match="missing"):
+    with pytest.raises(ModelError, match="missing"):
         model.load_gpt2_weights(bad, source="x")
     bad = {("transformer." + k): v for k, v in state.items()} | {"transformer.wpe.weight": torch.zeros(5, 32)}
-    with pytest.raises(UserError, match="shape"):
+    with pytest.raises(ModelError, match="shape"):
         model.load_gpt2_weights(bad, source="x")
 
 
@@ -200,7 +177,7 @@ def test_loading_refuses_gpt2_variants_this_model_does_not_compute(tmp_path, opt
         with torch.no_grad():
             assert torch.allclose(ours(idx), hf(idx).logits, atol=1e-4)
     else:
-        with pytest.raises(UserError, match=f"{next(iter(option))} .* is a GPT-2 variant this model does not"):
+        with pytest.raises(ModelError, match=f"{next(iter(option))} .* is a GPT-2 variant this model does not"):
             GPT.from_pretrained(folder)
 
 
@@ -228,7 +205,7 @@ def test_cli_gen_hub_id_offline_is_one_clear_line(tmp_path):
 
 
 def test_streaming_stops_at_end_of_text_only_when_asked(tokenizer, capsys):
-    from utils import print_stream
+    from generation import print_stream
     ids = tokenizer.encode_ordinary(" one") + [50256] + tokenizer.encode_ordinary(" two")
     print_stream(tokenizer, "Count:", iter(ids), eos_id=50256, stream=True)
     assert capsys.readouterr().out == "Count: one\n"
@@ -303,43 +280,6 @@ def test_int8_logits_and_greedy_tokens_stay_close_to_fp32(tmp_path):
     assert agreement >= 0.9  # measured: 94.0%
 
 
-def test_decoding_dtype_probe_is_fp32_or_bf16_and_measured_once_per_work():
-    import time
-    decode_dtype.cache_clear()
-    start = time.perf_counter()
-    chosen = decode_dtype("cpu")
-    assert time.perf_counter() - start < 1.0  # about 0.2 s here; generous for a busy CI machine
-    assert chosen in (torch.float32, torch.bfloat16)
-    assert decode_dtype("cpu") is chosen and decode_dtype.cache_info().hits == 1
-    assert decode_dtype("cpu", DecodingWork(8, 100, 20)) in (torch.float32, torch.bfloat16)
-    assert decode_dtype.cache_info().misses == 2
-
-
-def fake_seconds(step_bf16, prompt_bf16):
-    """A fake utils.seconds: fp32 products take 1, bf16 ones `step_bf16` for a decoding step's row and
-    `prompt_bf16` for the prompt's rows (more than one). It also times faster_one_row_layout's products."""
-    def seconds(product, *args):
-        x = (product.args if isinstance(product, functools.partial) else args)[0]
-        if x.dtype == torch.float32:
-            return 1.0
-        return prompt_bf16 if x.size(0) > 1 else step_bf16
-    return seconds
-
-
-@pytest.mark.parametrize("work, step_bf16, prompt_bf16, expected", [
-    (DecodingWork(), 0.5, 0.5, torch.bfloat16),
-    (DecodingWork(), 0.97, 0.97, torch.float32),  # a tie goes to fp32, which is exact
-    (DecodingWork(1, 5, 384), 0.5, 5.0, torch.bfloat16),  # slow prompt products, but a short prompt
-    (DecodingWork(1, 128, 16), 0.5, 5.0, torch.float32),  # a long prompt, few new tokens: its reading dominates
-])
-def test_decoding_takes_bf16_only_when_the_whole_work_is_5_percent_faster(work, step_bf16, prompt_bf16, expected,
-                                                                           monkeypatch):
-    monkeypatch.setattr(utils, "seconds", fake_seconds(step_bf16, prompt_bf16))
-    decode_dtype.cache_clear()
-    assert decode_dtype("cpu", work, 0) == expected
-    decode_dtype.cache_clear()
-
-
 def test_int8_kernel_computes_the_dequantized_product():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
@@ -349,23 +289,6 @@ def test_int8_kernel_computes_the_dequantized_product():
     assert (error <= q.scale.float()[:, None]).all()  # own rounding (127 x 2^-9 of a step): under one step
     assert torch.allclose(q(x), expected, atol=0.02)  # the kernel's activations are bf16
     assert q.dequantized(torch.float16).dtype == torch.float16
-
-
-@pytest.mark.parametrize("work, expected", [
-    (DecodingWork(1, 128, 384), (384, 128)),  # all within the window
-    (DecodingWork(1, 1000, 100), (25, 1000 + 75 * 1024)),  # 24 cached steps, then each token re-reads the window
-    (DecodingWork(4, 3000, 10), (1, 1024 + 9 * 4 * 1024)),  # a prompt longer than the window: its last 1024
-])
-def test_decoding_work_counts_steps_and_tokens_read_past_the_window(work, expected):
-    assert work.token_reads() == expected
-
-
-def test_a_generation_past_the_window_is_weighed_as_prompt_reading(monkeypatch):
-    monkeypatch.setattr(utils, "seconds", fake_seconds(0.5, 5.0))  # bf16 steps fast, bf16 prompt reading slow
-    decode_dtype.cache_clear()
-    assert decode_dtype("cpu", DecodingWork(1, 8, 900), 0) == torch.bfloat16
-    assert decode_dtype("cpu", DecodingWork(1, 8, 2000), 0) == torch.float32  # 985 steps re-read the window
-    decode_dtype.cache_clear()
 
 
 def test_int8_centered_head_keeps_logits_with_a_shared_offset_as_close_as_without():
@@ -388,32 +311,29 @@ def test_int8_centered_head_keeps_logits_with_a_shared_offset_as_close_as_withou
     assert (off_cpu - exact).abs().mean() < plain_error / 2
 
 
-def test_int8_decoding_keeps_the_rest_of_the_model_fp32_unmeasured(monkeypatch):
-    monkeypatch.setattr(utils, "seconds", fake_seconds(0.1, 0.1))  # bf16 ten times faster: not asked
-    decode_dtype.cache_clear()
-    assert decode_dtype("cpu", DecodingWork(1, 5, 100, int8=True)) == torch.float32
-    assert decode_dtype("cpu", DecodingWork(1, 5, 100)) == torch.bfloat16
-    decode_dtype.cache_clear()
-
-
-def test_cli_gen_int8_decodes_with_an_fp32_rest_and_plain_gen_as_measured(tiny_gpt_dir, tmp_path, monkeypatch,
-                                                                            capfd):
+def test_cli_gen_auto_dtype_is_the_hardware_rule_with_or_without_int8(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
     chosen = []
-    for_generation = GPT.for_generation
+    prepare = commands.prepare_for_generation
 
-    def recording(self, device, dtype, *rest):
+    def recording(model, device, dtype, **kwargs):
         chosen.append(dtype)
-        return for_generation(self, device, dtype, *rest)
+        return prepare(model, device, dtype, **kwargs)
 
-    monkeypatch.setattr(GPT, "for_generation", recording)
-    monkeypatch.setattr(utils, "seconds", fake_seconds(0.1, 0.1))  # bf16 measures ten times faster
+    monkeypatch.setattr(commands, "prepare_for_generation", recording)
     args = ("gen", "--gpt_variant", tiny_gpt_dir, "--prompt", "Once upon", "--max_new_tokens", "3", "--device", "cpu")
-    decode_dtype.cache_clear()
     for extra in (["--quantize", "int8"], []):
         result = run_main(*args, *extra, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
         assert result.returncode == 0, result.stderr
-    decode_dtype.cache_clear()
-    assert chosen == [torch.float32, torch.bfloat16]
+    rule = torch.bfloat16 if has_fast_bf16(torch.device("cpu")) else torch.float32
+    assert chosen == [rule, rule]
+
+
+def test_cli_gen_with_one_seed_prints_the_same_text_in_two_processes(tiny_gpt_dir, tmp_path):
+    args = ("gen", "--gpt_variant", tiny_gpt_dir, "--prompt", "Once upon a time", "--max_new_tokens", "40",
+            "--ignore_eos", "--num_samples", "2", "--seed", "7", "--device", "cpu", "--dtype", "auto")
+    first, second = run_cli(*args, cwd=tmp_path), run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout and first.stdout.count("Once upon a time") == 2
 
 
 def test_generation_never_draws_the_rows_that_pad_a_vocabulary():
@@ -434,15 +354,6 @@ def test_cli_gen_random_weights_follow_the_seed(tiny_gpt_dir, tmp_path, monkeypa
     texts = [run_main(*args, "--seed", seed, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd).stdout
              for seed in (3, 3, 4)]
     assert texts[0] == texts[1] != texts[2]
-
-
-def test_the_probe_runs_products_as_decoding_does():
-    weights = [torch.zeros(16, 8), torch.zeros(8, 32).T]  # row-major, column-major
-    plain = utils.product_functions(1, weights)
-    assert [p.args[1].stride() for p in plain] == [(8, 1), (1, 32)] and plain[1]().shape == (1, 32)
-    if torch.backends.mkl.is_available():  # several fp32 rows: MKL's packed weights, as PackedLinear
-        packed = utils.product_functions(8, weights[:1], packed=True)
-        assert packed[0].func is torch.ops.mkl._mkl_linear and packed[0]().shape == (8, 16)
 
 
 def test_cli_gen_samples_print_in_order_and_match_single_runs(tiny_gpt_dir, tmp_path, monkeypatch, capfd):

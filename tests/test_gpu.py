@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_once_and_on_two_ranks, tiny_lora_classifier
-from model import GPT, Sampler, cast_frozen_linears
-from train_utils import fit, load_splits
-from utils import DataSpec
+from generation import Sampler
+from model import GPT, cast_frozen_linears
+from batches import load_splits
+from train_utils import fit
+from data import DataSpec
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

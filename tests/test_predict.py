@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import run
+import checkpoints
 from conftest import COLA_DEV, PAD_BATCH, padded, run_cli, run_main
 from utils import UserError
 
@@ -31,7 +32,7 @@ def peft_adapter(tiny_gpt_dir, folder, seed=0, **lora):
 ])
 def test_peft_adapter_into_ours(tiny_gpt_dir, tmp_path, lora):
     theirs = peft_adapter(tiny_gpt_dir, tmp_path / "peft", **lora)
-    ours = run.load_lora_classifier(tmp_path / "peft")
+    ours = checkpoints.load_lora_classifier(tmp_path / "peft")
     ids, lengths = padded(PAD_BATCH)
     with torch.no_grad():
         assert (ours(ids, lengths) - theirs(input_ids=ids).logits).abs().max() <= 1e-4
@@ -45,7 +46,7 @@ def test_peft_adapter_into_ours(tiny_gpt_dir, tmp_path, lora):
 def test_what_we_cannot_represent_is_refused_by_name(tiny_gpt_dir, tmp_path, lora, setting):
     peft_adapter(tiny_gpt_dir, tmp_path / "peft", **lora)
     with pytest.raises(UserError, match=setting):
-        run.load_lora_classifier(tmp_path / "peft")
+        checkpoints.load_lora_classifier(tmp_path / "peft")
 
 
 def test_other_target_modules_are_refused(tmp_path):
@@ -53,7 +54,7 @@ def test_other_target_modules_are_refused(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "c_attn"]}))
     with pytest.raises(UserError, match="q_proj"):
-        run.load_lora_classifier(tmp_path / "a", "gpt2")
+        checkpoints.load_lora_classifier(tmp_path / "a", "gpt2")
 
 
 def test_merged_export_loads_in_transformers(tiny_gpt_dir, tmp_path):
@@ -125,7 +126,7 @@ def test_weights_outside_the_declared_targets_are_refused_naming_both(tiny_gpt_d
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config | {"target_modules": ["c_attn"]}))
     with pytest.raises(UserError, match=r"holds transformer\.h\.0\.mlp\.c_fc\.lora_A\.weight, outside the target "
                                         r"set \['attn\.c_attn'\]"):
-        run.load_lora_classifier(tmp_path / "peft")
+        checkpoints.load_lora_classifier(tmp_path / "peft")
 
 
 def test_predict_on_a_file_whose_label_column_is_empty_scores_nothing(student_dir, tmp_path, monkeypatch, capfd):

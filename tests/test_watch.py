@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 import run
 import tune
 import utils
+import devices
+import runlog
 from conftest import ROOT, run_cli, run_main
 
 
@@ -36,7 +38,7 @@ def test_a_killed_run_leaves_its_epochs_plotted_and_logged_unfinished_and_resume
     log = tmp_path / "tuning" / "LoRA.jsonl"
 
     def epochs_logged():
-        records = utils.read_jsonl(log) if log.exists() else []
+        records = runlog.read_jsonl(log) if log.exists() else []
         return len(records[0]["history"]) if records else 0
 
     deadline = time.time() + 300
@@ -44,19 +46,19 @@ def test_a_killed_run_leaves_its_epochs_plotted_and_logged_unfinished_and_resume
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)  # during epoch 3
     proc.wait()
-    [record] = utils.read_jsonl(log)
+    [record] = runlog.read_jsonl(log)
     assert record["finished"] is False and [h["epoch"] for h in record["history"]] == [1, 2]
     for name in ("LoRA_loss.png", "LoRA_acc.png"):
         with Image.open(tmp_path / "plots" / name) as image:
             image.verify()
     monkeypatch.chdir(tmp_path)
-    assert tune.logged_run(planned(argv), utils.read_jsonl(log)) is None  # a sweep would run it again
+    assert tune.logged_run(planned(argv), runlog.read_jsonl(log)) is None  # a sweep would run it again
     resumed = run_main(*argv, "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert resumed.returncode == 0, resumed.stderr
-    [final] = utils.read_jsonl(log)  # the same record, finished
+    [final] = runlog.read_jsonl(log)  # the same record, finished
     assert final["run_id"] == record["run_id"] and final["finished"] is True
     assert [h["epoch"] for h in final["history"]] == [1, 2, 3]
-    assert tune.logged_run(planned(argv), utils.read_jsonl(log)) == final
+    assert tune.logged_run(planned(argv), runlog.read_jsonl(log)) == final
 
 
 def test_tensorboard_holds_the_step_losses_and_the_printed_epoch_metrics(tmp_path):
@@ -89,7 +91,7 @@ def test_where_a_run_reports_does_not_change_what_it_is():
     parser = run.build_parser()
 
     def config(*argv):
-        return utils.result_flags(parser.parse_args(["rnn", *argv]))
+        return runlog.result_flags(parser.parse_args(["rnn", *argv]))
 
     assert config() == config("--tensorboard", "runs/x", "--device", "cpu", "--micro_batch_tokens", "64")
     assert config() != config("--lr", "0.1")
@@ -127,16 +129,16 @@ def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert str(utils.resolve_device("auto")) == expected
+    assert str(devices.resolve_device("auto")) == expected
     if not mps:
         with pytest.raises(utils.UserError, match="--device mps: no Apple GPU"):
-            utils.resolve_device("mps")
+            devices.resolve_device("mps")
 
 
 def test_mps_decodes_in_fp16_and_trains_in_fp32():
     mps = torch.device("mps")
-    assert utils.compute_dtype("auto", mps, training=False) == torch.float16
-    assert utils.compute_dtype("auto", mps, training=True) == torch.float32
+    assert devices.compute_dtype("auto", mps, training=False) == torch.float16
+    assert devices.compute_dtype("auto", mps, training=True) == torch.float32
 
 
 def test_the_assignments_command_line_runs_unchanged(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
@@ -149,7 +151,7 @@ def test_the_assignments_command_line_runs_unchanged(tiny_gpt_dir, tmp_path, mon
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    [record] = utils.read_jsonl(tmp_path / "a" / "tuning" / "LoRA.jsonl")
+    [record] = runlog.read_jsonl(tmp_path / "a" / "tuning" / "LoRA.jsonl")
     assert record["args"]["seed"] == 12345
-    args = run.build_parser().parse_args(run.seed_from_sr_no(["rnn", "54321", "--hidden_dim", "32", "--gpu_id", "1"]))
+    args = run.build_parser().parse_args(run.assignment_argv(["rnn", "54321", "--hidden_dim", "32", "--gpu_id", "1"]))
     assert (args.seed, args.rnn_hidden, args.device) == (54321, 32, "cuda:1")

@@ -1,0 +1,104 @@
+"""Tokenized splits and how they are cut into batches: padding, length buckets, micro-batches."""
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from data import encode, load_text_data
+from devices import to_device
+from distributed import main_first
+from model import EOT
+
+
+@dataclass
+class Split:
+    """Tokenized sentences of one split, with label ids and (for distillation) the teacher's logits."""
+    tokens: list
+    labels: torch.Tensor
+    teacher: torch.Tensor = None
+
+    def __len__(self):
+        return len(self.tokens)
+
+
+class Splits(dict):
+    """{'train', 'dev'[, 'ood']}: Split, with the dataset they come from (`spec`), its label names, what reports call
+    each evaluation split, and notes for the summary."""
+
+    def __init__(self, spec, data):
+        super().__init__()
+        self.spec, self.labels, self.titles, self.notes = spec, tuple(data.labels), data.titles, data.notes
+
+    def identity(self):
+        """What a model trained on these splits records of them, for `distil` to check its teacher by."""
+        return {"dataset": self.spec.slug, "dataset_name": self.spec.name, "labels": list(self.labels)}
+
+    @property
+    def evaluated(self):
+        """The evaluation splits: 'dev', and 'ood' when the dataset has a second labelled one."""
+        return [name for name in ("dev", "ood") if name in self]
+
+
+def load_splits(spec, tokenizer, *, block_size=None, max_examples=None, seed=0):
+    """Tokenized splits {'train', 'dev'[, 'ood']} of the dataset `spec` names; `max_examples` takes a seeded random
+    subset of the training set."""
+    with main_first():  # one download, not one per rank
+        data = load_text_data(spec)
+    splits = Splits(spec, data)
+    for name, (sentences, labels) in data.splits.items():
+        tokens = encode(tokenizer, sentences)
+        if block_size:  # never for CoLA (at most 45 tokens); past the context keep the end, whose last token is read
+            tokens = [t[-block_size:] for t in tokens]
+        splits[name] = Split(tokens, torch.tensor(labels))
+    if max_examples:
+        keep = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(seed))
+        keep = keep[:max_examples].tolist()
+        train = splits["train"]
+        splits["train"] = Split([train.tokens[i] for i in keep], train.labels[keep])
+    return splits
+
+
+def data_fingerprint(splits):
+    """A short hash of the exact training and evaluation data ({name: object with .tokens and .labels})."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        h.update(repr((splits[name].tokens, splits[name].labels.tolist())).encode())
+    return h.hexdigest()[:16]
+
+
+def collate(split, index, device):
+    """Right-pad the sentences at `index` to the longest of them: (ids, lengths, labels, teacher)."""
+    seqs = [split.tokens[i] for i in index]
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), EOT, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s)
+    teacher = None if split.teacher is None else to_device(split.teacher[index], device)
+    return to_device(ids, device), to_device(lengths, device), to_device(split.labels[index], device), teacher
+
+
+def bucketed_batches(lengths, batch_size, generator, bucket=16):
+    """Shuffle, then sort each run of `bucket` batches by length, so a batch holds similar lengths and needs
+    little padding; the batches themselves are shuffled again so lengths do not come in order."""
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(perm), batch_size * bucket):
+        chunk = sorted(perm[start:start + batch_size * bucket], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]
+
+
+def sorted_batches(lengths, batch_size):
+    """Batches for inference: sorted by length (least padding), in a fixed order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def micro_batches(index, lengths, max_tokens):
+    """Cut a batch into consecutive pieces of at most `max_tokens` padded tokens (None: no cut). Gradients are
+    accumulated over the pieces, so a step still sees the whole batch while activations stay bounded."""
+    if not max_tokens:
+        return [index]
+    rows = max(1, max_tokens // max(lengths[i] for i in index))
+    return [index[i:i + rows] for i in range(0, len(index), rows)]

@@ -1,0 +1,234 @@
+"""Models on disk: safetensors checkpoints written as save_pretrained writes them, PEFT's LoRA adapter format in
+and out, and the student's checkpoint."""
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from distributed import main_first
+from model import (LABELS, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, fold_lora, inject_lora, lora_layers,
+                   variant_slug)
+from utils import UserError, atomic_files, read_json, seed_everything
+
+
+RUN_INFO = "run_info.json"  # how the run that wrote a checkpoint was configured (ignored by PEFT)
+
+
+def read_tensors(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not Path(path).exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: corrupt or truncated checkpoint ({e})") from None
+
+
+def save_checkpoint(folder, weights_name, tensors, json_files):
+    """Write `tensors` (safetensors, fp32) and `json_files` ({name: object}) into `folder`, as save_pretrained does:
+    these files are replaced together (all written before any is replaced), anything else there is left alone."""
+    from safetensors.torch import save_file
+    with atomic_files(folder, [weights_name, *json_files]) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp[weights_name],
+                  metadata={"format": "pt"})
+        for name, obj in json_files.items():
+            Path(tmp[name]).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+# PEFT's adapter format: `PeftModel.from_pretrained(GPT2ForSequenceClassification..., folder)` loads what we save,
+# and adapters PEFT saved load here.
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def modules_to_save(model):
+    """PEFT's name for what trains beside LoRA: the short names of those modules, e.g. ['ln_1', 'ln_2', 'ln_f',
+    'score']."""
+    names = []
+    for name, module in model.named_modules():
+        trains = any(p.requires_grad for p in module.parameters(recurse=False))
+        short = name.rsplit(".", 1)[-1]
+        if trains and not short.startswith("lora_") and short not in names:
+            names.append(short)
+    return names
+
+
+def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info):
+    """Save the trainable tensors (LoRA A/B, LayerNorms, head) in PEFT's LoRA format for
+    GPT2ForSequenceClassification: `PeftModel.from_pretrained` loads the folder as it is."""
+    tensors = {PEFT_PREFIX + k: v for k, v in model.named_parameters() if v.requires_grad}
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
+              "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
+              "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
+              "bias": "none", "modules_to_save": modules_to_save(model),
+              "use_rslora": False, "use_dora": False, "inference_mode": True}
+    save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info})
+
+
+def read_adapter_config(folder):
+    """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model'}, refusing what we can't run."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder}: no such adapter folder")
+    cfg = read_json(path, "adapter config")
+    for key, ok in (("peft_type", "LORA"), ("use_dora", False), ("use_rslora", False), ("bias", "none")):
+        if cfg.get(key, ok) != ok:
+            raise UserError(f"{path}: {key}={cfg[key]!r} is not supported (only plain LoRA: {key}={ok!r})")
+    if cfg.get("layers_to_transform") is not None or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise UserError(f"{path}: per-layer ranks or layer subsets are not supported")
+    wanted = cfg.get("target_modules") or []
+    wanted = [wanted] if isinstance(wanted, str) else wanted
+    targets = [t for t in LORA_TARGETS if any(t == w or t.endswith("." + w) for w in wanted)]
+    unknown = [w for w in wanted if not any(t == w or t.endswith("." + w) for t in LORA_TARGETS)]
+    if unknown or not targets:
+        raise UserError(f"{path}: target_modules {unknown or wanted} are not GPT-2 layers we adapt "
+                        f"(supported: {', '.join(LORA_TARGETS)})")
+    try:
+        return {"r": int(cfg["r"]), "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
+                "base_model": cfg.get("base_model_name_or_path")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: corrupt adapter config (r: {e})") from None
+
+
+def adapter_base(folder, variant=None):
+    """(LoRA settings, run info, GPT-2 base) of an adapter folder; `variant`, when given, must be its base."""
+    cfg = read_adapter_config(folder)
+    info = read_json(Path(folder) / RUN_INFO, "run info") if (Path(folder) / RUN_INFO).exists() else {}
+    base = cfg["base_model"]
+    if variant is not None and base is not None and variant_slug(variant) != variant_slug(base):
+        raise UserError(f"{folder}: this adapter was trained on {base}, not on --gpt_variant {variant}")
+    if (variant or base) is None:
+        raise UserError(f"{folder}: the adapter names no base model; pass --gpt_variant")
+    return cfg, info, variant or base
+
+
+def load_lora_model(folder, variant, build_base):
+    """The model an adapter folder describes, LoRA folded in, in eval mode: `build_base(variant, random_init, seed,
+    labels)` makes the base (pretrained, or random from the seed the adapter's run_info.json records) with the
+    labels it records (CoLA's when it records none, as PEFT's adapters)."""
+    cfg, info, variant = adapter_base(folder, variant)
+    model = build_base(variant, info.get("random_init", False), info.get("seed", 0), info.get("labels", LABELS))
+    inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"])
+    load_adapter_weights(model, folder)
+    return fold_lora(model).eval().requires_grad_(False)
+
+
+def injected_targets(named_parameters):
+    """The LoRA targets present in a model, e.g. ['attn.c_attn', 'mlp.c_fc']."""
+    return sorted({".".join(k.split(".")[3:5]) for k in named_parameters if ".lora_A." in k})
+
+
+def load_adapter_weights(model, folder):
+    """Copy an adapter's tensors into a model that already has LoRA injected with the same settings."""
+    path = Path(folder) / ADAPTER_WEIGHTS
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_tensors(path).items()}
+    ours = dict(model.named_parameters())
+    unknown = sorted(tensors.keys() - ours.keys())
+    if unknown:
+        raise UserError(f"{path}: holds {unknown[0]}, outside the target set {injected_targets(ours)} that "
+                        f"{ADAPTER_CONFIG} declares")
+    if "score.weight" not in tensors:
+        raise UserError(f"{path}: no classification head (score.weight): not an adapter for sequence classification")
+    missing = [k for k in ours if ".lora_" in k and k not in tensors]
+    if missing:
+        raise UserError(f"{path}: lacks {missing[0]}, inside the target set {injected_targets(ours)} that "
+                        f"{ADAPTER_CONFIG} declares")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if value.shape != ours[key].shape:
+                raise UserError(f"{path}: {key} has shape {tuple(value.shape)} but this model's is "
+                                f"{tuple(ours[key].shape)} (an adapter of another variant or rank)")
+            ours[key].copy_(value)
+    return sorted(tensors)
+
+
+# A student checkpoint: config.json names the architecture, model.safetensors holds the weights.
+STUDENT_CONFIG, STUDENT_WEIGHTS = "config.json", "model.safetensors"
+
+
+def save_student(model, folder, run_info):
+    save_checkpoint(folder, STUDENT_WEIGHTS, model.state_dict(),
+                    {STUDENT_CONFIG: {"model_type": "DistilRNN", **asdict(model.config)}, RUN_INFO: run_info})
+
+
+def load_student(folder):
+    """A DistilRNN checkpoint written by `run.py rnn` or `run.py distil`, in eval mode."""
+    cfg = read_json(Path(folder) / STUDENT_CONFIG, "student config")
+    if cfg.get("model_type") != "DistilRNN":
+        raise UserError(f"{folder}: not a DistilRNN checkpoint")
+    model = DistilRNN(RNNConfig.from_dict(cfg))
+    state = read_tensors(Path(folder) / STUDENT_WEIGHTS)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{folder}: weights do not fit its config ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+def gpt_weights(cls, variant, random_init, **kwargs):
+    """`cls` (GPT or GPTClassifier) with the variant's pretrained weights, or (random_init) random ones."""
+    if random_init:
+        print(f"note: {variant} architecture with random weights (--random_init), nothing downloaded",
+              file=sys.stderr)
+        return cls.from_random(variant, **kwargs)
+    with main_first():  # one download, not one per rank
+        return cls.from_pretrained(variant, **kwargs)
+
+
+def build_classifier(variant, random_init, seed, labels=LABELS):
+    """GPT-2 + score head for `labels`: pretrained weights, or (random_init) weights drawn from `seed`, so a later
+    run can rebuild the very same base from the seed alone."""
+    seed_everything(seed)
+    return gpt_weights(GPTClassifier, variant, random_init, labels=labels)
+
+
+def load_lora_classifier(folder, variant=None):
+    """The classifier `run.py LoRA` (or PEFT) saved in `folder`, LoRA folded in, in eval mode."""
+    return load_lora_model(folder, variant, build_classifier)
+
+
+def load_predictor(folder, variant):
+    """A trained classifier (GPT-2 + LoRA or a student) from its folder, recognised by its files."""
+    folder = Path(folder)
+    if (folder / ADAPTER_CONFIG).exists():
+        return load_lora_classifier(folder, variant)
+    if (folder / STUDENT_CONFIG).exists():
+        return load_student(folder)
+    raise UserError(f"{folder}: neither a LoRA adapter folder ({ADAPTER_CONFIG}) nor a student checkpoint "
+                    f"({STUDENT_CONFIG}); train one with `python run.py LoRA` or `python run.py rnn`")
+
+
+def save_trained(model, folder, run_info):
+    """Write what a training run trained into its output folder: the student's checkpoint, or the LoRA adapter in
+    PEFT's format, its settings read off the model's LoRA layers and its base named in run_info."""
+    if isinstance(model, DistilRNN):
+        save_student(model, folder, run_info)
+        print(f"student saved to {folder}")
+        return
+    layer = lora_layers(model)[0]
+    present = injected_targets(dict(model.named_parameters()))
+    save_adapter(model, folder, rank=layer.rank, alpha=layer.alpha,
+                 dropout=layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0,
+                 targets=[t for t in LORA_TARGETS if t in present], base_model=run_info["gpt_variant"],
+                 run_info=run_info)
+    print(f"adapter saved to {folder} (PEFT format)")
+
+
+def folder_holds(path):
+    """Which model a folder holds: a LoRA adapter, a student checkpoint, a transformers model, or None."""
+    folder = Path(path)
+    if (folder / ADAPTER_CONFIG).is_file():
+        return "a LoRA adapter"
+    if not (folder / STUDENT_CONFIG).is_file():
+        return None
+    try:
+        kind = json.loads((folder / STUDENT_CONFIG).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    return "a student checkpoint" if kind == "DistilRNN" else "a transformers model"

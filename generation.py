@@ -1,0 +1,107 @@
+"""Picking the next token from logits (repetition penalty, temperature, top-k, top-p) and printing samples as
+they decode."""
+import codecs
+
+import torch
+import torch.nn.functional as F
+
+
+class Sampler:
+    """Picks the next token from logits: repetition penalty, then temperature, top-k, top-p (transformers' order).
+
+    temperature 0 means greedy (argmax after the repetition penalty).
+    """
+
+    def __init__(self, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=None):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.repetition_penalty = repetition_penalty
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits, context):
+        logits = apply_repetition_penalty(logits, context, self.repetition_penalty)
+        if self.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / self.temperature
+        candidates = None
+        if self.top_k is not None:  # sample among the k best only: the same distribution, far less work
+            logits, candidates = top_k_candidates(logits, self.top_k)
+        if self.top_p is not None:
+            logits = top_p_filter(logits, self.top_p)
+        probs = F.softmax(logits, dim=-1).cpu()
+        choice = int(torch.multinomial(probs, 1, generator=self.generator))
+        return choice if candidates is None else int(candidates[choice])
+
+
+def apply_repetition_penalty(logits, context, penalty):
+    """CTRL's rule: each token already in the context has its logit divided by `penalty` if positive, else
+    multiplied by it."""
+    if penalty == 1.0 or not context:
+        return logits
+    seen = torch.tensor(sorted(set(context)), device=logits.device)
+    scores = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def top_k_candidates(logits, k):
+    """The k largest logits, in descending order, and their token ids."""
+    return torch.topk(logits, min(k, logits.size(-1)))
+
+
+def top_p_filter(logits, p):
+    """Keep the smallest set of most likely tokens whose probability adds up to at least p (nucleus sampling)."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = mass_before >= p
+    drop_sorted[0] = False  # the most likely token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def print_stream(tokenizer, prompt, token_ids, eos_id, stream):
+    """Print the prompt, then each token as it arrives (bytes decoded incrementally: a character may span tokens),
+    up to `eos_id` (None: print <|endoftext|> like any other token)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = [prompt]
+    if stream:
+        print(prompt, end="", flush=True)
+    for tok in token_ids:
+        if tok == eos_id:
+            break
+        text = decoder.decode(tokenizer.decode_single_token_bytes(tok))
+        pieces.append(text)
+        if stream:
+            print(text, end="", flush=True)
+    pieces.append(decoder.decode(b"", final=True))
+    print(pieces[-1] if stream else "".join(pieces), flush=True)
+
+
+def print_samples(tokenizer, prompt, steps, n_samples, eos_id, stream):
+    """Print samples decoded together: `steps` yields one token per sample per step (None for a sample that has
+    ended). Sample 1 streams as it is generated; the others, which advance at the same pace, are printed when every
+    sample has finished."""
+    samples = [[] for _ in range(n_samples)]
+
+    def record(step):
+        for sample, tok in zip(samples, step):
+            if tok is not None:
+                sample.append(tok)
+
+    def first_sample():
+        for step in steps:
+            record(step)
+            if step[0] is not None:
+                yield step[0]
+
+    if n_samples > 1:
+        print("\n===== sample 1 =====")
+    print_stream(tokenizer, prompt, first_sample(), eos_id=eos_id, stream=stream)
+    for step in steps:  # sample 1 may end before the others
+        record(step)
+    for i, sample in enumerate(samples[1:], start=2):
+        print(f"\n===== sample {i} =====")
+        print_stream(tokenizer, prompt, iter(sample), eos_id=eos_id, stream=False)

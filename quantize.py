@@ -1,0 +1,67 @@
+"""Weight-only int8 linear layers (--quantize int8, for gen and predict)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPTClassifier
+
+
+class Int8Linear(nn.Module):
+    """A frozen linear layer with int8 weights and one scale per output channel (weight-only quantization).
+
+    torch's _weight_int8pack_mm reads the int8 weights as they are, a quarter of fp32's bytes, which is what
+    decoding is bound by. It wants bf16 activations and scales: with fp32 ones it falls back to a path slower than
+    fp32 itself, so activations are cast to bf16 for the product and back after it.
+    Elsewhere than on CPU there is no such kernel: the weights are dequantized for an ordinary product in the
+    activations' dtype (fp16 on a T4, which has no bf16 arithmetic).
+
+    `centered` (for the LM head) quantizes each row's difference from the mean row, and adds x . mean_row, the
+    part every output shares, in fp32. The outputs' mean over the vocabulary is exactly that part, and logits can
+    sit far from zero while they differ by a few units: a row's scale then covers what distinguishes it, and the
+    kernel's bf16 output (8 significant bits) rounds numbers the size of those differences, not of the logits.
+    """
+
+    def __init__(self, linear, centered=False):
+        super().__init__()
+        w = linear.weight.detach().float()  # (out, in)
+        mean_row = w.mean(dim=0) if centered else None  # (in,)
+        if centered:
+            w = w - mean_row
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # (out,): each row's largest weight maps to 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("mean_row", mean_row)
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            return F.linear(x, self.dequantized(x.dtype), self.bias)
+        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (B*T, in)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale).view(*x.shape[:-1], -1)  # (B, T, out)
+        if self.bias is not None:
+            y = y + self.bias  # a bf16 product plus an fp32 bias adds in fp32 (exactly as casting first)
+        if self.mean_row is not None:
+            y = y + (x.float() @ self.mean_row).unsqueeze(-1)  # the shared part of every output, in fp32
+        return y.to(x.dtype)  # no copy when it already is
+
+    def dequantized(self, dtype):
+        """The (out, in) weight that the int8 values, their scales and the mean row stand for, in `dtype`."""
+        w = self.weight.to(dtype) * self.scale.to(dtype)[:, None]
+        return w if self.mean_row is None else w + self.mean_row.to(dtype)
+
+
+def quantize_int8(model):
+    """Replace the linear layers of every block, and the head, with Int8Linear, for inference.
+
+    The LM head shares its weight with the token embedding: the head gets an int8 copy, centered (see
+    Int8Linear), and the embedding stays as it is. A classifier's head is its `score` layer.
+    """
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                setattr(parent, name, Int8Linear(child))
+    if isinstance(model, GPTClassifier):
+        model.score = Int8Linear(model.score)
+    else:
+        model.lm_head = Int8Linear(model.lm_head, centered=True)
+    return model

@@ -1,0 +1,201 @@
+"""What a person reads: tables of scores, the per-epoch and summary plots, and predict's output."""
+import json
+import sys
+
+import torch
+
+from data import run_stem
+from metrics import majority_label, scores, wilson_interval
+from model import LABELS, count_parameters
+from utils import UserError, atomic_path
+
+
+PLOTS_DIR = "plots"  # relative to where a run is started
+
+
+def format_table(headers, rows):
+    """A plain-text table with right-aligned columns."""
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def score_headers(title, n_classes):
+    return [f"{title} acc", "MCC"] + (["macro-F1"] if n_classes > 2 else [])
+
+
+def score_cells(s):
+    """Table cells: 'acc% [low, high]', 'MCC [low, high]' and, when scored, 'macro-F1 [low, high]'."""
+    (al, ah), (ml, mh) = s["acc_ci"], s["mcc_ci"]
+    cells = [f"{s['acc']:.2%} [{al:.1%}, {ah:.1%}]", f"{s['mcc']:+.3f} [{ml:+.2f}, {mh:+.2f}]"]
+    if "f1" in s:
+        cells.append(f"{s['f1']:.3f} [{s['f1_ci'][0]:.2f}, {s['f1_ci'][1]:.2f}]")
+    return cells
+
+
+def print_parameter_table(model):
+    """The parameter counts in the assignment's three lines (a tied weight counted once)."""
+    total, trainable = count_parameters(model)
+    print(f"Number of parameters: {total / 1e6:.2f}M")
+    print(f"Number of trainable parameters: {trainable / 1e6:.2f}M")
+    print(f"Reduction: {100 * (1 - trainable / total):.2f}%")
+
+
+def print_run_summary(mode, best_epoch, epochs, s, splits):
+    on = "" if splits.spec.is_cola else f" on {splits.spec.name}"
+    print(f"\n{mode}{on}: best epoch {best_epoch} of {epochs} (95% intervals: Wilson for accuracy, bootstrap for "
+          f"{'MCC and macro-F1' if len(splits.labels) > 2 else 'MCC'})")
+    headers = [h for name in splits.evaluated for h in score_headers(splits.titles[name], len(splits.labels))]
+    cells = {who: [c for name in splits.evaluated for c in score_cells(s[who][name])] for who in ("model", "baseline")}
+    print(format_table(["", *headers], [[mode, *cells["model"]], ["majority baseline", *cells["baseline"]]]))
+    for note in splits.notes:
+        print(f"note: {note}")
+
+
+def prediction_rows(sentences, probs, names):
+    """One row per sentence and the predicted ids: CoLA's label and p_acceptable, or for other label sets the
+    predicted label and its probability `p`."""
+    if tuple(names) == LABELS:
+        p_acceptable = probs[:, 1].tolist()
+        preds = [int(p >= 0.5) for p in p_acceptable]
+        return [{"sentence": s, "label": LABELS[y], "p_acceptable": round(p, 6)}
+                for s, y, p in zip(sentences, preds, p_acceptable)], preds
+    p, preds = probs.max(-1)
+    return [{"sentence": s, "label": names[y], "p": round(q, 6)}
+            for s, y, q in zip(sentences, preds.tolist(), p.tolist())], preds.tolist()
+
+
+def print_predictions(sentences, probs, names, labels, fmt):
+    """One line per sentence (its label and probability) as a table, jsonl or tsv; with labels (names, None where a
+    row has none), then the scores with their intervals beside the majority class (on stderr unless a table)."""
+    rows, preds = prediction_rows(sentences, probs, names)
+    p_key = next(k for k in rows[0] if k.startswith("p")) if rows else "p"
+    if fmt == "jsonl":
+        print("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    elif fmt == "tsv":
+        print("\n".join(f"{r['label']}\t{r[p_key]:.4f}\t{r['sentence']}" for r in rows))
+    else:
+        print(format_table(["label", p_key, "sentence"],
+                           [[r["label"], f"{r[p_key]:.4f}", r["sentence"]] for r in rows]))
+    if labels is not None:
+        print_prediction_scores(preds, labels, names, file=sys.stdout if fmt == "table" else sys.stderr)
+
+
+def print_prediction_scores(preds, labels, names, file):
+    """Accuracy and MCC (and macro-F1 past two classes) of the rows that have a label the model knows."""
+    unknown = sorted({y for y in labels if y is not None and y not in names})
+    if unknown:
+        raise UserError(f"the input's label {unknown[0]!r} is not one the model was trained on ({', '.join(names)})")
+    rows = [i for i, y in enumerate(labels) if y is not None]
+    if not rows:
+        print(f"no row has a label: nothing scored ({len(labels)} unlabelled rows)", file=file)
+        return
+    ids = [names.index(labels[i]) for i in rows]
+    s = scores([preds[i] for i in rows], ids, len(names))
+    majority = scores([majority_label(ids)] * len(ids), ids)["acc"]
+    (acc_low, acc_high), (mcc_low, mcc_high) = s["acc_ci"], s["mcc_ci"]
+    f1 = f"  macro-F1 {s['f1']:.3f} [{s['f1_ci'][0]:.2f}, {s['f1_ci'][1]:.2f}]" if "f1" in s else ""
+    skipped = f" ({len(labels) - len(rows)} unlabelled rows not scored)" if len(rows) < len(labels) else ""
+    print(f"accuracy {s['acc']:.2%}  MCC {s['mcc']:+.3f}{f1}  on {len(ids)} labelled sentences{skipped}; 95% "
+          f"intervals: accuracy {acc_low:.1%}-{acc_high:.1%}, MCC {mcc_low:+.2f} to {mcc_high:+.2f}; "
+          f"this file's majority class scores {majority:.2%} (MCC 0)", file=file)
+
+
+def save_figure(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def plot_history(history, mode, splits, baseline_acc, best_acc_ci=None, plots_dir="plots"):
+    """plots/<mode>_loss.png and plots/<mode>_acc.png (<mode>-<dataset>_... past CoLA): train vs validation per
+    epoch, majority baseline drawn, and the best epoch's 95% interval as an error bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    paths = []
+    for metric, label in (("loss", "loss"), ("acc", "accuracy")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"dev_{metric}"] for h in history], "s-", label=f"validation ({splits.titles['dev']})")
+        if metric == "acc":
+            ax.axhline(baseline_acc, color="gray", linestyle="--", label=f"majority baseline ({baseline_acc:.2%})")
+            best = max(history, key=lambda h: h["dev_acc"])
+            if best_acc_ci:
+                low, high = best_acc_ci
+                acc = best["dev_acc"]
+                ax.errorbar([best["epoch"]], [acc], yerr=[[acc - low], [high - acc]], fmt="none", ecolor="black",
+                            capsize=4, label="best epoch, 95% Wilson interval")
+            ax.annotate(f"MCC {best['dev_mcc']:+.3f}", (best["epoch"], best["dev_acc"]),
+                        textcoords="offset points", xytext=(8, 8), ha="left")
+        ax.set(title=f"{mode} on {splits.spec.name}: {label} per epoch", xlabel="epoch", ylabel=label)
+        ax.set_xticks(epochs)
+        ax.legend()
+        path = f"{plots_dir}/{run_stem(mode, splits.spec)}_{metric}.png"
+        save_figure(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def draw_history(run, mode, splits, baseline_acc):
+    """plots/<mode>_loss.png and _acc.png (<mode>-<dataset>_... past CoLA) for the epochs so far, the best one with
+    its 95% Wilson interval."""
+    n = len(splits["dev"])
+    best_ci = wilson_interval(round(run["best_acc"] * n), n)
+    return plot_history(run["history"], mode, splits, baseline_acc, best_ci, PLOTS_DIR)
+
+
+def plot_summary(entries, splits, plots_dir="plots"):
+    """plots/summary.png (summary-<dataset>.png past CoLA): accuracy and MCC with 95% intervals per model, and
+    parameters and inference speed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [e["name"].replace(" (", "\n(") for e in entries]
+    x = torch.arange(len(entries)).float()
+    fig, (ax, size) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for offset, metric, label in ((-0.2, "acc", "dev accuracy"), (0.2, "mcc", "dev MCC")):
+        values = [e["scores"][metric] for e in entries]
+        low = [v - e["scores"][f"{metric}_ci"][0] for v, e in zip(values, entries)]
+        high = [e["scores"][f"{metric}_ci"][1] - v for v, e in zip(values, entries)]
+        ax.bar(x + offset, values, width=0.4, yerr=[low, high], capsize=4, label=label)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set(title=f"{splits.spec.name}, {splits.titles['dev']}: accuracy and MCC (95% intervals)",
+           ylim=(min(0, ax.get_ylim()[0]), 1))
+    ax.legend()
+    measured = [i for i, e in enumerate(entries) if e["params"]]
+    size.bar(x[measured], [entries[i]["params"] / 1e6 for i in measured], color="tab:gray", label="parameters (M)")
+    size.set(yscale="log", ylabel="parameters (millions)", title="size and inference speed")
+    size.set_xticks(x, names, fontsize=8)
+    speed = size.twinx()
+    speed.plot(x[measured], [entries[i]["speed"] for i in measured], "o-", color="tab:red")
+    speed.set(yscale="log", ylabel="sentences / s (dev set, this machine)")
+    speed.yaxis.label.set_color("tab:red")
+    path = f"{plots_dir}/{run_stem('summary', splits.spec)}.png"
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_grid(labels, configs, baseline_acc, path):
+    """A sweep: dev accuracy and MCC per configuration, mean with error bars of one standard deviation over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (acc, mcc) = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(configs)), 7), sharex=True)
+    x = list(range(len(configs)))
+    acc.errorbar(x, [c["dev_acc"][0] for c in configs], yerr=[c["dev_acc"][1] for c in configs], fmt="o", capsize=4)
+    acc.axhline(baseline_acc, color="gray", linestyle="--", label=f"majority baseline ({baseline_acc:.2%})")
+    acc.set(ylabel="dev accuracy", title="sweep: mean ± std over seeds")
+    acc.legend()
+    mcc.errorbar(x, [c["dev_mcc"][0] for c in configs], yerr=[c["dev_mcc"][1] for c in configs], fmt="s",
+                 color="tab:orange", capsize=4)
+    mcc.axhline(0, color="gray", linestyle="--")
+    mcc.set(ylabel="dev MCC")
+    mcc.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,237 @@
+"""What a run leaves behind besides its model: its record in tuning/<mode>.jsonl (rewritten after every epoch),
+the state --resume continues from, and the TensorBoard log."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from batches import data_fingerprint
+from data import run_stem
+from distributed import broadcast_from_main, is_main, on_main, rank, world_size
+from metrics import majority_accuracy
+from model import count_parameters
+from report import draw_history
+from utils import UserError, atomic_path, write_text
+
+
+TUNING_DIR = "tuning"  # run logs, relative to where a run is started
+
+
+def flags(args):
+    """A parsed command line's flags: the namespace less the subcommand's function and check, which argparse keeps
+    beside them."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "check")}
+
+
+def result_flags(args):
+    """The flags that decide a run's result: a resumed run must share them with the run it continues, and a sweep
+    skips a run already logged with them (and the same --epochs). Where it runs and how it reports do not count."""
+    ignored = ("resume", "debug", "epochs", "device", "compile", "tensorboard", "micro_batch_tokens")
+    return {k: v for k, v in flags(args).items() if k not in ignored}
+
+
+def write_jsonl_record(path, record, key=None):
+    """Add `record` as one JSON line to `path`, replacing the line whose `key` field has the same value if there is
+    one. The file is rewritten atomically (a crash never leaves half a line) under a lock on its folder, so that
+    runs side by side (tune --parallel) never lose each other's lines; the lock leaves no file behind."""
+    import fcntl
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        lines = Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
+        if key is not None:
+            lines = [line for line in lines if (json_record(line) or {}).get(key) != record[key]]
+        write_text(path, "".join(line + "\n" for line in lines) + json.dumps(record) + "\n")
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def read_jsonl(path):
+    """The records of a JSONL log. A line that is not a JSON object (a log edited by hand, or cut short by a full
+    disk) is skipped with a warning, so that one bad line does not stop every later run."""
+    if not Path(path).exists():
+        return []
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        record = json_record(line)
+        if record is not None:
+            records.append(record)
+        elif line.strip():
+            print(f"warning: {path}:{number}: not a JSON record, ignored", file=sys.stderr)
+    return records
+
+
+def json_record(line):
+    """The JSON object on `line`, or None if it holds none."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def resume_state_path(out_path):
+    return Path(f"{str(out_path).rstrip('/')}.resume.pt")
+
+
+def trainable_state(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_run_state(path, run, model, optimizer, scaler, generator, config, rng):
+    """Everything needed to continue after the last finished epoch, written atomically."""
+    state = dict(run, model=trainable_state(model), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 generator=generator.get_state(), rng=rng, config=config)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def read_run_state(path, config):
+    """A saved run, refusing one made with other flags."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise UserError(f"--resume: no saved run at {path}; start the run without --resume") from None
+    except Exception as e:
+        raise UserError(f"{path}: corrupt or truncated run state ({type(e).__name__})") from None
+    changed = [k for k in config if state["config"].get(k) != config[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{path}: saved with --{k} {state['config'].get(k)}, this run has --{k} {config[k]}; "
+                        "rerun with the same flags, or without --resume")
+    if len(state["rng"]) != world_size():
+        raise UserError(f"{path}: saved by {len(state['rng'])} processes, resumed by {world_size()}")
+    return state
+
+
+def load_run_state(path, model, optimizer, scaler, generator, config):
+    """Restore a run saved by save_run_state. Rank 0 reads the file and every rank gets its content (or the
+    same error), so several machines need not share a disk."""
+    state, error = None, None
+    if is_main():
+        try:
+            state = read_run_state(path, config)
+        except UserError as e:
+            error = str(e)
+    state, error = broadcast_from_main((state, error))
+    if error:
+        raise UserError(error)
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # fp16 runs: the loss scale reached
+        scaler.load_state_dict(state["scaler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["rng"][rank()]["cpu"])
+    if state["rng"][rank()]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"][rank()]["cuda"])
+    return {k: state[k] for k in ("run_id", "epoch", "history", "best_epoch", "best_acc", "best_state", "best_dev")}
+
+
+def run_record(mode, args, device, dtype, splits, model, run, final, s, seconds, plots):
+    """The run's line in its log: every flag, per-epoch metrics, the best epoch, predictions, timing."""
+    history, best_epoch = run["history"], run["best_epoch"]
+    total, trainable = count_parameters(model)
+    names = splits.evaluated
+    return {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": flags(args),
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
+            "parameters": total, "trainable_parameters": trainable, "history": history, "best_epoch": best_epoch,
+            "majority_label": s["majority"], **{f"baseline_{name}_acc": s["baseline"][name]["acc"] for name in names},
+            **{f"{name}_{k}": v for name in names for k, v in s["model"][name].items()},
+            "dev_sentences_per_s": final["dev"]["sentences_per_s"],
+            **{f"{name}_preds": final[name]["preds"] for name in names},
+            "wall_seconds": seconds, "plots": plots}
+
+
+def progress_record(mode, args, device, dtype, data, run):
+    """The run's line in tuning/<mode>.jsonl while it trains: rewritten after every epoch and marked unfinished,
+    so that a run stopped midway still shows its epochs and a sweep never counts it as done."""
+    return {"mode": mode, "run_id": run["run_id"], "finished": False, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "args": flags(args), "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data,
+            "history": run["history"], "best_epoch": run["best_epoch"]}
+
+
+class RunWatch:
+    """What a run shows while it trains and records when it ends, written by rank 0 alone: the plots after every
+    epoch, its line in tuning/<mode>.jsonl (tuning/<mode>-<dataset>.jsonl past CoLA; unfinished until the end), and
+    TensorBoard (--tensorboard)."""
+
+    def __init__(self, mode, args, device, dtype, splits):
+        self.mode, self.args, self.device, self.dtype, self.splits = mode, args, device, dtype, splits
+        self.log = f"{TUNING_DIR}/{run_stem(mode, splits.spec)}.jsonl"
+        self.data, self.baseline_acc = data_fingerprint(splits), majority_accuracy(splits)
+        self.board = TensorBoardLog.open(args, mode) if is_main() else None
+
+    def step(self, step, loss):
+        if self.board:
+            self.board.step(step, loss)
+
+    def epoch(self, run):
+        on_main(lambda: self.write_progress(run))
+
+    def write_progress(self, run):
+        draw_history(run, self.mode, self.splits, self.baseline_acc)
+        record = progress_record(self.mode, self.args, self.device, self.dtype, self.data, run)
+        write_jsonl_record(self.log, record, key="run_id")
+        if self.board:
+            self.board.epoch(run["history"][-1], self.args.lr)
+
+    def finish(self, run, model, final, s, seconds, extra=None):
+        """The finished run's plots and its record (returned), which replaces its unfinished line."""
+        plots = draw_history(run, self.mode, self.splits, self.baseline_acc)
+        record = run_record(self.mode, self.args, self.device, self.dtype, self.splits, model, run, final, s,
+                            seconds, plots)
+        record |= {"run_id": run["run_id"], "finished": True, **(extra or {})}
+        write_jsonl_record(self.log, record, key="run_id")
+        print(f"plots: {', '.join(plots)}; run logged to {self.log}")
+        return record
+
+    def close(self):
+        if self.board:
+            self.board.close()
+
+
+class TensorBoardLog:
+    """--tensorboard: each step's training loss; each epoch's train and dev loss, accuracy and MCC, the learning
+    rate and tokens/s; the run's flags as hyper-parameters. `tensorboard --logdir runs` compares runs."""
+
+    def __init__(self, log_dir, hyper_parameters):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+        self.writer, self.done, self.last = SummaryWriter(log_dir), 0, 0  # steps of earlier epochs, last step seen
+        metrics = {"dev/acc": 0.0, "dev/mcc": 0.0, "dev/loss": 0.0}  # HParams reads their values from the scalars
+        experiment, start, self.end = hparams(hyper_parameters, metrics)
+        self.writer.file_writer.add_summary(experiment)
+        self.writer.file_writer.add_summary(start)
+
+    @classmethod
+    def open(cls, args, mode):
+        """The log --tensorboard asks for (its folder, or runs/<mode>-<time>-<process id>), or None."""
+        if not getattr(args, "tensorboard", None):
+            return None
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # unique among a sweep's runs side by side
+        folder = args.tensorboard if args.tensorboard != "auto" else f"runs/{mode}-{stamp}"
+        print(f"TensorBoard log: {folder} (view with `tensorboard --logdir {Path(folder).parent}`)")
+        plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flags(args).items()}
+        return cls(folder, plain)
+
+    def step(self, step, loss):
+        """The loss of `step` of the current epoch (every step on a CPU; on CUDA, each step whose loss is read)."""
+        self.last = step
+        self.writer.add_scalar("train/step_loss", loss, self.done + step)
+
+    def epoch(self, row, lr):
+        for tag, key in (("train/loss", "train_loss"), ("train/acc", "train_acc"), ("dev/loss", "dev_loss"),
+                         ("dev/acc", "dev_acc"), ("dev/mcc", "dev_mcc"), ("train/tokens_per_s", "train_tokens_per_s")):
+            self.writer.add_scalar(tag, row[key], row["epoch"])
+        self.writer.add_scalar("train/lr", lr, row["epoch"])
+        self.writer.flush()
+        self.done += self.last
+
+    def close(self):
+        self.writer.file_writer.add_summary(self.end)
+        self.writer.close()
