@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_once_and_on_two_ranks, tiny_lora_classifier
+from batches import load_splits
+from cpu_decoding import prepare_for_generation
+from data import DataSpec
 from generation import Sampler
 from model import GPT, cast_frozen_linears
-from batches import load_splits
-from train_utils import fit
-from data import DataSpec
+from train_utils import TrainConfig, fit
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -36,9 +37,9 @@ def test_lora_steps_have_a_finite_loss_in_each_training_dtype(tiny_gpt_dir, cola
     model = tiny_lora_classifier(tiny_gpt_dir)
     cast_frozen_linears(model, dtype).to(CUDA)
     splits = load_splits(DataSpec(data_dir=cola_dir), tokenizer, max_examples=256, seed=0)
+    config = TrainConfig(epochs=1, batch_size=32, lr=1e-3, device=CUDA, dtype=dtype)
     history = fit(model, lambda logits, labels, teacher=None: torch.nn.functional.cross_entropy(
-        logits.float(), labels), splits, epochs=1, batch_size=32, lr=1e-3, device=CUDA, dtype=dtype, seed=0,
-        micro_batch_tokens=None)["history"]
+        logits.float(), labels), splits, config)["history"]
     assert math.isfinite(history[0]["train_loss"]) and history[0]["skipped_steps"] <= 2
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
@@ -47,7 +48,7 @@ def test_greedy_decoding_on_the_gpu_equals_the_cpu(tiny_gpt_dir):
     prompt = [464, 3290, 318, 257]
     runs = {}
     for device in (torch.device("cpu"), CUDA):
-        model = GPT.from_pretrained(tiny_gpt_dir).for_generation(device, torch.float32)
+        model = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), device, torch.float32)
         runs[device.type] = list(model.generate(prompt, 40, Sampler(0.0)))
     assert runs["cuda"] == runs["cpu"]
 
