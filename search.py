@@ -142,19 +142,30 @@ def open_storage(url):
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
 
 
+def create_or_load(plan, attempts=3):
+    """The study, created if it is new. Workers started together (a job array) may collide creating the same
+    tables or study, and the one that loses finds them made when it tries again."""
+    import optuna
+    pruner = optuna.pruners.MedianPruner() if plan.args.pruner == "median" else optuna.pruners.NopPruner()
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.create_study(study_name=plan.name, storage=open_storage(plan.storage), pruner=pruner,
+                                       direction=METRICS[plan.args.metric][2], load_if_exists=True)
+        except Exception as e:  # also an unknown database kind, a server that does not answer, a file not writable
+            if attempt == attempts:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+                raise UserError(f"--storage {plan.storage}: cannot open the study ({type(e).__name__}: "
+                                f"{reason})") from None
+            time.sleep(attempt)
+
+
 def open_study(plan):
     """The plan's study, created or continued; a study made by a different command is refused."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our lines say what happens to each trial
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     Path(TUNING_DIR).mkdir(exist_ok=True)
-    pruner = optuna.pruners.MedianPruner() if plan.args.pruner == "median" else optuna.pruners.NopPruner()
-    try:
-        study = optuna.create_study(study_name=plan.name, storage=open_storage(plan.storage), pruner=pruner,
-                                    direction=METRICS[plan.args.metric][2], load_if_exists=True)
-    except Exception as e:  # an unknown database kind, a server that does not answer, a file we cannot write
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
-        raise UserError(f"--storage {plan.storage}: cannot open the study ({type(e).__name__}: {reason})") from None
+    study = create_or_load(plan)
     held, wanted = study.user_attrs.get("sweep"), plan.identity()
     if held is None:
         study.set_user_attr("sweep", wanted)
@@ -249,7 +260,7 @@ def objective(trial, plan, execute, asked):
     trial.set_user_attr("runs", [{"seed": r["args"]["seed"], "run_id": r["run_id"],
                                   **{k: r[k] for k in ("dev_acc", "dev_mcc", key)}} for r in records])
     score = statistics.mean(r[key] for r in records)
-    print(f"trial {trial.number}: mean {title} {score:.4f} over {len(records)} seeds")
+    print(f"trial {trial.number}: mean {title} {score:.4f} over {len(records)} seed{'s' * (len(records) > 1)}")
     return score
 
 
