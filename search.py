@@ -208,10 +208,16 @@ def work(study, plan, execute):
         try:
             study.optimize(lambda trial: objective(trial, plan, execute, asked), n_trials=1,
                            catch=(Diverged, Surplus))
-        except (Interrupted, KeyboardInterrupt):
-            if "trial" in asked and len(asked["trial"].params) == len(plan.space):
-                study.enqueue_trial(asked["trial"].params, user_attrs={"retry_of": asked["trial"].number})
-            raise
+        except (Interrupted, KeyboardInterrupt) as e:
+            trial = asked.get("trial")
+            if trial is None or len(trial.params) < len(plan.space):
+                raise
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            if not isinstance(e, Interrupted):
+                raise
+            what = str(e).split(";")[0]  # "terminated (SIGTERM) during epoch 2"
+            raise Interrupted(f"{what} of trial {trial.number}, which is queued to run again: rerun the same command "
+                              "to continue the study", e.exit_code) from None
 
 
 def needs_a_trial(study, plan):

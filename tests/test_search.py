@@ -89,6 +89,20 @@ def test_a_killed_workers_trial_is_failed_and_run_again_by_the_next(tmp_path, mo
     assert (finished["trial"], finished["finished"], len(finished["history"])) == (1, True, 2)
 
 
+def test_a_trial_stopped_by_ctrl_c_is_failed_and_queued_again_with_its_flags(tmp_path, monkeypatch, capfd):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_utils, "train_epoch", interrupted)
+    result = run_main(*SEARCH, *LR, "--trials", 1, "--seeds", 0, "--epochs", 1, "--name", "c", cwd=tmp_path,
+                      monkeypatch=monkeypatch, capfd=capfd)
+    assert result.returncode == 130 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: interrupted during epoch 1 of trial 0, which is queued to run again")
+    stopped, queued = load_study(tmp_path, "c").trials
+    assert (stopped.state, queued.state) == (STATE.FAIL, STATE.WAITING)
+    assert queued.system_attrs["fixed_params"] == stopped.params and queued.user_attrs == {"retry_of": 0}
+
+
 def test_a_trial_worse_than_the_median_is_pruned_and_never_the_best(tmp_path, monkeypatch, capfd):
     evaluate = train_utils.evaluate
 
