@@ -15,9 +15,9 @@ import torch
 
 from data import DataSpec, load_text_data, run_stem
 from report import PLOTS_DIR, plot_search
-from runlog import TUNING_DIR, Pruned, read_jsonl
+from runlog import TUNING_DIR, Pruned, read_jsonl, resume_state_path
 from train_utils import Diverged, Interrupted
-from tune import (check_sweep_command, check_varied_flag, logged_run, mcnemar_lines, planned_run,
+from tune import (check_sweep_command, check_varied_flag, logged_run, mcnemar_lines, output_flag, planned_run,
                   run_side_by_side)
 from utils import UserError, safe_name, write_text
 
@@ -129,11 +129,26 @@ def search_plan(parser, args, rest):
     return SearchPlan(parser, args, rest, name, space, f"{TUNING_DIR}/{run_stem(args.target, spec)}.jsonl", storage)
 
 
+def is_database(url):
+    return "://" in url
+
+
+def shown(url):
+    """The storage URL as it is printed and written in the summary: a database password hidden."""
+    if not is_database(url):
+        return url
+    from sqlalchemy.engine import make_url  # Optuna's database layer
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: nothing it could hide
+        return url
+
+
 def open_storage(url):
     """A database URL (SQLite, PostgreSQL, MySQL: RDBStorage with the heartbeat), or else a journal file, for a
     filesystem that workers share without a database (JournalStorage has no heartbeat)."""
     import optuna
-    if "://" not in url:
+    if not is_database(url):
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the lock
@@ -154,7 +169,7 @@ def create_or_load(plan, attempts=3):
         except Exception as e:  # also an unknown database kind, a server that does not answer, a file not writable
             if attempt == attempts:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
-                raise UserError(f"--storage {plan.storage}: cannot open the study ({type(e).__name__}: "
+                raise UserError(f"--storage {shown(plan.storage)}: cannot open the study ({type(e).__name__}: "
                                 f"{reason})") from None
             time.sleep(attempt)
 
@@ -171,7 +186,7 @@ def open_study(plan):
         study.set_user_attr("sweep", wanted)
     elif held != wanted:
         key = next(k for k in wanted if held.get(k) != wanted[k])
-        raise UserError(f"study {plan.name} in {plan.storage} was made with {key} {held.get(key)}, this command "
+        raise UserError(f"study {plan.name} in {shown(plan.storage)} was made with {key} {held.get(key)}, this command "
                         f"has {wanted[key]}; rerun that command, or give another --name")
     return study
 
@@ -235,7 +250,7 @@ def needs_a_trial(study, plan):
             return False
         if any(t.state == state.WAITING for t in trials) or done + len(running) < plan.args.trials:
             return True
-        if "://" not in plan.storage:  # a journal has no heartbeat: a trial left running cannot be told dead
+        if not is_database(plan.storage):  # a journal has no heartbeat: a trial left running cannot be told dead
             print(f"trials {running} are running elsewhere: nothing left to start here")
             return False
         if not waited:
@@ -253,6 +268,7 @@ def objective(trial, plan, execute, asked):
     ahead = trial.study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING))
     if sum(t.number < trial.number for t in ahead) >= plan.args.trials:
         trial.set_user_attr("surplus", True)
+        print(f"trial {trial.number}: not run, the trials before it make up --trials {plan.args.trials}")
         raise Surplus(f"trial {trial.number}: the study has its {plan.args.trials} trials")
     trial.study.sampler = (optuna.samplers.RandomSampler(seed=trial.number) if plan.args.sampler == "random" else
                            optuna.samplers.TPESampler(seed=trial.number, constant_liar=True))
@@ -306,6 +322,8 @@ def seed_run(trial, plan, config, index, seed, execute):
         execute(run["args"])
     except Pruned as e:
         print(f"trial {trial.number}: {e} of seed {seed}")
+        out = getattr(run["args"], output_flag(plan.args.target)[2:])
+        resume_state_path(out).unlink(missing_ok=True)  # a pruned run is never continued
         raise optuna.TrialPruned(str(e)) from None
     return logged_run(run, read_jsonl(plan.log))
 
@@ -374,10 +392,11 @@ def summarize_search(study, plan):
     spec = DataSpec.from_args(plan.parser.parse_args([plan.args.target, *plan.rest]))
     labels = torch.tensor(load_text_data(spec).splits["dev"][1])
     on = "" if spec.is_cola else f" on {spec.name}"
-    count = {s: sum(t.state == s for t in trials) for s in (state.PRUNED, state.FAIL)}
+    pruned = sum(t.state == state.PRUNED for t in trials)
+    failed = sum(t.state == state.FAIL and not t.user_attrs.get("surplus") for t in trials)
     lines = [f"# Search `{plan.name}` ({plan.args.target}{on}, Optuna)", "",
-             f"{len(complete)} complete trials, {count[state.PRUNED]} pruned, {count[state.FAIL]} failed (study in "
-             f"`{plan.storage}`). A trial is one configuration run with seeds {list(plan.args.seeds)}, scored by its "
+             f"{len(complete)} complete trials, {pruned} pruned, {failed} failed (study in `{shown(plan.storage)}`). "
+             f"A trial is one configuration run with seeds {list(plan.args.seeds)}, scored by its "
              f"mean {title} ({'higher' if direction == 'maximize' else 'lower'} is better); mean ± standard "
              f"deviation over seeds. The {min(TOP, len(ranked))} best:", "",
              *summary_rows(ranked, plan.args.metric), "",

@@ -123,6 +123,7 @@ def test_a_trial_worse_than_the_median_is_pruned_and_never_the_best(tmp_path, mo
     assert [t.state for t in trials] == [STATE.COMPLETE] * 5 + [STATE.PRUNED]
     pruned = [r for r in records(tmp_path) if r["trial"] == 5]
     assert [(r["finished"], r.get("pruned"), len(r["history"])) for r in pruned] == [(False, True, 1)]
+    assert sorted(p.name for p in (tmp_path / "models" / "tune" / "p").iterdir()) == ["batch_size_16_seed0"]
     assert load_study(tmp_path, "p").best_trial.params == {"batch_size": "16"}
     summary = (tmp_path / "tuning" / "p.md").read_text()
     assert "5 complete trials, 1 pruned, 0 failed" in summary and "**batch_size=16**" in summary
