@@ -210,10 +210,11 @@ def build_parser():
     sweep.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2],
                        help="each configuration runs once per seed")
     sweep.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="values to sweep, per flag")
-    sweep.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png (default: from the grid)")
+    sweep.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png, and the study (default: "
+                       "from the grid or the space)")
     sweep.add_argument("--parallel", type=positive_int, default=1,
-                       help="run this many configurations side by side, one process each (each on a visible GPU if "
-                       "any)")
+                       help="run this many configurations (grid) or workers (optuna) side by side, one process each "
+                       "(each on a visible GPU if any)")
     sweep.add_argument("--search", choices=["grid", "optuna"], default="grid", help="grid: every configuration "
                        "of --grid; optuna: --trials configurations drawn from --space, in a study workers share")
     sweep.add_argument("--space", nargs="+", default=[], metavar="FLAG=KIND:...", help="--search optuna: each "
