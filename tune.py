@@ -1,5 +1,6 @@
 """`python run.py tune`: a sweep over seeds and a grid of flags of LoRA, rnn or distil, each run exactly the plain
-subcommand's, logged as usual; then the summary (mean and spread over seeds, the best, McNemar's test) and its plot."""
+subcommand's, logged as usual; then the summary (mean and spread over seeds, the best, McNemar's test) and its plot.
+The planning and checking of a sweep's runs here serve search.py's Optuna search too."""
 import itertools
 import json
 import os
