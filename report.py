@@ -199,3 +199,29 @@ def plot_grid(labels, configs, baseline_acc, path):
     save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def plot_search(history, importances, title, direction, path):
+    """A search: each complete trial's score by trial number with the best so far, and each flag's importance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (runs, weight) = plt.subplots(1, 2, figsize=(12, 4.5))
+    numbers, values = zip(*history)
+    better = max if direction == "maximize" else min
+    runs.plot(numbers, values, "o", label="complete trial")
+    runs.step(numbers, [better(values[:i + 1]) for i in range(len(values))], where="post", color="tab:red",
+              label="best so far")
+    runs.set(xlabel="trial", ylabel=f"mean {title} over seeds", title="optimisation history")
+    runs.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    runs.legend()
+    if importances:
+        names = list(importances)[::-1]  # the most important on top
+        weight.barh(names, [importances[n] for n in names], color="tab:green")
+        weight.set(xlabel="importance (fANOVA)", title=f"what {title} depends on")
+    else:
+        weight.text(0.5, 0.5, "importance needs two complete trials", ha="center", va="center")
+        weight.set_axis_off()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path

@@ -6,6 +6,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import search
 import tune
 from checkpoints import folder_holds
 from commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_predict, cmd_rnn
@@ -200,19 +201,37 @@ def build_parser():
     export.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
     export.set_defaults(func=cmd_export, check=check_model_use, device="cpu", dtype="float32")  # fixed, no flags
 
-    sweep = sub.add_parser("tune", help="sweep seeds x a grid of flags of LoRA, rnn or distil", description=(
-        "Example: python run.py tune distil --seeds 1 2 3 --grid temperature=1,2,4 alpha=0.3,0.5,0.9 --epochs 3. "
-        "Any other flag is passed to every run."))
+    sweep = sub.add_parser("tune", help="sweep seeds x a grid of flags of LoRA, rnn or distil, or search them with "
+                           "Optuna", description=(
+        "Example: python run.py tune distil --seeds 1 2 3 --grid temperature=1,2,4 alpha=0.3,0.5,0.9 --epochs 3; "
+        "or --search optuna --space temperature=log:1:8 alpha=float:0.1:0.9 --trials 30. Any other flag is passed "
+        "to every run."))
     sweep.add_argument("target", choices=tune.TUNABLE, help="the subcommand to sweep")
     sweep.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2],
                        help="each configuration runs once per seed")
     sweep.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="values to sweep, per flag")
-    sweep.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png (default: from the grid)")
+    sweep.add_argument("--name", help="names tuning/<name>.md and plots/tune_<name>.png, and the study (default: "
+                       "from the grid or the space)")
     sweep.add_argument("--parallel", type=positive_int, default=1,
-                       help="run this many configurations side by side, one process each (each on a visible GPU if "
-                       "any)")
+                       help="run this many configurations (grid) or workers (optuna) side by side, one process each "
+                       "(each on a visible GPU if any)")
+    sweep.add_argument("--search", choices=["grid", "optuna"], default="grid", help="grid: every configuration "
+                       "of --grid; optuna: --trials configurations drawn from --space, in a study workers share")
+    sweep.add_argument("--space", nargs="+", default=[], metavar="FLAG=KIND:...", help="--search optuna: each "
+                       "flag's range, log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH or cat:A,B,...")
+    sweep.add_argument("--trials", type=positive_int, help="--search optuna: finished (complete or pruned) "
+                       f"trials the study is to reach, over all its workers (default: {search.DEFAULTS['trials']})")
+    sweep.add_argument("--sampler", choices=["tpe", "random"], help="--search optuna: how trials are drawn; trial "
+                       "k's sampler is seeded with k (default: tpe)")
+    sweep.add_argument("--pruner", choices=["median", "none"], help="--search optuna: median stops a trial whose "
+                       "dev metric after an epoch is below the median of earlier trials' there (default: median)")
+    sweep.add_argument("--metric", choices=list(search.METRICS), help="--search optuna: the mean dev metric a "
+                       "trial is scored by; perplexity is minimized (default: acc)")
+    sweep.add_argument("--storage", metavar="URL", help="--search optuna: the study's database URL (sqlite:///..., "
+                       "postgresql://..., mysql://...) or a journal file on a shared filesystem (default: "
+                       "sqlite:///tuning/<name>.db)")
     sweep.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sweep.set_defaults(func=None, check=check_results_writable)
+    sweep.set_defaults(func=None, check=check_tune)
     sub.add_parser("info", parents=[placed], help="versions, hardware, what would be chosen here, where data is"
                    ).set_defaults(func=cmd_info, check=lambda parser, args: None, dtype="auto")
     return parser
@@ -304,6 +323,30 @@ def check_tensorboard(parser, args):
         check_output_folder(parser, "tensorboard", args.tensorboard)
 
 
+def check_tune(parser, args):
+    """--grid belongs to the grid, --space and the study's flags to --search optuna (which needs the optuna
+    package); the search's defaults are filled in here."""
+    check_results_writable(parser, args)
+    searching = ("space", "storage", *search.DEFAULTS)
+    if args.search == "grid":
+        given = next((flag for flag in searching if getattr(args, flag)), None)
+        if given:
+            parser.error(f"--{given} is for --search optuna (the grid runs every configuration of --grid)")
+        return
+    if importlib.util.find_spec("optuna") is None:
+        parser.error("--search optuna needs the optuna package: pip install optuna")
+    if args.grid:
+        parser.error("--grid is for --search grid; --search optuna draws configurations from --space")
+    if not args.space:
+        parser.error("--search optuna needs --space, e.g. --space lr=log:1e-4:3e-3")
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        parser.error("--search optuna runs its trials one process each: start workers side by side (--parallel) "
+                     "or as separate jobs, not under torchrun")
+    for flag, default in search.DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+
+
 def check_results_writable(parser, args):
     for folder in (TUNING_DIR, PLOTS_DIR):
         if Path(folder).exists() and not Path(folder).is_dir():
@@ -318,6 +361,10 @@ def execute(args):
     args.func(args, device, compute_dtype(args.dtype, device, args.mode in tune.TUNABLE))
 
 
+# tune's two kinds of sweep: (the plan, checked before anything runs; what runs it)
+SWEEPS = {"grid": (tune.tune_plan, tune.sweep), "optuna": (search.search_plan, search.optimize)}
+
+
 def main(argv=None):
     """Run one subcommand; every failure ends in one line on stderr (the traceback only with --debug)."""
     parser = build_parser()
@@ -326,12 +373,12 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.check(parser, args)
-        plan = tune.tune_plan(parser, args, rest) if args.mode == "tune" else None
+        plan = SWEEPS[args.search][0](parser, args, rest) if args.mode == "tune" else None
         init_distributed()
         if not is_main():  # under torchrun only rank 0 prints
             sys.stdout = open(os.devnull, "w")
         with sigterm_as_interrupt():  # SIGTERM stops a run as Ctrl-C does
-            tune.sweep(args, plan, execute) if plan else execute(args)
+            SWEEPS[args.search][1](args, plan, execute) if plan else execute(args)
     except (UserError, ModelError) as e:  # both name what to fix, in one line
         print(f"error: {e}", file=sys.stderr)
         if args.debug:

@@ -22,8 +22,8 @@ TUNING_DIR = "tuning"  # run logs, relative to where a run is started
 
 def flags(args):
     """A parsed command line's flags: the namespace less the subcommand's function and check, which argparse keeps
-    beside them."""
-    return {k: v for k, v in vars(args).items() if k not in ("func", "check")}
+    beside them, and the trial of a search that runs it (see RunWatch)."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "check", "trial")}
 
 
 def result_flags(args):
@@ -155,28 +155,41 @@ def progress_record(mode, args, device, dtype, data, run):
             "history": run["history"], "best_epoch": run["best_epoch"]}
 
 
+class Pruned(Exception):
+    """A search stopped the run after an epoch: its trial scores worse than the others did at that point."""
+
+
 class RunWatch:
     """What a run shows while it trains and records when it ends, written by rank 0 alone: the plots after every
     epoch, its line in tuning/<mode>.jsonl (tuning/<mode>-<dataset>.jsonl past CoLA; unfinished until the end), and
-    TensorBoard (--tensorboard)."""
+    TensorBoard (--tensorboard).
+
+    A run that a search starts carries its trial as `args.trial` (search.TrialHook): every record of the run gets
+    the trial's `fields()`, and each epoch's row goes to `report(row)`; when that says the trial is pruned, the
+    run's record says so (unfinished, `"pruned": true`) and the run stops with Pruned."""
 
     def __init__(self, mode, args, device, dtype, splits):
         self.mode, self.args, self.device, self.dtype, self.splits = mode, args, device, dtype, splits
         self.log = f"{TUNING_DIR}/{run_stem(mode, splits.spec)}.jsonl"
         self.data, self.baseline_acc = data_fingerprint(splits), majority_accuracy(splits)
         self.board = TensorBoardLog.open(args, mode) if is_main() else None
+        self.trial = getattr(args, "trial", None)
+        self.trial_fields = self.trial.fields() if self.trial else {}
 
     def step(self, step, loss):
         if self.board:
             self.board.step(step, loss)
 
     def epoch(self, run):
-        on_main(lambda: self.write_progress(run))
+        pruned = bool(self.trial and self.trial.report(run["history"][-1]))
+        on_main(lambda: self.write_progress(run, {"pruned": True} if pruned else {}))
+        if pruned:
+            raise Pruned(f"pruned after epoch {run['epoch']}")
 
-    def write_progress(self, run):
+    def write_progress(self, run, extra):
         draw_history(run, self.mode, self.splits, self.baseline_acc)
         record = progress_record(self.mode, self.args, self.device, self.dtype, self.data, run)
-        write_jsonl_record(self.log, record, key="run_id")
+        write_jsonl_record(self.log, record | self.trial_fields | extra, key="run_id")
         if self.board:
             self.board.epoch(run["history"][-1], self.args.lr)
 
@@ -185,7 +198,7 @@ class RunWatch:
         plots = draw_history(run, self.mode, self.splits, self.baseline_acc)
         record = run_record(self.mode, self.args, self.device, self.dtype, self.splits, model, run, final, s,
                             seconds, plots)
-        record |= {"run_id": run["run_id"], "finished": True, **(extra or {})}
+        record |= {"run_id": run["run_id"], "finished": True, **self.trial_fields, **(extra or {})}
         write_jsonl_record(self.log, record, key="run_id")
         print(f"plots: {', '.join(plots)}; run logged to {self.log}")
         return record

@@ -1,5 +1,6 @@
 """`python run.py tune`: a sweep over seeds and a grid of flags of LoRA, rnn or distil, each run exactly the plain
-subcommand's, logged as usual; then the summary (mean and spread over seeds, the best, McNemar's test) and its plot."""
+subcommand's, logged as usual; then the summary (mean and spread over seeds, the best, McNemar's test) and its plot.
+The planning and checking of a sweep's runs here serve search.py's Optuna search too."""
 import itertools
 import json
 import os
@@ -25,46 +26,66 @@ TUNABLE = ("LoRA", "rnn", "distil")
 RUN_PY = Path(__file__).resolve().with_name("run.py")
 
 
+def output_flag(target):
+    return "--student_path" if target == "distil" else "--model_path"
+
+
+def check_varied_flag(parser, option, item, flag, target, seen):
+    """A flag a sweep varies (`--grid` or `--space` entry `item`) must be given once and be one the sweep does not
+    set itself: the seed (--seeds), the output folder (one per run), a data flag (one sweep per dataset)."""
+    fixed = {"seed": "use --seeds", output_flag(target)[2:]: "each run writes under models/tune/<name>/"} | {
+        f.name: "run one sweep per dataset" for f in fields(DataSpec)}
+    if flag in seen:
+        parser.error(f"{option} {item}: {flag} is given twice")
+    if flag in fixed:
+        parser.error(f"{option} {item}: {flag} cannot vary in a sweep ({fixed[flag]})")
+
+
+def check_sweep_command(parser, args, rest):
+    """What every sweep refuses in the flags passed to its runs: the seed and the output folder it sets itself,
+    and a seed given twice in --seeds."""
+    out_flag = output_flag(args.target)
+    reasons = {"--seed": "use --seeds", out_flag: "each run writes under models/tune/<name>/"}
+    given = [flag for flag in reasons if any(a == flag or a.startswith(flag + "=") for a in rest)]
+    if given:
+        parser.error(f"tune: {given[0]} is set by the sweep ({reasons[given[0]]})")
+    if len(set(args.seeds)) < len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
+
+
+def planned_run(parser, args, rest, name, config, seed):
+    """One run of a sweep: the mode's command line plus the output folder, --seed and the configuration's flags,
+    parsed and checked by the subcommand's own `check`, as run.py's main does."""
+    folder = f"models/tune/{name}/{safe_name(config_label(config))}_seed{seed}"
+    argv = [args.target, *rest, output_flag(args.target), folder, "--seed", str(seed)]
+    argv += [a for k, v in config.items() for a in (f"--{k}", v)]
+    run_args = parser.parse_args(argv)
+    run_args.check(parser, run_args)
+    if run_args.epochs < 1:
+        parser.error(f"tune: --epochs {run_args.epochs}: a sweep trains, at least 1 epoch")
+    return {"config": config, "seed": seed, "argv": argv, "args": run_args}
+
+
 def tune_plan(parser, args, rest):
-    """(name, grid, plan): every (configuration, seed) run of a sweep, its arguments parsed and checked (by the
-    subcommand's own `check`, as run.py's main does) before any run starts.
+    """(name, grid, plan): every (configuration, seed) run of a sweep, its arguments parsed and checked before any
+    run starts.
 
     Each run is the mode's own command line plus --seed and the grid's flags, so a sweep run is exactly the plain
     subcommand's run, and a logged run with the same flags counts as done."""
-    out_flag = "--student_path" if args.target == "distil" else "--model_path"
-    fixed = {"seed": "use --seeds", out_flag[2:]: "each run writes under models/tune/<name>/"} | {
-        f.name: "run one sweep per dataset" for f in fields(DataSpec)}
     grid = {}
     for item in args.grid:
         flag, _, values = item.partition("=")
         flag = flag.lstrip("-")
         if not flag or not values:
             parser.error(f"--grid {item}: expected flag=value[,value...], e.g. temperature=1,2,4")
-        if flag in grid:
-            parser.error(f"--grid {item}: {flag} is given twice")
-        if flag in fixed:
-            parser.error(f"--grid {item}: {flag} cannot vary in a sweep ({fixed[flag]})")
+        check_varied_flag(parser, "--grid", item, flag, args.target, grid)
         grid[flag] = values.split(",")
-    given = [flag for flag in ("--seed", out_flag) if any(a == flag or a.startswith(flag + "=") for a in rest)]
-    if given:
-        parser.error(f"tune: {given[0]} is set by the sweep ({fixed[given[0][2:]]})")
-    if len(set(args.seeds)) < len(args.seeds):
-        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
+    check_sweep_command(parser, args, rest)
     spec = DataSpec.from_args(parser.parse_args([args.target, *rest]))
     name = args.name or "_".join([run_stem(args.target, spec)] + [f"{k}-{'-'.join(v)}" for k, v in grid.items()])
     name = safe_name(name)
-    plan = []
-    for values in itertools.product(*grid.values()):
-        config = dict(zip(grid, values))
-        for seed in args.seeds:
-            folder = f"models/tune/{name}/{safe_name(config_label(config))}_seed{seed}"
-            argv = [args.target, *rest, out_flag, folder, "--seed", str(seed)]
-            argv += [a for k, v in config.items() for a in (f"--{k}", v)]
-            run_args = parser.parse_args(argv)
-            run_args.check(parser, run_args)
-            if run_args.epochs < 1:
-                parser.error(f"tune: --epochs {run_args.epochs}: a sweep trains, at least 1 epoch")
-            plan.append({"config": config, "seed": seed, "argv": argv, "args": run_args})
+    plan = [planned_run(parser, args, rest, name, dict(zip(grid, values)), seed)
+            for values in itertools.product(*grid.values()) for seed in args.seeds]
     return name, grid, plan
 
 

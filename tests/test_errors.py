@@ -110,6 +110,14 @@ CASES = [
      "error: empty-text, split 'train', row 1: the text ('sentence') is empty"),
     ("a text cell that is not a string", "rnn --dataset number-text", 1,
      "error: number-text, split 'train', row 0: the text ('sentence') is not a string (int)"),
+    ("a --space flag the subcommand does not have", "tune rnn --search optuna --space no_such_flag=float:0:1", 2,
+     "error: unrecognized arguments: --no_such_flag 0.0"),
+    ("a --space log range from 0", "tune rnn --search optuna --space lr=log:0:1", 2,
+     "error: --space lr=log:0:1: a log range needs bounds above 0"),
+    ("an empty --space choice list", "tune rnn --search optuna --space rnn_cell=cat:", 2,
+     "error: --space rnn_cell=cat:: expected cat:A,B,... (the choice list is empty, or holds an empty choice)"),
+    ("a --space range reversed", "tune rnn --search optuna --space lr=float:0.1:0.01", 2,
+     "error: --space lr=float:0.1:0.01: the low bound 0.1 must be below the high bound 0.01"),
 ]
 
 

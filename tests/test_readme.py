@@ -13,6 +13,7 @@ CHEAP = {"gen": ["--max_new_tokens", "4"], "LoRA": ["--max_examples", "32", "--e
          "distil": ["--max_examples", "32", "--epochs", "1", "--rnn_hidden", "16"],
          "tune": ["--max_examples", "32", "--epochs", "1", "--rnn_hidden", "16", "--seeds", "1",
                   "--grid", "temperature=1,2"]}
+SEARCH = ["--max_examples", "32", "--epochs", "1", "--rnn_hidden", "16", "--seeds", "1", "--trials", "1"]
 
 
 def readme_commands():
@@ -55,6 +56,6 @@ def test_every_command_runs_made_cheap(tmp_path, cola_dir, monkeypatch, capfd):
     os.symlink(cola_dir, tmp_path / "data" / "cola")
     for argv in run_py_commands():
         cheap = argv + ([] if "--epochs" in argv and argv[argv.index("--epochs") + 1] == "0"
-                        else CHEAP.get(argv[0], []))
+                        else SEARCH if "--search" in argv else CHEAP.get(argv[0], []))
         result = run_main(*cheap, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
         assert result.returncode == 0, f"{' '.join(cheap)}: {result.stderr}"

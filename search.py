@@ -1,0 +1,409 @@
+"""`python run.py tune MODE --search optuna`: a sweep that searches. Optuna's sampler draws each trial's flags from
+`--space`; a trial is one configuration run once per seed through the plain subcommand (tune.planned_run), scored
+by its mean dev metric, and each epoch's dev metric goes to the trial so that the pruner can stop a poor one early.
+The study lives in a database (tuning/<name>.db, or --storage), which any number of workers share.
+
+Optuna is imported inside the functions that use it, so that the rest of run.py works without it."""
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data import DataSpec, load_text_data, run_stem
+from report import PLOTS_DIR, plot_search
+from runlog import TUNING_DIR, Pruned, read_jsonl, resume_state_path
+from train_utils import Diverged, Interrupted
+from tune import (check_sweep_command, check_varied_flag, logged_run, mcnemar_lines, output_flag, planned_run,
+                  run_side_by_side)
+from utils import UserError, safe_name, write_text
+
+# --metric: the field of a run's record (and of each epoch's row) it reads, its name, and Optuna's direction.
+METRICS = {"acc": ("dev_acc", "dev accuracy", "maximize"), "mcc": ("dev_mcc", "dev MCC", "maximize"),
+           "perplexity": ("dev_perplexity", "dev perplexity", "minimize")}
+DEFAULTS = {"trials": 20, "sampler": "tpe", "pruner": "median", "metric": "acc"}
+KINDS = ("log", "float", "int", "cat")
+# A running trial records a heartbeat every HEARTBEAT_S seconds; one silent for GRACE_S is failed and queued
+# again (at most MAX_RETRY times), so a killed worker's trial goes to another worker.
+HEARTBEAT_S, GRACE_S, MAX_RETRY = 10, 60, 3
+TOP = 10  # trials listed in the summary
+
+
+@dataclass
+class Dim:
+    """One flag's range in --space: `kind` log|float|int between low and high, or cat among choices."""
+    kind: str
+    low: float = None
+    high: float = None
+    choices: list = field(default_factory=list)
+
+    def ends(self):
+        """The values that bound the range, as command-line text: checking them checks every value between."""
+        return self.choices if self.kind == "cat" else [str(self.low), str(self.high)]
+
+    def suggest(self, trial, flag):
+        """The trial's value of `flag`, as command-line text."""
+        if self.kind == "cat":
+            return trial.suggest_categorical(flag, self.choices)
+        if self.kind == "int":
+            return str(trial.suggest_int(flag, self.low, self.high))
+        return repr(trial.suggest_float(flag, self.low, self.high, log=self.kind == "log"))
+
+
+def parse_dim(parser, item, kind, bounds):
+    """The Dim of one --space entry `item` (flag=kind:bounds), or one line (exit 2) saying what is wrong."""
+    if kind == "cat":
+        choices = bounds.split(",") if bounds else []
+        if not choices or "" in choices:
+            parser.error(f"--space {item}: expected cat:A,B,... (the choice list is empty, or holds an empty choice)")
+        if len(set(choices)) < len(choices):
+            parser.error(f"--space {item}: a choice is given twice")
+        return Dim(kind, choices=choices)
+    number = int if kind == "int" else float
+    try:
+        low, high = map(number, bounds.split(":"))
+    except ValueError:
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high)):
+        parser.error(f"--space {item}: expected {kind}:LOW:HIGH, two {'integers' if kind == 'int' else 'numbers'}")
+    if kind == "log" and min(low, high) <= 0:
+        parser.error(f"--space {item}: a log range needs bounds above 0")
+    if low >= high:
+        parser.error(f"--space {item}: the low bound {low} must be below the high bound {high}")
+    return Dim(kind, low, high)
+
+
+def parse_space(parser, target, items):
+    """{flag: Dim} from --space's entries; what the grid refuses to vary (tune.check_varied_flag) is refused too."""
+    space = {}
+    for item in items:
+        flag, _, spec = item.partition("=")
+        flag = flag.lstrip("-")
+        kind, _, bounds = spec.partition(":")
+        if not flag or kind not in KINDS:
+            parser.error(f"--space {item}: expected flag=kind:..., the kind one of {', '.join(KINDS)} "
+                         "(e.g. lr=log:1e-4:3e-3, rnn_cell=cat:rnn,gru)")
+        check_varied_flag(parser, "--space", item, flag, target, space)
+        space[flag] = parse_dim(parser, item, kind, bounds)
+    return space
+
+
+@dataclass
+class SearchPlan:
+    """A checked search: tune's flags, the flags passed to every run, the study's name, its space, where the runs
+    are logged and where the study is stored."""
+    parser: object
+    args: object
+    rest: list
+    name: str
+    space: dict
+    log: str
+    storage: str
+
+    def identity(self):
+        """What makes two commands the same study: a worker whose command differs is refused."""
+        a = self.args
+        return {"mode": a.target, "space": list(a.space), "seeds": list(a.seeds), "metric": a.metric,
+                "flags": list(self.rest)}
+
+
+def search_plan(parser, args, rest):
+    """The SearchPlan of `tune --search optuna`, every flag checked before anything runs: each end of each
+    range (and each choice) is parsed and checked by the subcommand's own `check`, as a trial's run will be."""
+    check_sweep_command(parser, args, rest)
+    space = parse_space(parser, args.target, args.space)
+    base = parser.parse_args([args.target, *rest])
+    if args.metric == "perplexity" and getattr(base, "task", None) != "lm":
+        parser.error(f"--metric perplexity: {args.target} runs record no perplexity (a language-model run does: "
+                     "LoRA --task lm); use --metric acc or mcc")
+    spec = DataSpec.from_args(base)
+    name = safe_name(args.name or "_".join([run_stem(args.target, spec), "search", *space]))
+    first = {flag: dim.ends()[0] for flag, dim in space.items()}
+    for flag, dim in space.items():
+        for value in dim.ends():
+            planned_run(parser, args, rest, name, first | {flag: value}, args.seeds[0])
+    storage = args.storage or f"sqlite:///{TUNING_DIR}/{name}.db"
+    return SearchPlan(parser, args, rest, name, space, f"{TUNING_DIR}/{run_stem(args.target, spec)}.jsonl", storage)
+
+
+def is_database(url):
+    return "://" in url
+
+
+def shown(url):
+    """The storage URL as it is printed and written in the summary: a database password hidden."""
+    if not is_database(url):
+        return url
+    from sqlalchemy.engine import make_url  # Optuna's database layer
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: nothing it could hide
+        return url
+
+
+def open_storage(url):
+    """A database URL (SQLite, PostgreSQL, MySQL: RDBStorage with the heartbeat), or else a journal file, for a
+    filesystem that workers share without a database (JournalStorage has no heartbeat)."""
+    import optuna
+    if not is_database(url):
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the lock
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+
+
+def create_or_load(plan, attempts=3):
+    """The study, created if it is new. Workers started together (a job array) may collide creating the same
+    tables or study, and the one that loses finds them made when it tries again."""
+    import optuna
+    pruner = optuna.pruners.MedianPruner() if plan.args.pruner == "median" else optuna.pruners.NopPruner()
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.create_study(study_name=plan.name, storage=open_storage(plan.storage), pruner=pruner,
+                                       direction=METRICS[plan.args.metric][2], load_if_exists=True)
+        except Exception as e:  # also an unknown database kind, a server that does not answer, a file not writable
+            if attempt == attempts:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+                raise UserError(f"--storage {shown(plan.storage)}: cannot open the study ({type(e).__name__}: "
+                                f"{reason})") from None
+            time.sleep(attempt)
+
+
+def open_study(plan):
+    """The plan's study, created or continued; a study made by a different command is refused."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our lines say what happens to each trial
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    Path(TUNING_DIR).mkdir(exist_ok=True)
+    study = create_or_load(plan)
+    held, wanted = study.user_attrs.get("sweep"), plan.identity()
+    if held is None:
+        study.set_user_attr("sweep", wanted)
+    elif held != wanted:
+        key = next(k for k in wanted if held.get(k) != wanted[k])
+        raise UserError(f"study {plan.name} in {shown(plan.storage)} was made with {key} {held.get(key)}, this command "
+                        f"has {wanted[key]}; rerun that command, or give another --name")
+    return study
+
+
+def optimize(args, plan, execute):
+    """Work on the study until it has --trials finished trials, then summarize it. With --parallel N, N workers
+    (processes of this same command, one GPU each when there are GPUs) share it."""
+    study = open_study(plan)  # creates it once, before any worker starts
+    if args.parallel > 1:
+        run_side_by_side([(f"worker {k}", {"argv": worker_argv(plan)}) for k in range(1, args.parallel + 1)],
+                         args.parallel, Path(TUNING_DIR) / f"{plan.name}-logs")
+    else:
+        work(study, plan, execute)
+    summarize_search(study, plan)
+
+
+def worker_argv(plan):
+    a = plan.args
+    return ["tune", a.target, "--search", "optuna", "--space", *a.space, "--trials", str(a.trials), "--sampler",
+            a.sampler, "--pruner", a.pruner, "--metric", a.metric, "--seeds", *map(str, a.seeds), "--name",
+            plan.name, "--storage", plan.storage, *(["--debug"] if a.debug else []), *plan.rest]
+
+
+class Surplus(Exception):
+    """A trial asked for when the trials before it already make up --trials (another worker asked at the same
+    time): it is failed at once, never run."""
+
+
+def work(study, plan, execute):
+    """Run trials one after another while the study needs them. A diverged run fails its trial and the search
+    goes on; a trial stopped by Ctrl-C or SIGTERM is failed and queued again with the same flags."""
+    while needs_a_trial(study, plan):
+        asked = {}
+        try:
+            study.optimize(lambda trial: objective(trial, plan, execute, asked), n_trials=1,
+                           catch=(Diverged, Surplus))
+        except (Interrupted, KeyboardInterrupt) as e:
+            trial = asked.get("trial")
+            if trial is None or len(trial.params) < len(plan.space):
+                raise
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            if not isinstance(e, Interrupted):
+                raise
+            what = str(e).split(";")[0]  # "terminated (SIGTERM) during epoch 2"
+            raise Interrupted(f"{what} of trial {trial.number}, which is queued to run again: rerun the same command "
+                              "to continue the study", e.exit_code) from None
+
+
+def needs_a_trial(study, plan):
+    """Whether this worker is to start a trial: the study has fewer than --trials finished (complete or pruned)
+    and running ones, or a failed one waits to be run again. While the ones it lacks are all running elsewhere it
+    waits, as they may yet fail (with the heartbeat, a killed worker's trial fails after GRACE_S s)."""
+    import optuna
+    state, waited = optuna.trial.TrialState, False
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        done = sum(t.state in (state.COMPLETE, state.PRUNED) for t in trials)
+        running = [t.number for t in trials if t.state == state.RUNNING]
+        if done >= plan.args.trials:
+            return False
+        if any(t.state == state.WAITING for t in trials) or done + len(running) < plan.args.trials:
+            return True
+        if not is_database(plan.storage):  # a journal has no heartbeat: a trial left running cannot be told dead
+            print(f"trials {running} are running elsewhere: nothing left to start here")
+            return False
+        if not waited:
+            print(f"waiting for trials {running}, running elsewhere (one whose worker stopped runs again here)")
+            waited = True
+        time.sleep(HEARTBEAT_S)
+
+
+def objective(trial, plan, execute, asked):
+    """A trial: its configuration, run once per seed; the mean of the seeds' metric. Trial k's sampler is seeded
+    with k, so a trial's draw depends on the trials finished before it, not on which worker runs it."""
+    import optuna
+    asked["trial"] = trial
+    state = optuna.trial.TrialState
+    ahead = trial.study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING))
+    if sum(t.number < trial.number for t in ahead) >= plan.args.trials:
+        trial.set_user_attr("surplus", True)
+        print(f"trial {trial.number}: not run, the trials before it make up --trials {plan.args.trials}")
+        raise Surplus(f"trial {trial.number}: the study has its {plan.args.trials} trials")
+    trial.study.sampler = (optuna.samplers.RandomSampler(seed=trial.number) if plan.args.sampler == "random" else
+                           optuna.samplers.TPESampler(seed=trial.number, constant_liar=True))
+    config = {flag: dim.suggest(trial, flag) for flag, dim in plan.space.items()}
+    key, title, _ = METRICS[plan.args.metric]
+    try:
+        records = [seed_run(trial, plan, config, i, seed, execute) for i, seed in enumerate(plan.args.seeds)]
+    except Diverged as e:
+        print(f"trial {trial.number}: failed ({e})")
+        raise
+    trial.set_user_attr("runs", [{"seed": r["args"]["seed"], "run_id": r["run_id"],
+                                  **{k: r[k] for k in ("dev_acc", "dev_mcc", key)}} for r in records])
+    score = statistics.mean(r[key] for r in records)
+    print(f"trial {trial.number}: mean {title} {score:.4f} over {len(records)} seed{'s' * (len(records) > 1)}")
+    return score
+
+
+class TrialHook:
+    """What a trial's run reports (runlog.RunWatch calls it): the study and trial in each of its records, and
+    each epoch's dev metric, at step offset + epoch so that the seeds' runs follow one another in the trial."""
+
+    def __init__(self, trial, plan, offset):
+        self.trial, self.plan, self.offset = trial, plan, offset
+        self.key = METRICS[plan.args.metric][0]
+
+    def fields(self):
+        return {"study": self.plan.name, "trial": self.trial.number}
+
+    def report(self, row):
+        """Report an epoch's row; whether the pruner stops the trial there."""
+        self.trial.report(row[self.key], self.offset + row["epoch"])
+        return self.trial.should_prune()
+
+
+def seed_run(trial, plan, config, index, seed, execute):
+    """One seed's run of a trial, or its record when a run with the same flags is logged (a trial run again
+    after its worker stopped). Returns the finished run's record."""
+    import optuna
+    run = planned_run(plan.parser, plan.args, plan.rest, plan.name, config, seed)
+    hook = TrialHook(trial, plan, index * run["args"].epochs)
+    label = f"trial {trial.number}: {', '.join(f'{k}={v}' for k, v in config.items())} seed={seed}"
+    record = logged_run(run, read_jsonl(plan.log))
+    try:
+        if record:
+            print(f"[{label}]: already in {plan.log}, skipped")
+            if [hook.report(row) for row in record["history"]][-1]:  # the pruner decides after the last
+                raise Pruned(f"pruned after epoch {record['history'][-1]['epoch']}")
+            return record
+        print(f"\n[{label}]")
+        run["args"].trial = hook
+        execute(run["args"])
+    except Pruned as e:
+        print(f"trial {trial.number}: {e} of seed {seed}")
+        out = getattr(run["args"], output_flag(plan.args.target)[2:])
+        resume_state_path(out).unlink(missing_ok=True)  # a pruned run is never continued
+        raise optuna.TrialPruned(str(e)) from None
+    return logged_run(run, read_jsonl(plan.log))
+
+
+def trial_text(params):
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary_rows(ranked, metric):
+    """The table of the best trials: mean ± std over seeds of dev accuracy and MCC (and of the metric, when it is
+    neither)."""
+    key, title, _ = METRICS[metric]
+    extra = key not in ("dev_acc", "dev_mcc")
+    rows = ["| trial | configuration | seeds | dev accuracy | dev MCC |" + (f" {title} |" if extra else ""),
+            "|---|---|---|---|---|" + ("---|" if extra else "")]
+    for t in ranked[:TOP]:
+        runs = t.user_attrs["runs"]
+        (acc, acc_sd), (mcc, mcc_sd) = (mean_std([r[k] for r in runs]) for k in ("dev_acc", "dev_mcc"))
+        cell = " {:.4f} ± {:.4f} |".format(*mean_std([r[key] for r in runs])) if extra else ""
+        rows.append(f"| {t.number} | {trial_text(t.params)} | {len(runs)} | {acc:.2%} ± {acc_sd:.2%} | "
+                    f"{mcc:+.3f} ± {mcc_sd:.3f} |{cell}")
+    return rows
+
+
+def best_runs_lines(best, plan, labels):
+    """McNemar's test of the best trial's runs against the baseline, when their records are in this machine's log
+    (a worker elsewhere logs its runs there)."""
+    records = {r["run_id"]: r for r in read_jsonl(plan.log) if r.get("finished")}
+    runs = [records.get(r["run_id"]) for r in best.user_attrs["runs"]]
+    if None in runs:
+        return [f"The best trial's runs are not all in {plan.log} here (run by a worker elsewhere): no McNemar test."]
+    return ["McNemar's exact test of the best configuration against the baseline, per seed (sentences right only "
+            "with the best / only with the baseline; a small p says the difference is unlikely to be chance):", "",
+            *mcnemar_lines({"runs": runs}, plan.args.target, labels)]
+
+
+def importances(study):
+    """Each flag's importance to the metric (Optuna's fANOVA evaluator, seeded), or {} with fewer than two complete
+    trials to learn it from."""
+    import optuna
+    try:
+        found = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (ValueError, RuntimeError):
+        return {}
+    return {k: float(v) for k, v in found.items()}
+
+
+def summarize_search(study, plan):
+    """tuning/<name>.md and plots/tune_<name>.png: the best trials with mean ± std over seeds, the study's best
+    configuration and McNemar's test of it against the baseline (the no-KD student for distil, else the majority
+    class); the plot shows the optimisation history and each flag's importance."""
+    import optuna
+    state = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == state.COMPLETE]
+    if not complete:
+        raise UserError(f"study {plan.name}: no complete trial; see the messages above")
+    key, title, direction = METRICS[plan.args.metric]
+    ranked = sorted(complete, key=lambda t: t.value, reverse=direction == "maximize")
+    best = study.best_trial
+    spec = DataSpec.from_args(plan.parser.parse_args([plan.args.target, *plan.rest]))
+    labels = torch.tensor(load_text_data(spec).splits["dev"][1])
+    on = "" if spec.is_cola else f" on {spec.name}"
+    pruned = sum(t.state == state.PRUNED for t in trials)
+    failed = sum(t.state == state.FAIL and not t.user_attrs.get("surplus") for t in trials)
+    lines = [f"# Search `{plan.name}` ({plan.args.target}{on}, Optuna)", "",
+             f"{len(complete)} complete trials, {pruned} pruned, {failed} failed (study in `{shown(plan.storage)}`). "
+             f"A trial is one configuration run with seeds {list(plan.args.seeds)}, scored by its "
+             f"mean {title} ({'higher' if direction == 'maximize' else 'lower'} is better); mean ± standard "
+             f"deviation over seeds. The {min(TOP, len(ranked))} best:", "",
+             *summary_rows(ranked, plan.args.metric), "",
+             f"Best (the study's best, trial {best.number}): **{trial_text(best.params)}**, mean {title} "
+             f"{best.value:.4f}.", "", *best_runs_lines(best, plan, labels)]
+    text = "\n".join(lines) + "\n"
+    write_text(f"{TUNING_DIR}/{plan.name}.md", text)
+    history = [(t.number, t.value) for t in sorted(complete, key=lambda t: t.number)]
+    plot = plot_search(history, importances(study), title, direction, f"{PLOTS_DIR}/tune_{plan.name}.png")
+    print("\n" + text + f"\nsummary: {TUNING_DIR}/{plan.name}.md; plot: {plot}")
