@@ -22,8 +22,8 @@ class Split:
 
 
 class Splits(dict):
-    """{'train', 'dev'[, 'ood']}: Split, with the dataset they come from (`spec`), its label names, what reports call
-    each evaluation split, and notes for the summary."""
+    """{'train', 'dev'[, 'ood'][, 'heldout']}: Split, with the dataset they come from (`spec`), its label names,
+    what reports call each evaluation split, and notes for the summary."""
 
     def __init__(self, spec, data):
         super().__init__()
@@ -40,8 +40,8 @@ class Splits(dict):
 
 
 def load_splits(spec, tokenizer, *, block_size=None, max_examples=None, seed=0):
-    """Tokenized splits {'train', 'dev'[, 'ood']} of the dataset `spec` names; `max_examples` takes a seeded random
-    subset of the training set."""
+    """Tokenized splits {'train', 'dev'[, 'ood'][, 'heldout']} of the dataset `spec` names: see hold_out for
+    'heldout'; `max_examples` then takes a seeded random subset of the rest of the training set."""
     with main_first():  # one download, not one per rank
         data = load_text_data(spec)
     splits = Splits(spec, data)
@@ -50,12 +50,35 @@ def load_splits(spec, tokenizer, *, block_size=None, max_examples=None, seed=0):
         if block_size:  # never for CoLA (at most 45 tokens); past the context keep the end, whose last token is read
             tokens = [t[-block_size:] for t in tokens]
         splits[name] = Split(tokens, torch.tensor(labels))
+    hold_out(splits)
     if max_examples:
         keep = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(seed))
         keep = keep[:max_examples].tolist()
         train = splits["train"]
         splits["train"] = Split([train.tokens[i] for i in keep], train.labels[keep])
     return splits
+
+
+HELD_OUT_EVERY, FEWEST_TO_HOLD_OUT = 10, 200
+
+
+def held_out(tokens):
+    """Whether a training sentence is held out: a property of the sentence alone (its hash), so every run, seed and
+    --max_examples holds out the same sentences, and a teacher never trained on what its student calibrates on."""
+    return int(hashlib.sha256(repr(tokens).encode()).hexdigest()[:8], 16) % HELD_OUT_EVERY == 0
+
+
+def hold_out(splits):
+    """Move about one training sentence in HELD_OUT_EVERY to splits['heldout'], which no model trains on: the
+    temperature of temperature scaling is fitted there, never on dev. A training set of fewer than
+    FEWEST_TO_HOLD_OUT sentences keeps them all (a tenth of it would fit no temperature)."""
+    train = splits["train"]
+    if len(train) < FEWEST_TO_HOLD_OUT:
+        return
+    out = [held_out(t) for t in train.tokens]
+    for name, keep in (("heldout", True), ("train", False)):
+        rows = [i for i, o in enumerate(out) if o == keep]
+        splits[name] = Split([train.tokens[i] for i in rows], train.labels[rows])
 
 
 def data_fingerprint(splits):

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from augment import augment
 from batches import Split, bucketed_batches, collate, sorted_batches
 from cpu_decoding import prepare_for_generation
 from data import default_cola_dir, encode, get_tokenizer, load_cola
 from devices import compute_dtype, default_micro_batch_tokens, loss_scaler
-from distil import KDLoss
+from distil import UNLABELLED, KDLoss
 from generation import Sampler
 from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora,
                    mark_only_lora_as_trainable)
@@ -33,7 +34,7 @@ from train_utils import activation_bytes_per_token, cross_entropy, predict_logit
 from utils import write_text
 
 CPU = torch.device("cpu")
-CASES = ("lora", "lora_bf16", "gen", "samples", "predict", "distil", "rss")
+CASES = ("lora", "lora_bf16", "gen", "samples", "predict", "distil", "transfer", "rss")
 
 
 def alternate(runs, reps, warmup=1):
@@ -283,6 +284,31 @@ def distil_case(split, reps):
                 "rnn epoch", times, target=1.2, speedup=False)
 
 
+def transfer_case(split, reps, times_larger=10):
+    """A distil epoch over the training set plus a transfer set `times_larger` times its size (Tang et al.'s rules,
+    label UNLABELLED) against a distil epoch over the training set alone: the cost should grow with the sentences
+    and no faster (at most 10.5x for 10x)."""
+    tokenizer = get_tokenizer()
+    texts = [tokenizer.decode(t) for t in split.tokens]
+    made = augment(texts, times_larger + 4, p_mask=0.1, p_replace=0.1, p_ngram=0.25, seed=0)[0]
+    extra = encode(tokenizer, made[:times_larger * len(split)])
+    g = torch.Generator().manual_seed(0)
+    plain = Split(split.tokens, split.labels, torch.randn(len(split), 2, generator=g))
+    larger = Split(split.tokens + extra, torch.cat([split.labels, torch.full((len(extra),), UNLABELLED)]),
+                   torch.randn(len(split) + len(extra), 2, generator=g))
+    auto, tokens = compute_dtype("auto", CPU), default_micro_batch_tokens(CPU)
+    models = {name: DistilRNN(RNNConfig()) for name in ("ours", "peer")}
+    opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+
+    def epoch(name, data):
+        return lambda: train_epoch(models[name], data, KDLoss(2.0, 0.5), opts[name], batch_size=128, generator=g,
+                                   device=CPU, dtype=auto, clip=1.0, micro_batch_tokens=tokens)
+
+    times = alternate({"ours": epoch("ours", larger), "peer": epoch("peer", plain)}, reps)
+    return case(f"distil epoch, {len(split)} sentences + a {len(extra)}-sentence transfer set vs without",
+                "with the transfer set", "without", times, target=times_larger + 0.5, speedup=False)
+
+
 def peak_rss_case(max_examples):
     """Peak resident memory of a whole gpt2-medium LoRA run, as a user would start it.
 
@@ -386,6 +412,7 @@ def main():
              "gen": lambda: generation_cases(reps, new_tokens),
              "samples": lambda: [batched_generation_case(reps, 16 if args.quick else 128)],
              "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
+             "transfer": lambda: [transfer_case(split, reps)],
              "rss": lambda: [peak_rss_case(64 if args.quick else 512)]}
     rows = []
     for name in args.cases or cases:

@@ -4,13 +4,14 @@ from pathlib import Path
 
 import torch
 
-from batches import load_splits
+from batches import Split, load_splits
 from checkpoints import (ADAPTER_CONFIG, adapter_base, build_classifier, gpt_weights, load_lora_classifier,
                          load_predictor, save_checkpoint)
 from cpu_decoding import prepare_for_generation
 from data import DataSpec, encode, get_tokenizer, read_sentences
 from devices import compiled
-from distil import KDLoss, check_teacher_data, print_distil_report, teacher_logits
+from distil import (UNLABELLED, KDLoss, check_teacher_data, print_distil_report, teacher_logits,
+                    transfer_teacher_logits)
 from generation import Sampler, print_samples
 from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
@@ -18,6 +19,7 @@ from quantize import quantize_int8
 from report import print_parameter_table, print_predictions
 from system_info import system_report
 from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_and_report
+from transfer import transfer_sentences
 from utils import UserError, seed_everything
 
 
@@ -85,7 +87,8 @@ def cmd_distil(args, device, dtype):
         raise UserError(f"no LoRA adapter at {args.model_path}: train the teacher first with "
                         f"`python run.py LoRA --gpt_variant {args.gpt_variant or 'gpt2'}`, or pass --model_path")
     _, info, variant = adapter_base(args.model_path, args.gpt_variant)
-    splits = data_splits(args, get_tokenizer(), load_config(variant).block_size) if args.epochs else None
+    tokenizer = get_tokenizer()
+    splits = data_splits(args, tokenizer, load_config(variant).block_size) if args.epochs else None
     check_teacher_data(args.model_path, info, splits)
     student = build_student(args, splits).to(device)
     print_parameter_table(student)
@@ -94,11 +97,30 @@ def cmd_distil(args, device, dtype):
     logits = teacher_logits(splits, args, variant, device, dtype)
     for name, split in splits.items():
         split.teacher = logits[name]
-    record = train_and_report("distil", student, KDLoss(args.temperature, args.alpha), splits, args, device, dtype,
-                              args.student_path, {"seed": args.seed, "mode": args.mode},
-                              extra={"teacher": args.model_path})
+    train, transfer = with_transfer_set(splits, args, variant, tokenizer, device, dtype)
+    record = train_and_report("distil", student, KDLoss(args.temperature, args.alpha, args.kd_loss), splits, args,
+                              device, dtype, args.student_path, {"seed": args.seed, "mode": args.mode},
+                              extra={"teacher": args.model_path, "transfer": transfer}, train=train)
     if record is not None:  # rank 0
         print_distil_report(logits, splits, record)
+
+
+def with_transfer_set(splits, args, variant, tokenizer, device, dtype):
+    """The training split with the transfer set's sentences after it (label UNLABELLED, the teacher's logits), and
+    what the report says of the set; the training split as it is, and None, without one."""
+    if not (args.augment or args.transfer_gen):
+        return splits["train"], None
+    texts = {name: [tokenizer.decode(t) for t in split.tokens] for name, split in splits.items()}
+    sentences, about = transfer_sentences(args, texts.pop("train"), texts, variant, tokenizer, device, dtype)
+    tokens = encode(tokenizer, sentences)
+    if not tokens:
+        print(f"note: the transfer set is empty ({about['source']}): training on the training set alone")
+        return splits["train"], about
+    logits, about["teacher_cache_hit"] = transfer_teacher_logits(tokens, args, variant, device, dtype, splits.spec)
+    about["teacher_labels"] = torch.bincount(logits.argmax(-1), minlength=len(splits.labels)).tolist()
+    train = splits["train"]
+    return Split(train.tokens + tokens, torch.cat([train.labels, torch.full((len(tokens),), UNLABELLED)]),
+                 torch.cat([train.teacher, logits])), about
 
 
 def cmd_predict(args, device, dtype):

@@ -110,3 +110,61 @@ def final_scores(final, splits):
             "model": {name: scores(final[name]["preds"], splits[name].labels, n) for name in splits.evaluated},
             "baseline": {name: scores([majority] * len(splits[name]), splits[name].labels, n)
                          for name in splits.evaluated}}
+
+
+ECE_BINS = 15
+
+
+def reliability_bins(probs, labels, bins=ECE_BINS):
+    """Per equal-width bin of confidence (the top probability; a bin holds (low, high], the first [0, high]):
+    sentences, mean confidence and accuracy, as three (bins,) tensors."""
+    probs, labels = torch.as_tensor(probs, dtype=torch.double), torch.as_tensor(labels)
+    confidence, preds = probs.max(-1)
+    correct = (preds == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.double)[1:-1]
+    index = torch.searchsorted(edges, confidence, right=False)
+    count = torch.zeros(bins, dtype=torch.double).index_add_(0, index, torch.ones_like(confidence))
+    conf = torch.zeros(bins, dtype=torch.double).index_add_(0, index, confidence) / count.clamp_min(1)
+    acc = torch.zeros(bins, dtype=torch.double).index_add_(0, index, correct) / count.clamp_min(1)
+    return count, conf, acc
+
+
+def expected_calibration_error(probs, labels, bins=ECE_BINS):
+    """ECE (Guo et al., 2017): the mean over sentences of |accuracy - confidence| of their confidence bin."""
+    count, conf, acc = reliability_bins(probs, labels, bins)
+    return float((count * (acc - conf).abs()).sum() / count.sum())
+
+
+def nll(logits, labels, temperature=1.0):
+    return float(torch.nn.functional.cross_entropy(torch.as_tensor(logits).double() / temperature,
+                                                   torch.as_tensor(labels)))
+
+
+def fit_temperature(logits, labels, steps=60):
+    """The temperature T that minimises the NLL of softmax(logits / T) on (logits, labels). The NLL is convex in
+    1/T, so a golden-section search over log(1/T) in [-5, 5] finds it; T = 1 is kept unless the search does
+    better, so the fitted T never raises the NLL it was fitted on."""
+    def loss(log_beta):
+        return nll(logits, labels, math.exp(-log_beta))
+
+    low, high, ratio = -5.0, 5.0, (math.sqrt(5) - 1) / 2
+    for _ in range(steps):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        low, high = (low, b) if loss(a) < loss(b) else (a, high)
+    found = math.exp(-(low + high) / 2)
+    return found if nll(logits, labels, found) < nll(logits, labels) else 1.0
+
+
+def calibration(heldout_logits, heldout_labels, dev_logits, dev_labels):
+    """ECE on dev before and after temperature scaling, T fitted on held-out training sentences (never on dev);
+    without any held out, T stays 1."""
+    dev_logits = torch.as_tensor(dev_logits).double()
+    fitted = heldout_logits is not None and len(heldout_labels) > 0
+    T = fit_temperature(heldout_logits, heldout_labels) if fitted else 1.0
+    out = {"temperature": T, "heldout": len(heldout_labels) if fitted else 0,
+           "ece": expected_calibration_error(dev_logits.softmax(-1), dev_labels),
+           "ece_scaled": expected_calibration_error((dev_logits / T).softmax(-1), dev_labels)}
+    if fitted:
+        out |= {"heldout_nll": nll(heldout_logits, heldout_labels),
+                "heldout_nll_scaled": nll(heldout_logits, heldout_labels, T)}
+    return out

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from data import run_stem
-from metrics import majority_label, scores, wilson_interval
+from metrics import ECE_BINS, majority_label, reliability_bins, scores, wilson_interval
 from model import LABELS, count_parameters
 from utils import UserError, atomic_path
 
@@ -50,8 +50,17 @@ def print_run_summary(mode, best_epoch, epochs, s, splits):
     headers = [h for name in splits.evaluated for h in score_headers(splits.titles[name], len(splits.labels))]
     cells = {who: [c for name in splits.evaluated for c in score_cells(s[who][name])] for who in ("model", "baseline")}
     print(format_table(["", *headers], [[mode, *cells["model"]], ["majority baseline", *cells["baseline"]]]))
+    print(calibration_line(s["calibration"], splits.titles["dev"]))
     for note in splits.notes:
         print(f"note: {note}")
+
+
+def calibration_line(c, title):
+    """The ECE of a model before and after temperature scaling, and where its temperature was fitted."""
+    where = (f"T = {c['temperature']:.2f} fitted on {c['heldout']} held-out training sentences" if c["heldout"]
+             else "no held-out training sentences: T = 1")
+    return (f"{title} ECE ({ECE_BINS} bins) {c['ece']:.3f}; after temperature scaling {c['ece_scaled']:.3f} "
+            f"({where})")
 
 
 def prediction_rows(sentences, probs, names):
@@ -148,20 +157,22 @@ def draw_history(run, mode, splits, baseline_acc):
     return plot_history(run["history"], mode, splits, baseline_acc, best_ci, PLOTS_DIR)
 
 
-def plot_summary(entries, splits, plots_dir="plots"):
-    """plots/summary.png (summary-<dataset>.png past CoLA): accuracy and MCC with 95% intervals per model, and
-    parameters and inference speed."""
+def plot_summary(entries, splits, plots_dir="plots", transfer=None):
+    """plots/summary.png (summary-<dataset>.png past CoLA): accuracy and MCC with 95% intervals and the ECE per
+    model, and parameters and inference speed; the transfer set's size and the teacher's labels on it, if any."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [e["name"].replace(" (", "\n(") for e in entries]
     x = torch.arange(len(entries)).float()
     fig, (ax, size) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for offset, metric, label in ((-0.2, "acc", "dev accuracy"), (0.2, "mcc", "dev MCC")):
+    for offset, metric, label in ((-0.27, "acc", "dev accuracy"), (0.0, "mcc", "dev MCC")):
         values = [e["scores"][metric] for e in entries]
         low = [v - e["scores"][f"{metric}_ci"][0] for v, e in zip(values, entries)]
         high = [e["scores"][f"{metric}_ci"][1] - v for v, e in zip(values, entries)]
-        ax.bar(x + offset, values, width=0.4, yerr=[low, high], capsize=4, label=label)
+        ax.bar(x + offset, values, width=0.27, yerr=[low, high], capsize=4, label=label)
+    ece = [i for i, e in enumerate(entries) if e.get("calibration")]
+    ax.bar(x[ece] + 0.27, [entries[i]["calibration"]["ece"] for i in ece], width=0.27, label="dev ECE")
     ax.set_xticks(x, names, fontsize=8)
     ax.set(title=f"{splits.spec.name}, {splits.titles['dev']}: accuracy and MCC (95% intervals)",
            ylim=(min(0, ax.get_ylim()[0]), 1))
@@ -174,7 +185,34 @@ def plot_summary(entries, splits, plots_dir="plots"):
     speed.plot(x[measured], [entries[i]["speed"] for i in measured], "o-", color="tab:red")
     speed.set(yscale="log", ylabel="sentences / s (dev set, this machine)")
     speed.yaxis.label.set_color("tab:red")
+    if transfer:
+        counts = transfer.get("teacher_labels") or []
+        balance = ", ".join(f"{c / max(1, sum(counts)):.0%} {name}" for name, c in zip(splits.labels, counts))
+        fig.suptitle(f"transfer set: {transfer['size']:,} sentences; the teacher labels them {balance}", fontsize=9)
     path = f"{plots_dir}/{run_stem('summary', splits.spec)}.png"
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_calibration(entries, splits, plots_dir="plots"):
+    """plots/calibration.png (calibration-<dataset>.png past CoLA): the reliability diagram, accuracy against
+    confidence per ECE bin for each model with dev probabilities; the diagonal is perfect calibration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfectly calibrated")
+    for e in entries:
+        if e.get("probs") is None:
+            continue
+        count, conf, acc = reliability_bins(e["probs"], splits["dev"].labels)
+        used = count > 0
+        ax.plot(conf[used], acc[used], "o-", label=f"{e['name']} (ECE {e['calibration']['ece']:.3f})")
+    ax.set(xlabel="confidence (top probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"{splits.spec.name}, {splits.titles['dev']}: reliability ({ECE_BINS} bins)")
+    ax.legend(fontsize=7)
+    path = f"{plots_dir}/{run_stem('calibration', splits.spec)}.png"
     save_figure(fig, path)
     plt.close(fig)
     return path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import search
 import tune
-from checkpoints import folder_holds
+from checkpoints import ADAPTER_CONFIG, adapter_base, folder_holds
 from commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_predict, cmd_rnn
 from data import DataSpec, default_cola_dir
 from devices import compute_dtype, resolve_device
@@ -179,6 +179,18 @@ def build_parser():
     distil.add_argument("--student_path", default="models/distil-rnn", help="student checkpoint folder to write")
     distil.add_argument("--temperature", type=positive_float, default=2.0, help="softmax temperature T of the KD loss")
     distil.add_argument("--alpha", type=fraction, default=0.5, help="weight of the soft (KL) part; 1-alpha on labels")
+    distil.add_argument("--kd_loss", default="kl", choices=["kl", "mse"], help="the soft term: Hinton's KL at "
+                        "--temperature, or Tang et al.'s squared distance between the logits (no temperature)")
+    distil.add_argument("--augment", type=non_negative_int, default=0, help="add this many sentences per training "
+                        "sentence, made by Tang et al.'s rules, to the transfer set the teacher labels")
+    distil.add_argument("--p_mask", type=fraction, default=0.1, help="--augment: chance a word is masked (as ___)")
+    distil.add_argument("--p_replace", type=fraction, default=0.1, help="--augment: chance a word not masked is "
+                        "replaced by a draw from the training corpus' unigram distribution")
+    distil.add_argument("--p_ngram", type=fraction, default=0.25, help="--augment: chance a sentence is then cut to "
+                        "a random n-gram, n in 1..5")
+    distil.add_argument("--transfer_gen", type=non_negative_int, default=0, help="add this many sentences sampled "
+                        "from the teacher's GPT-2 base, prompted with 1-3 first words of training sentences, to the "
+                        "transfer set")
     distil.set_defaults(func=cmd_distil, check=check_distil)
 
     predict = sub.add_parser("predict", parents=[compute, data], help="classify sentences with a trained model")
@@ -261,6 +273,32 @@ def check_lora(parser, args):
 def check_distil(parser, args):
     check_variant(parser, args.gpt_variant)
     check_training(parser, args, "student_path")
+    if args.transfer_gen and (Path(args.model_path) / ADAPTER_CONFIG).exists():
+        check_generator(parser, args)
+
+
+def check_generator(parser, args):
+    """--transfer_gen samples from the teacher's base: it must be loadable with its pretrained weights."""
+    try:
+        _, info, base = adapter_base(args.model_path, args.gpt_variant)
+    except UserError:  # a broken adapter: distil itself says what is wrong
+        return
+    why = None
+    if info.get("random_init"):
+        why = "has random weights (its LoRA run used --random_init), so its samples are no sentences"
+    elif os.path.isdir(base) and not list(Path(base).glob("*.safetensors")):
+        why = "holds no weights (*.safetensors)"
+    elif looks_like_path(base) and not os.path.isdir(base):
+        why = "is no such folder"
+    elif not os.path.isdir(base) and os.environ.get("HF_HUB_OFFLINE") and not hub_cached(base):
+        why = "is not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+    if why:
+        parser.error(f"--transfer_gen: the teacher's base {base} cannot be loaded to sample from: it {why}")
+
+
+def hub_cached(name):
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def check_model_use(parser, args):

@@ -133,7 +133,8 @@ def load_run_state(path, model, optimizer, scaler, generator, config):
 
 
 def run_record(mode, args, device, dtype, splits, model, run, final, s, seconds, plots):
-    """The run's line in its log: every flag, per-epoch metrics, the best epoch, predictions, timing."""
+    """The run's line in its log: every flag, per-epoch metrics, the best epoch, predictions and dev probabilities,
+    calibration, timing."""
     history, best_epoch = run["history"], run["best_epoch"]
     total, trainable = count_parameters(model)
     names = splits.evaluated
@@ -144,7 +145,8 @@ def run_record(mode, args, device, dtype, splits, model, run, final, s, seconds,
             **{f"{name}_{k}": v for name in names for k, v in s["model"][name].items()},
             "dev_sentences_per_s": final["dev"]["sentences_per_s"],
             **{f"{name}_preds": final[name]["preds"] for name in names},
-            "wall_seconds": seconds, "plots": plots}
+            "dev_probs": final["dev"]["logits"].softmax(-1).round(decimals=6).tolist(),
+            "calibration": s["calibration"], "wall_seconds": seconds, "plots": plots}
 
 
 def progress_record(mode, args, device, dtype, data, run):

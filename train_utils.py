@@ -18,7 +18,7 @@ from batches import Split, bucketed_batches, collate, micro_batches, sorted_batc
 from checkpoints import save_trained
 from devices import autocast, compiled, default_micro_batch_tokens, loss_scaler
 from distributed import all_reduce_sum, for_all_ranks, is_main, on_main, rank, rank_share, rng_states, world_size
-from metrics import final_scores, matthews_corrcoef
+from metrics import calibration, final_scores, matthews_corrcoef
 from report import print_run_summary
 from runlog import RunWatch, load_run_state, result_flags, resume_state_path, save_run_state, trainable_state
 from utils import Terminated, UserError, interrupt_exit_code
@@ -247,7 +247,7 @@ def predict_logits(model, tokens, *, batch_size, device, dtype):
 
 
 def evaluate(model, split, loss_fn, *, batch_size, device, dtype):
-    """Loss, accuracy, MCC, predictions (in split order) and inference speed on a labelled split."""
+    """Loss, accuracy, MCC, logits and predictions (in split order) and inference speed on a labelled split."""
     start = time.perf_counter()
     logits = predict_logits(model, split.tokens, batch_size=batch_size, device=device, dtype=dtype)
     seconds = time.perf_counter() - start
@@ -256,12 +256,13 @@ def evaluate(model, split, loss_fn, *, batch_size, device, dtype):
             "acc": float((preds == split.labels).float().mean()),
             "mcc": matthews_corrcoef(preds, split.labels),
             "sentences_per_s": len(split) / seconds,
-            "preds": preds.tolist()}
+            "preds": preds.tolist(), "logits": logits}
 
 
-def epoch_record(epoch, train, n, train_seconds, dev):
-    """One row of the run's history, from this epoch's training sums (over all ranks) and dev evaluation."""
-    return {"epoch": epoch, "train_loss": train["loss"] / n, "train_acc": train["correct"] / n,
+def epoch_record(epoch, train, n, labelled, train_seconds, dev):
+    """One row of the run's history, from this epoch's training sums (over all ranks) over `n` sentences, of which
+    `labelled` have a label (the accuracy's denominator), and the dev evaluation."""
+    return {"epoch": epoch, "train_loss": train["loss"] / n, "train_acc": train["correct"] / labelled,
             "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"], "train_seconds": train_seconds,
             "train_tokens_per_s": train["tokens"] / train_seconds, "skipped_steps": int(train["skipped"])}
 
@@ -327,6 +328,7 @@ def fit(model, loss_fn, data, config, watch=None):
         run = load_run_state(c.state_path, model, optimizer, scaler, generator, c.run_flags)
         tqdm.write(f"resuming after epoch {run['epoch']} from {c.state_path}")
     saved = run["epoch"] if c.state_path else 0  # the last epoch whose state is on disk
+    labelled = max(1, int((data["train"].labels >= 0).sum()))  # transfer sentences (label -1) have none
     for epoch in range(run["epoch"] + 1, c.epochs + 1):
         with stopping_keeps_state(f"during epoch {epoch}", saved, c.state_path):
             start = time.perf_counter()
@@ -337,7 +339,8 @@ def fit(model, loss_fn, data, config, watch=None):
             train = dict(zip(train, all_reduce_sum(list(train.values()))))  # summed over ranks
             seconds = time.perf_counter() - start
             dev = evaluate(fast, data["dev"], loss_fn, batch_size=c.batch_size, device=c.device, dtype=c.dtype)
-            end_epoch(run, epoch, epoch_record(epoch, train, len(data["train"]), seconds, dev), dev, model, c.epochs)
+            row = epoch_record(epoch, train, len(data["train"]), labelled, seconds, dev)
+            end_epoch(run, epoch, row, dev, model, c.epochs)
             if c.state_path:
                 save_state_everywhere(c.state_path, run, model, optimizer, scaler, generator, c.run_flags)
                 saved = epoch
@@ -374,21 +377,23 @@ def train_config(args, model, device, dtype, out_path):
                        compile=args.compile)
 
 
-def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path, run_info, extra=None):
+def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path, run_info, extra=None, train=None):
     """One run, start to finish: train with the shared loop (plots and the run's unfinished record after every
-    epoch), evaluate the best epoch on each evaluation split and print the summary; then rank 0 alone writes the
-    finished record and the model (to `out_path`, with `run_info`) and removes the --resume state. Returns the
+    epoch) on splits['train'], or on `train` when given (distil's training set with its transfer sentences),
+    evaluate the best epoch on each evaluation split, calibrate it and print the summary; then rank 0 alone writes
+    the finished record and the model (to `out_path`, with `run_info`) and removes the --resume state. Returns the
     run's record (None on other ranks)."""
     start, config = time.time(), train_config(args, model, device, dtype, out_path)
     watch = RunWatch(mode, args, device, dtype, splits)
     try:
-        run = fit(model, loss_fn, splits, config, watch)
+        run = fit(model, loss_fn, splits if train is None else {"train": train, "dev": splits["dev"]}, config, watch)
     finally:
         watch.close()
     final = {"dev": run["best_dev"]}  # the best epoch's weights are restored: their dev evaluation is already done
     if "ood" in splits:
         final["ood"] = evaluate(model, splits["ood"], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)
     s = final_scores(final, splits)
+    s["calibration"] = calibrate(model, splits, final["dev"]["logits"], args.batch_size, device, dtype)
     print_run_summary(mode, run["best_epoch"], args.epochs, s, splits)
 
     def write_results():
@@ -398,3 +403,11 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
         return record
 
     return on_main(write_results)
+
+
+def calibrate(model, splits, dev_logits, batch_size, device, dtype):
+    """metrics.calibration of a trained model: its temperature fitted on splits['heldout'] (when there is one)."""
+    heldout = splits.get("heldout")
+    logits = None if heldout is None else predict_logits(model, heldout.tokens, batch_size=batch_size, device=device,
+                                                         dtype=dtype)
+    return calibration(logits, None if heldout is None else heldout.labels, dev_logits, splits["dev"].labels)

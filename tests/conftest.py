@@ -24,6 +24,8 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=128, initializer_range=0
 # The public CoLA release: sentences per split, and how many of the in-domain dev ones are acceptable (the
 # majority class every score stands beside: 365 / 527 = 69.26%).
 COLA_TRAIN, COLA_DEV, COLA_OOD, COLA_DEV_ACCEPTABLE = 8551, 527, 516, 365
+# The training sentences every run holds out for temperature scaling (batches.hold_out: about one in ten).
+COLA_HELDOUT = 881
 # Three sentences of different lengths, padded together in one batch.
 PAD_BATCH = [[464, 3797, 3332, 13], [40, 716, 257, 3290, 351, 617, 2456, 13], [15496, 13]]
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from conftest import COLA_DEV, COLA_OOD, assert_same_run, count_classifier_rows, free_port, run_once_and_on_two_ranks
+from conftest import (COLA_DEV, COLA_HELDOUT, COLA_OOD, assert_same_run, count_classifier_rows, free_port,
+                      run_once_and_on_two_ranks)
 
 
 def test_lora_on_two_ranks_equals_one_process(tiny_gpt_dir, tmp_path):
@@ -38,5 +39,6 @@ def test_teacher_runs_once_per_sentence_across_ranks(two_target_adapter_dir, tmp
     torch.multiprocessing.spawn(count_teacher_rows, args=(2, free_port(), two_target_adapter_dir, tmp_path), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["code"] for r in ranks] == [0, 0]
-    assert sum(r["rows"] for r in ranks) == 64 + COLA_DEV + COLA_OOD and all(r["rows"] > 0 for r in ranks)
+    assert sum(r["rows"] for r in ranks) == 64 + COLA_HELDOUT + COLA_DEV + COLA_OOD
+    assert all(r["rows"] > 0 for r in ranks)
     assert len((tmp_path / "tuning" / "distil.jsonl").read_text().splitlines()) == 1

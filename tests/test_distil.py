@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import run
-from conftest import COLA_DEV, COLA_OOD, count_classifier_rows, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2
+from conftest import (COLA_DEV, COLA_HELDOUT, COLA_OOD, count_classifier_rows, run_cli, run_main, save_tiny_adapter,
+                      save_tiny_gpt2)
 from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters
 from batches import Split
 from distil import KDLoss, kd_loss
@@ -82,7 +83,8 @@ def test_teacher_runs_once_per_example_and_never_with_its_cache(adapter_dir, tmp
     seen = count_classifier_rows(monkeypatch.setattr)
     args = ["distil", "--model_path", str(adapter_dir), "--max_examples", "64", "--epochs", "2", "--rnn_hidden", "32"]
     assert run.main(args) == 0
-    assert sum(seen) == 64 + COLA_DEV + COLA_OOD  # each training example once, plus dev and out-of-domain dev once
+    # each training example once, and the held-out, dev and out-of-domain dev sentences once
+    assert sum(seen) == 64 + COLA_HELDOUT + COLA_DEV + COLA_OOD
     seen.clear()
     assert run.main(args) == 0
     assert sum(seen) == 0

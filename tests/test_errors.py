@@ -67,6 +67,11 @@ CASES = [
      "error: --out notes.txt: exists and is not a folder"),
     ("KD alpha above 1", "distil --alpha 1.5", 2, "error: argument --alpha: must be in [0, 1], got 1.5"),
     ("KD temperature 0", "distil --temperature 0", 2, "error: argument --temperature: must be in (0, inf], got 0"),
+    ("a negative number of augmented sentences", "distil --augment -1", 2,
+     "error: argument --augment: must be in [0, inf], got -1"),
+    ("a mask probability above 1", "distil --p_mask 1.5", 2, "error: argument --p_mask: must be in [0, 1], got 1.5"),
+    ("sampling from a teacher base that is gone", "distil --model_path adapter-lost-base --transfer_gen 10", 2,
+     "error: --transfer_gen: the teacher's base ./lost-base cannot be loaded to sample from: it is no such folder"),
     ("no teacher adapter yet", "distil --model_path models/none", 1,
      "error: no LoRA adapter at models/none: train the teacher first with `python run.py LoRA --gpt_variant gpt2`"),
     ("teacher of another variant", "distil --model_path adapter-tiny --gpt_variant gpt2-medium", 1,
@@ -139,6 +144,7 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
     (d / "empty").mkdir()
     for name in ("adapter-tiny", "corrupt-adapter", "bad-config"):
         save_tiny_adapter(d / name, str(d / "tiny-gpt2"), base_model="tiny-gpt2", run_info={})
+    save_tiny_adapter(d / "adapter-lost-base", str(d / "tiny-gpt2"), base_model="./lost-base", run_info={})
     weights = d / "corrupt-adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     (d / "bad-config" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
