@@ -31,12 +31,18 @@ def read_tensors(path):
 def save_checkpoint(folder, weights_name, tensors, json_files):
     """Write `tensors` (safetensors, fp32) and `json_files` ({name: object}) into `folder`, as save_pretrained does:
     these files are replaced together (all written before any is replaced), anything else there is left alone."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
-    with atomic_files(folder, [weights_name, *json_files]) as tmp:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp[weights_name],
-                  metadata={"format": "pt"})
-        for name, obj in json_files.items():
-            Path(tmp[name]).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    try:
+        with atomic_files(folder, [weights_name, *json_files]) as tmp:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp[weights_name],
+                      metadata={"format": "pt"})
+            for name, obj in json_files.items():
+                Path(tmp[name]).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, a folder gone read-only
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"{folder}: could not save the model ({reason}); its previous files are as they were") \
+            from None
 
 
 # PEFT's adapter format: `PeftModel.from_pretrained(GPT2ForSequenceClassification..., folder)` loads what we save,

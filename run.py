@@ -211,6 +211,8 @@ def build_parser():
     sweep.add_argument("--parallel", type=positive_int, default=1,
                        help="run this many configurations side by side, one process each (each on a visible GPU if "
                        "any)")
+    sweep.add_argument("--restart", action="store_true", help="start the runs an earlier sweep left interrupted "
+                       "over, instead of resuming them from their saved state")
     sweep.add_argument("--debug", action="store_true", help="show full tracebacks")
     sweep.set_defaults(func=None, check=check_results_writable)
     sub.add_parser("info", parents=[placed], help="versions, hardware, what would be chosen here, where data is"
@@ -321,7 +323,8 @@ def execute(args):
 def main(argv=None):
     """Run one subcommand; every failure ends in one line on stderr (the traceback only with --debug)."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser.parse_known_args(argv)
     if rest and args.mode != "tune":  # a sweep passes the flags it does not know to every run
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -331,7 +334,7 @@ def main(argv=None):
         if not is_main():  # under torchrun only rank 0 prints
             sys.stdout = open(os.devnull, "w")
         with sigterm_as_interrupt():  # SIGTERM stops a run as Ctrl-C does
-            tune.sweep(args, plan, execute) if plan else execute(args)
+            tune.sweep(args, plan, execute, argv) if plan else execute(args)
     except (UserError, ModelError) as e:  # both name what to fix, in one line
         print(f"error: {e}", file=sys.stderr)
         if args.debug:

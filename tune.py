@@ -3,6 +3,7 @@ subcommand's, logged as usual; then the summary (mean and spread over seeds, the
 import itertools
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -18,7 +19,8 @@ from data import DataSpec, load_text_data, run_stem
 from distil import latest_matching_rnn_run
 from metrics import mcnemar_exact
 from report import PLOTS_DIR, plot_grid
-from runlog import TUNING_DIR, read_jsonl, result_flags
+from runlog import TUNING_DIR, read_jsonl, result_flags, resume_state_path
+from train_utils import Interrupted
 from utils import Terminated, UserError, safe_name, write_text
 
 TUNABLE = ("LoRA", "rnn", "distil")
@@ -62,6 +64,8 @@ def tune_plan(parser, args, rest):
             argv += [a for k, v in config.items() for a in (f"--{k}", v)]
             run_args = parser.parse_args(argv)
             run_args.check(parser, run_args)
+            # a run an earlier sweep left interrupted continues from its last epoch (--restart: starts over)
+            run_args.resume = not args.restart and resume_state_path(folder).exists()
             if run_args.epochs < 1:
                 parser.error(f"tune: --epochs {run_args.epochs}: a sweep trains, at least 1 epoch")
             plan.append({"config": config, "seed": seed, "argv": argv, "args": run_args})
@@ -76,9 +80,21 @@ def logged_run(run, records):
     return matches[-1] if matches else None
 
 
-def sweep(args, plan_of_sweep, execute):
+def sweep(args, plan_of_sweep, execute, argv):
     """Run a sweep (configurations x seeds), skipping runs already logged, then summarize it. `plan_of_sweep` is
-    tune_plan's result; `execute(run_args)` runs one planned run in this process."""
+    tune_plan's result; `execute(run_args)` runs one planned run in this process. Stopped by Ctrl-C or SIGTERM, it
+    says which command continues it: `argv`, the sweep's own command line, less --restart."""
+    try:
+        run_sweep(args, plan_of_sweep, execute)
+    except (KeyboardInterrupt, Interrupted) as e:
+        what = e.what if isinstance(e, Interrupted) else "terminated (SIGTERM)" if isinstance(e, Terminated) \
+            else "interrupted"
+        command = "python run.py " + shlex.join(a for a in argv if a != "--restart")
+        raise Interrupted(f"{what}; rerun `{command}` to continue: the finished runs are skipped, the interrupted "
+                          "ones resume from their last saved epoch", getattr(e, "exit_code", 130)) from None
+
+
+def run_sweep(args, plan_of_sweep, execute):
     name, grid, plan = plan_of_sweep
     log = f"{TUNING_DIR}/{run_stem(args.target, DataSpec.from_args(plan[0]['args']))}.jsonl"
     pending = []

@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -136,17 +137,26 @@ def safe_name(text, most=100):
     return name if len(name) <= most else f"{name[:most - 17]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # what the models compute in: a larger value is inf there
+
+
 def number_in(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: `kind` (int or float) within [low, high], each end optionally open."""
+    """An argparse type: `kind` (int or float) within [low, high], each end optionally open. A missing end is
+    infinity, itself outside: inf, NaN and numbers float32 cannot hold are refused, since a run given them trains
+    to NaN weights."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise argparse.ArgumentTypeError(f"must be a finite number (float32's largest is {FLOAT32_MAX:.3g}), "
+                                             f"got {text}")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or value != value:  # value != value: NaN
-            left, right = "(" if low_open else "[", ")" if high_open else "]"
+        if too_low or too_high:
+            left = "(" if low_open or low is None else "["
+            right = ")" if high_open or high is None else "]"
             bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value

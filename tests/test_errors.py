@@ -10,17 +10,17 @@ import torch
 
 import run
 import train_utils
-from conftest import (ROOT, assert_same_weights, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2,
+from conftest import (ROOT, assert_same_weights, in_epoch, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2,
                       start_run)
 
 # (what the user did, the command after `python run.py`, exit code, the start of the stderr line)
 CASES = [
     ("no subcommand", "", 2, "error: the following arguments are required: mode"),
-    ("zero new tokens", "gen --max_new_tokens 0", 2, "error: argument --max_new_tokens: must be in [1, inf], got 0"),
-    ("negative temperature", "gen --temperature -1", 2, "error: argument --temperature: must be in [0, inf], got -1"),
+    ("zero new tokens", "gen --max_new_tokens 0", 2, "error: argument --max_new_tokens: must be in [1, inf), got 0"),
+    ("negative temperature", "gen --temperature -1", 2, "error: argument --temperature: must be in [0, inf), got -1"),
     ("top-p of 0", "gen --top_p 0", 2, "error: argument --top_p: must be in (0, 1], got 0"),
     ("top-p above 1", "gen --top_p 1.5", 2, "error: argument --top_p: must be in (0, 1], got 1.5"),
-    ("top-k of 0", "gen --top_k 0", 2, "error: argument --top_k: must be in [1, inf], got 0"),
+    ("top-k of 0", "gen --top_k 0", 2, "error: argument --top_k: must be in [1, inf), got 0"),
     ("not a number", "gen --top_k ten", 2, "error: argument --top_k: not an integer: 'ten'"),
     ("unknown dtype", "gen --dtype float8", 2, "error: argument --dtype: invalid choice: 'float8'"),
     ("missing prompt file", "gen --prompt_file nope.txt", 2, "error: --prompt_file nope.txt: no such file"),
@@ -48,10 +48,10 @@ CASES = [
      "error: --greedy takes the most likely token: --temperature would be ignored"),
     ("hub id offline or unknown", "gen --gpt_variant no-such-org/no-such-gpt2", 1,
      "error: could not get 'no-such-org/no-such-gpt2' from the Hugging Face hub"),
-    ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf], got 0"),
-    ("batch size 0", "LoRA --batch_size 0", 2, "error: argument --batch_size: must be in [1, inf], got 0"),
-    ("negative epochs", "LoRA --epochs -1", 2, "error: argument --epochs: must be in [0, inf], got -1"),
-    ("learning rate 0", "LoRA --lr 0", 2, "error: argument --lr: must be in (0, inf], got 0"),
+    ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf), got 0"),
+    ("batch size 0", "LoRA --batch_size 0", 2, "error: argument --batch_size: must be in [1, inf), got 0"),
+    ("negative epochs", "LoRA --epochs -1", 2, "error: argument --epochs: must be in [0, inf), got -1"),
+    ("learning rate 0", "LoRA --lr 0", 2, "error: argument --lr: must be in (0, inf), got 0"),
     ("dropout 1", "LoRA --lora_dropout 1", 2, "error: argument --lora_dropout: must be in [0, 1), got 1"),
     ("unknown LoRA target", "LoRA --lora_targets attn.q_proj", 2,
      "error: argument --lora_targets: invalid choice: 'attn.q_proj'"),
@@ -66,7 +66,7 @@ CASES = [
     ("an existing file as the export folder", "export --model_path adapter-tiny --out notes.txt", 2,
      "error: --out notes.txt: exists and is not a folder"),
     ("KD alpha above 1", "distil --alpha 1.5", 2, "error: argument --alpha: must be in [0, 1], got 1.5"),
-    ("KD temperature 0", "distil --temperature 0", 2, "error: argument --temperature: must be in (0, inf], got 0"),
+    ("KD temperature 0", "distil --temperature 0", 2, "error: argument --temperature: must be in (0, inf), got 0"),
     ("no teacher adapter yet", "distil --model_path models/none", 1,
      "error: no LoRA adapter at models/none: train the teacher first with `python run.py LoRA --gpt_variant gpt2`"),
     ("teacher of another variant", "distil --model_path adapter-tiny --gpt_variant gpt2-medium", 1,
@@ -197,20 +197,6 @@ def test_unexpected_failure_is_one_line_with_a_hint(monkeypatch, capsys):
     assert err == "error: unexpected RuntimeError: something deep broke (rerun with --debug for the traceback)\n"
     with pytest.raises(RuntimeError):
         run.main(["gen", "--debug"])
-
-
-def in_epoch(monkeypatch, epoch, fault):
-    """Call `fault(model, split, loss_fn, optimizer)` as training epoch `epoch` starts (a fault injected per epoch,
-    whatever the loop does inside one)."""
-    real, started = train_utils.train_epoch, []
-
-    def train_epoch(model, split, loss_fn, optimizer, **kwargs):
-        started.append(1)
-        if len(started) == epoch:
-            fault(model, split, loss_fn, optimizer)
-        return real(model, split, loss_fn, optimizer, **kwargs)
-
-    monkeypatch.setattr(train_utils, "train_epoch", train_epoch)
 
 
 def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_state(tiny_gpt_dir, tmp_path, monkeypatch, capsys):
