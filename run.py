@@ -9,7 +9,7 @@ from pathlib import Path
 import tune
 from checkpoints import folder_holds
 from commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_predict, cmd_rnn
-from data import DataSpec, default_cola_dir
+from data import DataSpec, cola_missing, default_cola_dir
 from devices import compute_dtype, resolve_device
 from distributed import init_distributed, is_main
 from model import LORA_TARGETS, ModelError, looks_like_path, variant_slug
@@ -286,8 +286,9 @@ def check_output_kind(parser, flag, path, writes):
 
 def check_training(parser, args, output_flag):
     out = getattr(args, output_flag)
-    for flag in (output_flag, "data_dir"):
-        check_output_folder(parser, flag, getattr(args, flag))
+    check_output_folder(parser, output_flag, out)
+    if args.dataset == "cola" and cola_missing(args.data_dir):  # a read-only folder holding the files is fine
+        check_output_folder(parser, "data_dir", args.data_dir)
     state = resume_state_path(out)  # beside the output folder, not in it
     if not writable(state):
         parser.error(f"--{output_flag} {out}: cannot write {state} (a run's state between epochs) there")
@@ -343,6 +344,11 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         print(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
         return interrupt_exit_code(e)
+    except OSError as e:  # a full disk, a quota, a folder gone read-only: which file, and why
+        if args.debug:
+            raise
+        print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     except Exception as e:
         if args.debug:
             raise

@@ -294,7 +294,7 @@ class TrainConfig:
     `device` in `dtype` (autocast below fp32), gradients clipped to norm `clip` (None: not clipped), each batch cut
     into pieces of at most `micro_batch_tokens` padded tokens (None: whole batches). After every epoch the run's
     state goes to `state_path` (None: nowhere), from which `resume` continues a run saved with the same
-    `run_flags`; `compile` runs the model through torch.compile."""
+    `run_flags` on the same data; `compile` runs the model through torch.compile."""
     epochs: int
     batch_size: int
     lr: float
@@ -311,8 +311,9 @@ class TrainConfig:
 
 def fit(model, loss_fn, data, config, watch=None):
     """Train on data['train'] as `config` says, evaluating on data['dev'] after each epoch; the best epoch (dev
-    accuracy) is restored at the end. `watch` (a runlog.RunWatch) sees every step read and every epoch. Returns the
-    run: its id, history, best epoch (0 if none ran) and that epoch's dev evaluation.
+    accuracy) is restored at the end; a non-finite loss, weights or dev loss stops the run (Diverged). `watch` (a
+    runlog.RunWatch) sees every step read and every epoch. Returns the run: its id, history, best epoch (0 if none
+    ran) and that epoch's dev evaluation.
     On CUDA Adam is fused: one kernel per step, which also lets the fp16 scaler skip a step without a host read."""
     c = config
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=c.lr,

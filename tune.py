@@ -52,6 +52,7 @@ def tune_plan(parser, args, rest):
         parser.error(f"tune: {given[0]} is set by the sweep ({fixed[given[0][2:]]})")
     if len(set(args.seeds)) < len(args.seeds):
         parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
+    rest = [a for a in rest if a != "--resume"]  # the sweep resumes the runs that have a state, and only those
     spec = DataSpec.from_args(parser.parse_args([args.target, *rest]))
     name = args.name or "_".join([run_stem(args.target, spec)] + [f"{k}-{'-'.join(v)}" for k, v in grid.items()])
     name = safe_name(name)
@@ -60,12 +61,12 @@ def tune_plan(parser, args, rest):
         config = dict(zip(grid, values))
         for seed in args.seeds:
             folder = f"models/tune/{name}/{safe_name(config_label(config))}_seed{seed}"
-            argv = [args.target, *rest, out_flag, folder, "--seed", str(seed)]
+            # a run an earlier sweep left interrupted continues from its last epoch (--restart: starts over)
+            resume = not args.restart and resume_state_path(folder).exists()
+            argv = [args.target, *rest, out_flag, folder, "--seed", str(seed)] + (["--resume"] if resume else [])
             argv += [a for k, v in config.items() for a in (f"--{k}", v)]
             run_args = parser.parse_args(argv)
             run_args.check(parser, run_args)
-            # a run an earlier sweep left interrupted continues from its last epoch (--restart: starts over)
-            run_args.resume = not args.restart and resume_state_path(folder).exists()
             if run_args.epochs < 1:
                 parser.error(f"tune: --epochs {run_args.epochs}: a sweep trains, at least 1 epoch")
             plan.append({"config": config, "seed": seed, "argv": argv, "args": run_args})

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import stat
 import tempfile
@@ -69,14 +70,40 @@ def mode_for(path):
         return 0o666 & ~current_umask()
 
 
+# .<name>.<process id>-<random>.tmp: our temporary files, which say which process writes them
+TEMP_NAME = re.compile(r"\..+\.(\d+)-[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files in `folder` that a process of ours, killed while writing (SIGKILL, a power cut),
+    left behind: those named by TEMP_NAME whose process is gone. Files of running processes and the user's own
+    stay."""
+    for entry in os.scandir(folder):
+        found = TEMP_NAME.fullmatch(entry.name)
+        if found and entry.is_file(follow_symlinks=False) and not process_alive(int(found.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a process id at all
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes. The result has the
     mode open() would give it (mkstemp makes its files private, 0o600). A symbolic link is written through: its
-    target is replaced, and the link stays."""
+    target is replaced, and the link stays. Stale temporaries of ours in the folder go first."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp

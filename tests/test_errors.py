@@ -1,6 +1,7 @@
 """What happens when a user types something wrong, or something goes wrong mid-run: one line on stderr, the
 right exit code, nothing half-written. Every row of README's "What happens when…" table is a case here."""
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 import run
-import train_utils
+from checkpoints import save_student
 from conftest import (ROOT, assert_same_weights, in_epoch, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2,
                       start_run)
+from model import DistilRNN, RNNConfig
 
 # (what the user did, the command after `python run.py`, exit code, the start of the stderr line)
 CASES = [
@@ -107,9 +109,33 @@ CASES = [
     ("a label column with one class only", "rnn --dataset one-class", 1,
      "error: one-class, split 'train': the label column 'label' has one class only ('a')"),
     ("an empty text cell", "rnn --dataset empty-text", 1,
-     "error: empty-text, split 'train', row 1: the text ('sentence') is empty"),
+     "error: empty-text/train.csv, row 1: the text ('sentence') is empty"),
     ("a text cell that is not a string", "rnn --dataset number-text", 1,
-     "error: number-text, split 'train', row 0: the text ('sentence') is not a string (int)"),
+     "error: number-text/train.jsonl, row 0: the text ('sentence') is not a string (int)"),
+    ("an infinite learning rate", "rnn --lr inf", 2,
+     "error: argument --lr: must be a finite number (float32's largest is 3.4e+38), got inf"),
+    ("a NaN flag", "distil --temperature nan", 2,
+     "error: argument --temperature: must be a finite number (float32's largest is 3.4e+38), got nan"),
+    ("labels mixing numbers and names", "rnn --dataset mixed-labels", 1,
+     "error: mixed-labels/train.jsonl, row 1: the label ('label') is the name 'word' but row 0 holds the number 0; "
+     "a label column holds names or numbers, not both"),
+    ("a list of labels per row (multi-label data)", "rnn --dataset list-labels", 1,
+     "error: list-labels/train.jsonl, row 0: the label ('label') is [0, 1]; a label is one class, a name or an "
+     "integer (multi-label and regression data are not supported)"),
+    ("a training file with a header only", "rnn --dataset header-only", 1,
+     "error: header-only/train.csv: no rows (a header at most)"),
+    ("a data file that datasets cannot parse", "rnn --dataset extra-field", 1,
+     "error: extra-field/train.csv: cannot read it (Error tokenizing data. C error: Expected 2 fields in line 3, "
+     "saw 3)"),
+    ("a validation file without the label column", "rnn --dataset unlabelled-dev", 1,
+     "error: unlabelled-dev/validation.csv: no label column 'label' (there are: sentence)"),
+    ("an adapter config with rank 0", "predict --model_path rank-zero --sentence Hi.", 1,
+     "error: rank-zero/adapter_config.json: r must be a positive integer, found 0"),
+    ("a student config with 0 layers", "predict --model_path no-layers --sentence Hi.", 1,
+     "error: no-layers/config.json: layers must be a positive integer, found 0"),
+    ("a parquet input that is not parquet", "predict --model_path no-layers --input broken.parquet", 1,
+     "error: --input broken.parquet: cannot read it (Parquet magic bytes not found in footer. Either the file is "
+     "corrupted or this is not a parquet file.)"),
 ]
 
 
@@ -144,7 +170,18 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
         (d / folder).mkdir()
         for n, data in good.items():
             (d / folder / n).write_bytes(content if n == name else data)
+    (d / "broken.parquet").write_bytes(b"PAR1 not a parquet file")
+    config = d / "rank-zero" / "adapter_config.json"
+    shutil.copytree(d / "adapter-tiny", d / "rank-zero")
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 0}))
+    save_student(DistilRNN(RNNConfig(hidden=8, layers=1)), d / "no-layers", {})
+    config = d / "no-layers" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"layers": 0}))
     tables = {"topics": ("train.csv", "sentence,label\nA goal.,sport\nSoup.,food\n"),
+              "mixed-labels": ("train.jsonl", '{"sentence": "A.", "label": 0}\n{"sentence": "B.", "label": "word"}\n'),
+              "list-labels": ("train.jsonl", '{"sentence": "A.", "label": [0, 1]}\n{"sentence": "B.", "label": [1]}\n'),
+              "header-only": ("train.csv", "sentence,label\n"),
+              "extra-field": ("train.csv", "sentence,label\nA goal.,sport\nSoup.,food,hot\n"),
               "one-class": ("train.csv", "sentence,label\nA goal.,a\nSoup.,a\n"),
               "empty-text": ("train.csv", "sentence,label\nA goal.,sport\n,food\n"),
               "number-text": ("train.jsonl", '{"sentence": 5, "label": "a"}\n{"sentence": 6, "label": "b"}\n')}
@@ -152,6 +189,9 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
         (d / folder).mkdir()
         (d / folder / name).write_text(content)
         (d / folder / name.replace("train", "validation")).write_text(content)
+    (d / "header-only" / "validation.csv").write_text("sentence,label\nA goal.,sport\nSoup.,food\n")
+    shutil.copytree(d / "topics", d / "unlabelled-dev")
+    (d / "unlabelled-dev" / "validation.csv").write_text("sentence\nA match.\n")
     return d
 
 

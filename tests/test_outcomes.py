@@ -173,6 +173,8 @@ def test_sigterm_to_a_parallel_sweep_names_the_command_that_continues_it(tmp_pat
     assert command == [str(a) for a in sweep]
     continued = run_cli(*command, cwd=tmp_path)
     assert continued.returncode == 0, continued.stderr
+    logs = [p.read_text() for p in (tmp_path / "tuning" / "par-logs").iterdir()]
+    assert any("resuming after epoch" in log for log in logs)  # at least the run whose state was seen
     done = [r for r in records(tmp_path) if r["finished"]]
     assert sorted(r["args"]["seed"] for r in done) == [1, 2]
     assert not list(tmp_path.glob("models/tune/par/*.resume.pt"))
