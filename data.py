@@ -293,8 +293,9 @@ def label_names(feature, columns):
 
 
 def checked_labels(values, where, column):
-    """A label column that is not a ClassLabel, refusing a cell that is not one class (a list: multi-label data;
-    a fraction or NaN: regression data, or a broken cell), and a column mixing numbers (or booleans) with names."""
+    """Check a label column that is not a ClassLabel before its values are sorted or counted: refuse a cell that is
+    not one class (a list: multi-label data; a fraction or NaN: regression data, or a broken cell), and a column
+    mixing numbers (or booleans) with names."""
     kinds = {}
     for row, v in enumerate(values):
         if unlabelled(v):
@@ -308,7 +309,6 @@ def checked_labels(values, where, column):
         (row, v), (other, w) = kinds["name"], kinds["number"]
         raise UserError(f"{where}, row {row}: the label ({column!r}) is the name {v!r} but row {other} holds the "
                         f"number {w!r}; a label column holds names or numbers, not both")
-    return values
 
 
 def checked_texts(texts, where, column):
@@ -351,10 +351,11 @@ def load_text_data(spec):
             if column not in part.column_names and not (key == "ood" and column == label):
                 raise UserError(f"{where[key]}: no {what} column {column!r} (there are: "
                                 f"{', '.join(part.column_names)})")
-    labelled = [p[label] for p in parts.values() if label in p.column_names]
+    labelled = {key: p[label] for key, p in parts.items() if label in p.column_names}
     if not hasattr(feature, "names"):
-        labelled = [checked_labels(values, where[key], label) for key, values in zip(parts, labelled)]
-    data = TextData({}, label_names(feature, labelled), {k: names[k] for k in ("dev", "ood")})
+        for key, values in labelled.items():
+            checked_labels(values, where[key], label)
+    data = TextData({}, label_names(feature, labelled.values()), {k: names[k] for k in ("dev", "ood")})
     for key, part in parts.items():
         add_split(data, key, names[key], part, text, label, feature, where[key])
     check_classes(data, spec, names["train"], label)

@@ -134,12 +134,13 @@ def run_side_by_side(pending, slots, log_dir):
     def worker(slot):
         env = os.environ | slot_gpu(slot)
         for n, (label, run) in list(enumerate(pending))[slot::slots]:
-            with open(log_dir / f"{safe_name(label)}.log", "w") as log:
-                with lock:
-                    if stopping.is_set():
-                        return
-                    running[n] = subprocess.Popen([sys.executable, str(RUN_PY), *run["argv"]], env=env, stdout=log,
-                                                  stderr=subprocess.STDOUT)
+            with lock:  # a run not started once the sweep is stopping keeps its earlier log
+                if stopping.is_set():
+                    return
+                log = open(log_dir / f"{safe_name(label)}.log", "w")
+                running[n] = subprocess.Popen([sys.executable, str(RUN_PY), *run["argv"]], env=env, stdout=log,
+                                              stderr=subprocess.STDOUT)
+            with log:
                 code = running[n].wait()
             print(f"{label}: {'done' if code == 0 else f'FAILED (exit {code}), see {log.name}'}", flush=True)
 
