@@ -89,6 +89,11 @@ def data_fingerprint(splits):
     return h.hexdigest()[:16]
 
 
+def split_fingerprints(splits):
+    """{split: fingerprint} of each split, so that a resumed run can say which one changed."""
+    return {name: data_fingerprint({name: split}) for name, split in splits.items()}
+
+
 def collate(split, index, device):
     """Right-pad the sentences at `index` to the longest of them: (ids, lengths, labels, teacher)."""
     seqs = [split.tokens[i] for i in index]

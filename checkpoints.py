@@ -1,6 +1,7 @@
 """Models on disk: safetensors checkpoints written as save_pretrained writes them, PEFT's LoRA adapter format in
 and out, and the student's checkpoint."""
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -31,12 +32,18 @@ def read_tensors(path):
 def save_checkpoint(folder, weights_name, tensors, json_files):
     """Write `tensors` (safetensors, fp32) and `json_files` ({name: object}) into `folder`, as save_pretrained does:
     these files are replaced together (all written before any is replaced), anything else there is left alone."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
-    with atomic_files(folder, [weights_name, *json_files]) as tmp:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp[weights_name],
-                  metadata={"format": "pt"})
-        for name, obj in json_files.items():
-            Path(tmp[name]).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    try:
+        with atomic_files(folder, [weights_name, *json_files]) as tmp:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp[weights_name],
+                      metadata={"format": "pt"})
+            for name, obj in json_files.items():
+                Path(tmp[name]).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, a folder gone read-only
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"{folder}: could not save the model ({reason}); its previous files are as they were") \
+            from None
 
 
 # PEFT's adapter format: `PeftModel.from_pretrained(GPT2ForSequenceClassification..., folder)` loads what we save,
@@ -71,12 +78,51 @@ def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, ru
     save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info})
 
 
+def positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def positive_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def names(v, least=1):
+    return isinstance(v, list) and len(v) >= least and all(isinstance(x, str) and x for x in v) and \
+        len(set(v)) == len(v)
+
+
+# {field: (test, what it must be, required)} of each config we read: a hand-edited value is refused when read,
+# naming the file and the field, instead of failing later inside the model
+ADAPTER_FIELDS = {"r": (positive_int, "a positive integer", True),
+                  "lora_alpha": (positive_number, "a positive number", False),
+                  "target_modules": (lambda v: isinstance(v, str) or names(v), "a layer name or a list of them", False),
+                  "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a model id or folder", False)}
+STUDENT_FIELDS = {"vocab_size": (lambda v: positive_int(v) and v >= 50257, "at least 50257 (GPT-2's tokens)", False),
+                  "hidden": (positive_int, "a positive integer", False),
+                  "layers": (positive_int, "a positive integer", False),
+                  "cell": (lambda v: v in ("rnn", "gru", "lstm"), "one of 'rnn', 'gru', 'lstm'", False),
+                  "labels": (lambda v: names(v, least=2), "a list of two or more distinct class names", False)}
+
+
+def checked_config(path, what, rules):
+    """The JSON object in `path`, each field `rules` names checked (see ADAPTER_FIELDS)."""
+    cfg = read_json(path, what)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: corrupt {what} (not a JSON object)")
+    for key, (ok, must, required) in rules.items():
+        if key not in cfg and required:
+            raise UserError(f"{path}: corrupt {what} (no {key!r} field)")
+        if key in cfg and not ok(cfg[key]):
+            raise UserError(f"{path}: {key} must be {must}, found {cfg[key]!r}")
+    return cfg
+
+
 def read_adapter_config(folder):
     """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model'}, refusing what we can't run."""
     path = Path(folder) / ADAPTER_CONFIG
     if not Path(folder).is_dir():
         raise UserError(f"{folder}: no such adapter folder")
-    cfg = read_json(path, "adapter config")
+    cfg = checked_config(path, "adapter config", ADAPTER_FIELDS)
     for key, ok in (("peft_type", "LORA"), ("use_dora", False), ("use_rslora", False), ("bias", "none")):
         if cfg.get(key, ok) != ok:
             raise UserError(f"{path}: {key}={cfg[key]!r} is not supported (only plain LoRA: {key}={ok!r})")
@@ -89,11 +135,8 @@ def read_adapter_config(folder):
     if unknown or not targets:
         raise UserError(f"{path}: target_modules {unknown or wanted} are not GPT-2 layers we adapt "
                         f"(supported: {', '.join(LORA_TARGETS)})")
-    try:
-        return {"r": int(cfg["r"]), "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
-                "base_model": cfg.get("base_model_name_or_path")}
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: corrupt adapter config (r: {e})") from None
+    return {"r": cfg["r"], "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
+            "base_model": cfg.get("base_model_name_or_path")}
 
 
 def adapter_base(folder, variant=None):
@@ -159,7 +202,7 @@ def save_student(model, folder, run_info):
 
 def load_student(folder):
     """A DistilRNN checkpoint written by `run.py rnn` or `run.py distil`, in eval mode."""
-    cfg = read_json(Path(folder) / STUDENT_CONFIG, "student config")
+    cfg = checked_config(Path(folder) / STUDENT_CONFIG, "student config", STUDENT_FIELDS)
     if cfg.get("model_type") != "DistilRNN":
         raise UserError(f"{folder}: not a DistilRNN checkpoint")
     model = DistilRNN(RNNConfig.from_dict(cfg))

@@ -53,11 +53,16 @@ def download(url, dest):
                         f"holding {', '.join(COLA_SPLITS.values())}") from e
 
 
+def cola_missing(data_dir):
+    """True if `data_dir` lacks one of the three CoLA files, which a run then downloads into it."""
+    return not all((Path(data_dir) / name).exists() for name in COLA_SPLITS.values())
+
+
 def ensure_cola(data_dir):
     """Make sure the three raw CoLA TSVs are in `data_dir`, downloading the public release when they are not.
     Folders made for the download are removed again if it fails (only if still empty)."""
     data_dir = Path(data_dir)
-    if all((data_dir / name).exists() for name in COLA_SPLITS.values()):
+    if not cola_missing(data_dir):
         return data_dir
     made = [p for p in [data_dir, *data_dir.parents] if not p.exists()]
     try:
@@ -203,25 +208,56 @@ def local_data_files(folder):
 
 
 def load_dataset_dict(spec):
-    """The DatasetDict `spec` names: a save_to_disk folder, a folder of data files, or a hub dataset (cached by
-    `datasets`; the same load_dataset call, with a name instead of files)."""
+    """{split: Dataset} of what `spec` names: a save_to_disk folder, a folder of data files (each split read from
+    its own files, so a test file may lack the label column), or a hub dataset (cached by `datasets`)."""
     import datasets
     datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its errors reach us as exceptions
     path = Path(spec.dataset)
     try:
         if (path / "dataset_dict.json").exists():
             return datasets.load_from_disk(str(path))
         if path.is_dir():
             files, suffix = local_data_files(path)
-            extra = {"delimiter": "\t"} if suffix == ".tsv" else {}
-            return datasets.load_dataset(DATA_FILE_TYPES[suffix], data_files=files, **extra)
+            return {split: read_data_files(paths, suffix) for split, paths in files.items()}
         return datasets.load_dataset(spec.dataset, spec.dataset_config)
     except UserError:
         raise
     except Exception as e:  # offline, no such dataset or config, unreadable files: datasets raises many kinds
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load dataset {spec.name!r} ({reason})") from None
+        raise UserError(f"could not load dataset {spec.name!r} ({error_reason(e)})") from None
+
+
+def read_data_files(paths, suffix):
+    """One split's data files as a Dataset, refusing a file without rows by name."""
+    import datasets
+    extra = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    try:
+        return datasets.load_dataset(DATA_FILE_TYPES[suffix], data_files=paths, split="train", **extra)
+    except Exception as e:
+        empty = next((p for p in paths if no_rows(p)), None)
+        if empty:
+            raise UserError(f"{empty}: no rows (a header at most)") from None
+        raise UserError(f"{', '.join(paths)}: cannot read it ({error_reason(e)})") from None
+
+
+def no_rows(path):
+    """True if a csv / tsv file holds a header at most, or a json / jsonl file nothing but blank lines."""
+    if Path(path).suffix == ".parquet":
+        return False
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(lines) <= (1 if Path(path).suffix in (".csv", ".tsv") else 0)
+
+
+def error_reason(e):
+    """What `datasets` (or pyarrow) says went wrong: the last non-empty line of the innermost cause, where the
+    outer exceptions only say that something did ("An error occurred while generating the dataset")."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def pick(options, wanted, defaults, what, flag):
@@ -247,11 +283,32 @@ def label_text(value):
 
 
 def label_names(feature, columns):
-    """The dataset's label names: its ClassLabel's names when it has one, else the sorted distinct values (as
-    text), over every split read."""
+    """The dataset's label names: its ClassLabel's names when it has one, else the distinct values (as text, read
+    by checked_labels), sorted, over every split read."""
     if hasattr(feature, "names"):
         return tuple(feature.names)
-    return tuple(label_text(v) for v in sorted({v for values in columns for v in values if not unlabelled(v)}))
+    values = sorted({v for values in columns for v in values if not unlabelled(v)},
+                    key=lambda v: (isinstance(v, str), v))
+    return tuple(dict.fromkeys(label_text(v) for v in values))  # numbers in order, then names; "1" and 1 are one
+
+
+def checked_labels(values, where, column):
+    """Check a label column that is not a ClassLabel before its values are sorted or counted: refuse a cell that is
+    not one class (a list: multi-label data; a fraction or NaN: regression data, or a broken cell), and a column
+    mixing numbers (or booleans) with names."""
+    kinds = {}
+    for row, v in enumerate(values):
+        if unlabelled(v):
+            continue
+        one = isinstance(v, (str, int)) or (isinstance(v, float) and v.is_integer())  # int: bool too
+        if not one:
+            raise UserError(f"{where}, row {row}: the label ({column!r}) is {v!r}; a label is one class, a name or "
+                            "an integer (multi-label and regression data are not supported)")
+        kinds.setdefault("name" if isinstance(v, str) else "number", (row, v))
+    if len(kinds) > 1:
+        (row, v), (other, w) = kinds["name"], kinds["number"]
+        raise UserError(f"{where}, row {row}: the label ({column!r}) is the name {v!r} but row {other} holds the "
+                        f"number {w!r}; a label column holds names or numbers, not both")
 
 
 def checked_texts(texts, where, column):
@@ -288,20 +345,36 @@ def load_text_data(spec):
     text = pick(columns, spec.text_column, TEXT_COLUMNS, "column", "text_column")
     label = pick(columns, spec.label_column, LABEL_COLUMNS, "column", "label_column")
     feature = parts["train"].features[label]
-    labels = label_names(feature, [p[label] for p in parts.values()])
-    data = TextData({}, labels, {k: names[k] for k in ("dev", "ood")})
+    where = {key: split_where(spec, names[key]) for key in parts}
     for key, part in parts.items():
-        add_split(data, key, names[key], part, text, label, feature, spec)
+        for column, what in ((text, "text"), (label, "label")):
+            if column not in part.column_names and not (key == "ood" and column == label):
+                raise UserError(f"{where[key]}: no {what} column {column!r} (there are: "
+                                f"{', '.join(part.column_names)})")
+    labelled = {key: p[label] for key, p in parts.items() if label in p.column_names}
+    if not hasattr(feature, "names"):
+        for key, values in labelled.items():
+            checked_labels(values, where[key], label)
+    data = TextData({}, label_names(feature, labelled.values()), {k: names[k] for k in ("dev", "ood")})
+    for key, part in parts.items():
+        add_split(data, key, names[key], part, text, label, feature, where[key])
     check_classes(data, spec, names["train"], label)
     return data
 
 
-def add_split(data, key, split, part, text, label, feature, spec):
+def split_where(spec, split):
+    """How errors name a split: its files in a local folder, else the dataset and the split's name."""
+    path = Path(spec.dataset)
+    if path.is_dir() and not (path / "dataset_dict.json").exists():
+        return ", ".join(local_data_files(path)[0][split])
+    return f"{spec.name}, split {split!r}"
+
+
+def add_split(data, key, split, part, text, label, feature, where):
     """Put one split's labelled rows into `data`, noting those left out; an evaluation split with no labels at all
-    is left out whole (the test split) or refused (the validation split)."""
-    where = f"{spec.name}, split {split!r}"
+    (or no label column) is left out whole (the test split) or refused (the validation split)."""
     sentences = checked_texts(part[text], where, text)
-    ids = label_ids(part[label], feature, data.labels)
+    ids = label_ids(part[label], feature, data.labels) if label in part.column_names else [-1] * len(sentences)
     keep = [i for i, y in enumerate(ids) if y >= 0]
     if not keep and key == "ood":
         data.notes.append(f"the {split} split has no labels: no second evaluation")
@@ -324,18 +397,19 @@ def read_table_file(path, spec):
     """(sentences, label names or None) of a csv / tsv / json / jsonl / parquet file, read with the run's columns."""
     import datasets
     datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
-    extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its errors reach us as exceptions
     try:
-        table = datasets.load_dataset(DATA_FILE_TYPES[path.suffix], data_files=str(path), split="train", **extra)
-    except Exception as e:
-        raise UserError(f"--input {path}: cannot read it ({str(e).strip().splitlines()[0]})") from None
+        table = read_data_files([str(path)], path.suffix)
+    except UserError as e:
+        raise UserError(f"--input {e}") from None
     text = pick(table.column_names, spec.text_column, TEXT_COLUMNS, "column", "text_column")
     label = pick(table.column_names, spec.label_column, LABEL_COLUMNS, "label column", "label_column")
     sentences = checked_texts(table[text], f"--input {path}", text)
     if label is None:
         return sentences, None
     feature = table.features[label]
+    if not hasattr(feature, "names"):
+        checked_labels(table[label], f"--input {path}", label)
     names = [None if unlabelled(v) else feature.names[v] if hasattr(feature, "names") else label_text(v)
              for v in table[label]]
     return sentences, names
@@ -347,23 +421,30 @@ def read_sentences(sentences=None, input_path=None, spec=DataSpec()):
     if sentences:
         return sentences, None
     if input_path:
-        path = Path(input_path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"--input {path}: cannot read it ({e})") from None
-        first = next((line for line in text_lines(text) if line.strip()), "").split("\t")
-        if len(first) == 4 and first[1] in ("0", "1"):  # a CoLA-format TSV: source, label, original mark, sentence
-            sentences, labels = read_cola_tsv(path)
-            return sentences, [LABELS[y] for y in labels]
-        if path.suffix in DATA_FILE_TYPES:
-            return read_table_file(path, spec)
-    elif not spec.is_cola:
+        return read_input_file(Path(input_path), spec)
+    if not spec.is_cola:
         data = load_text_data(spec)
         sentences, labels = data.splits["dev"]
         return sentences, [data.labels[y] for y in labels]
-    else:
-        text = sys.stdin.read()
+    return text_lines(sys.stdin.read()), None
+
+
+def read_input_file(path, spec):
+    """predict's --input, told apart by its suffix first: csv, json, jsonl and parquet are tables (parquet is not
+    text at all); a .tsv is a CoLA file if its first row looks like one, else a table; anything else is plain
+    lines."""
+    if path.suffix in DATA_FILE_TYPES and path.suffix != ".tsv":
+        return read_table_file(path, spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--input {path}: cannot read it ({e})") from None
+    first = next((line for line in text_lines(text) if line.strip()), "").split("\t")
+    if len(first) == 4 and first[1] in ("0", "1"):  # a CoLA-format TSV: source, label, original mark, sentence
+        sentences, labels = read_cola_tsv(path)
+        return sentences, [LABELS[y] for y in labels]
+    if path.suffix == ".tsv":
+        return read_table_file(path, spec)
     return text_lines(text), None
 
 

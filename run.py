@@ -10,7 +10,7 @@ import search
 import tune
 from checkpoints import ADAPTER_CONFIG, adapter_base, folder_holds
 from commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_predict, cmd_rnn
-from data import DataSpec, default_cola_dir
+from data import DataSpec, cola_missing, default_cola_dir
 from devices import compute_dtype, resolve_device
 from distributed import init_distributed, is_main
 from model import LORA_TARGETS, ModelError, looks_like_path, variant_slug
@@ -242,6 +242,8 @@ def build_parser():
     sweep.add_argument("--storage", metavar="URL", help="--search optuna: the study's database URL (sqlite:///..., "
                        "postgresql://..., mysql://...) or a journal file on a shared filesystem (default: "
                        "sqlite:///tuning/<name>.db)")
+    sweep.add_argument("--restart", action="store_true", help="start the runs an earlier sweep left interrupted "
+                       "over, instead of resuming them from their saved state")
     sweep.add_argument("--debug", action="store_true", help="show full tracebacks")
     sweep.set_defaults(func=None, check=check_tune)
     sub.add_parser("info", parents=[placed], help="versions, hardware, what would be chosen here, where data is"
@@ -341,8 +343,9 @@ def check_output_kind(parser, flag, path, writes):
 
 def check_training(parser, args, output_flag):
     out = getattr(args, output_flag)
-    for flag in (output_flag, "data_dir"):
-        check_output_folder(parser, flag, getattr(args, flag))
+    check_output_folder(parser, output_flag, out)
+    if args.dataset == "cola" and cola_missing(args.data_dir):  # a read-only folder holding the files is fine
+        check_output_folder(parser, "data_dir", args.data_dir)
     state = resume_state_path(out)  # beside the output folder, not in it
     if not writable(state):
         parser.error(f"--{output_flag} {out}: cannot write {state} (a run's state between epochs) there")
@@ -406,7 +409,8 @@ SWEEPS = {"grid": (tune.tune_plan, tune.sweep), "optuna": (search.search_plan, s
 def main(argv=None):
     """Run one subcommand; every failure ends in one line on stderr (the traceback only with --debug)."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser.parse_known_args(argv)
     if rest and args.mode != "tune":  # a sweep passes the flags it does not know to every run
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -416,7 +420,7 @@ def main(argv=None):
         if not is_main():  # under torchrun only rank 0 prints
             sys.stdout = open(os.devnull, "w")
         with sigterm_as_interrupt():  # SIGTERM stops a run as Ctrl-C does
-            SWEEPS[args.search][1](args, plan, execute) if plan else execute(args)
+            SWEEPS[args.search][1](args, plan, execute, argv) if plan else execute(args)
     except (UserError, ModelError) as e:  # both name what to fix, in one line
         print(f"error: {e}", file=sys.stderr)
         if args.debug:
@@ -425,6 +429,11 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         print(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
         return interrupt_exit_code(e)
+    except OSError as e:  # a full disk, a quota, a folder gone read-only: which file, and why
+        if args.debug:
+            raise
+        print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     except Exception as e:
         if args.debug:
             raise

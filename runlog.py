@@ -83,16 +83,21 @@ def trainable_state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def save_run_state(path, run, model, optimizer, scaler, generator, config, rng):
-    """Everything needed to continue after the last finished epoch, written atomically."""
+START_OVER = "rerun without --resume to start over (in a sweep: with --restart)"
+
+
+def save_run_state(path, run, model, optimizer, scaler, generator, config, rng, data):
+    """Everything needed to continue after the last finished epoch, written atomically, with the fingerprint of
+    each split it trained and evaluated on (`data`: batches.split_fingerprints)."""
     state = dict(run, model=trainable_state(model), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                 generator=generator.get_state(), rng=rng, config=config)
+                 generator=generator.get_state(), rng=rng, config=config, data=data)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def read_run_state(path, config):
-    """A saved run, refusing one made with other flags."""
+def read_run_state(path, config, data):
+    """A saved run, refusing one made with other flags or on other data (a changed split would mix epochs on
+    two datasets in one run)."""
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
@@ -103,19 +108,23 @@ def read_run_state(path, config):
     if changed:
         k = changed[0]
         raise UserError(f"{path}: saved with --{k} {state['config'].get(k)}, this run has --{k} {config[k]}; "
-                        "rerun with the same flags, or without --resume")
+                        f"rerun with the same flags, or {START_OVER}")
+    changed = [name for name in data if state.get("data", data).get(name) != data[name]]
+    if changed:
+        raise UserError(f"{path}: saved on other data: the {changed[0]!r} split has changed since (rows added, "
+                        f"removed or relabelled); {START_OVER}")
     if len(state["rng"]) != world_size():
         raise UserError(f"{path}: saved by {len(state['rng'])} processes, resumed by {world_size()}")
     return state
 
 
-def load_run_state(path, model, optimizer, scaler, generator, config):
+def load_run_state(path, model, optimizer, scaler, generator, config, data):
     """Restore a run saved by save_run_state. Rank 0 reads the file and every rank gets its content (or the
     same error), so several machines need not share a disk."""
     state, error = None, None
     if is_main():
         try:
-            state = read_run_state(path, config)
+            state = read_run_state(path, config, data)
         except UserError as e:
             error = str(e)
     state, error = broadcast_from_main((state, error))

@@ -5,6 +5,7 @@ The study lives in a database (tuning/<name>.db, or --storage), which any number
 
 Optuna is imported inside the functions that use it, so that the rest of run.py works without it."""
 import math
+import shlex
 import statistics
 import time
 import warnings
@@ -191,15 +192,16 @@ def open_study(plan):
     return study
 
 
-def optimize(args, plan, execute):
+def optimize(args, plan, execute, argv):
     """Work on the study until it has --trials finished trials, then summarize it. With --parallel N, N workers
-    (processes of this same command, one GPU each when there are GPUs) share it."""
+    (processes of this same command, one GPU each when there are GPUs) share it. Stopped by Ctrl-C or SIGTERM, it
+    says which command continues the study: `argv`, the sweep's own command line."""
     study = open_study(plan)  # creates it once, before any worker starts
     if args.parallel > 1:
         run_side_by_side([(f"worker {k}", {"argv": worker_argv(plan)}) for k in range(1, args.parallel + 1)],
                          args.parallel, Path(TUNING_DIR) / f"{plan.name}-logs")
     else:
-        work(study, plan, execute)
+        work(study, plan, execute, argv)
     summarize_search(study, plan)
 
 
@@ -215,7 +217,7 @@ class Surplus(Exception):
     time): it is failed at once, never run."""
 
 
-def work(study, plan, execute):
+def work(study, plan, execute, argv):
     """Run trials one after another while the study needs them. A diverged run fails its trial and the search
     goes on; a trial stopped by Ctrl-C or SIGTERM is failed and queued again with the same flags."""
     while needs_a_trial(study, plan):
@@ -231,8 +233,8 @@ def work(study, plan, execute):
             if not isinstance(e, Interrupted):
                 raise
             what = str(e).split(";")[0]  # "terminated (SIGTERM) during epoch 2"
-            raise Interrupted(f"{what} of trial {trial.number}, which is queued to run again: rerun the same command "
-                              "to continue the study", e.exit_code) from None
+            raise Interrupted(f"{what} of trial {trial.number}, which is queued to run again; continue the study "
+                              f"with: python run.py {shlex.join(argv)}", e.exit_code) from None
 
 
 def needs_a_trial(study, plan):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from batches import Split, bucketed_batches, collate, micro_batches, sorted_batches
+from batches import Split, bucketed_batches, collate, micro_batches, sorted_batches, split_fingerprints
 from checkpoints import save_trained
 from devices import autocast, compiled, default_micro_batch_tokens, loss_scaler
 from distributed import all_reduce_sum, for_all_ranks, is_main, on_main, rank, rank_share, rng_states, world_size
@@ -34,11 +34,12 @@ class Diverged(UserError):
 
 
 class Interrupted(UserError):
-    """A run stopped by Ctrl-C or SIGTERM, with the exit code the signal calls for."""
+    """A run stopped by Ctrl-C or SIGTERM, with the exit code the signal calls for: `what` happened and what is on
+    disk, then (`resumable`) how to continue, which a sweep replaces with its own command."""
 
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, what, exit_code, resumable=False):
+        super().__init__(what + ("; rerun the same command with --resume to continue" if resumable else ""))
+        self.what, self.exit_code = what, exit_code
 
 
 def activation_bytes_per_token(model):
@@ -283,8 +284,7 @@ def stopping_keeps_state(when, saved, state_path):
         yield
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (utils.Terminated)
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        hint = "; rerun the same command with --resume to continue" if saved else ""
-        raise Interrupted(f"{what} {when}; {kept}{hint}", interrupt_exit_code(e)) from None
+        raise Interrupted(f"{what} {when}; {kept}", interrupt_exit_code(e), resumable=bool(saved)) from None
     except Diverged as e:
         raise Diverged(f"{e} ({kept})") from None
 
@@ -295,7 +295,7 @@ class TrainConfig:
     `device` in `dtype` (autocast below fp32), gradients clipped to norm `clip` (None: not clipped), each batch cut
     into pieces of at most `micro_batch_tokens` padded tokens (None: whole batches). After every epoch the run's
     state goes to `state_path` (None: nowhere), from which `resume` continues a run saved with the same
-    `run_flags`; `compile` runs the model through torch.compile."""
+    `run_flags` on the same data; `compile` runs the model through torch.compile."""
     epochs: int
     batch_size: int
     lr: float
@@ -312,8 +312,9 @@ class TrainConfig:
 
 def fit(model, loss_fn, data, config, watch=None):
     """Train on data['train'] as `config` says, evaluating on data['dev'] after each epoch; the best epoch (dev
-    accuracy) is restored at the end. `watch` (a runlog.RunWatch) sees every step read and every epoch. Returns the
-    run: its id, history, best epoch (0 if none ran) and that epoch's dev evaluation.
+    accuracy) is restored at the end; a non-finite loss, weights or dev loss stops the run (Diverged). `watch` (a
+    runlog.RunWatch) sees every step read and every epoch. Returns the run: its id, history, best epoch (0 if none
+    ran) and that epoch's dev evaluation.
     On CUDA Adam is fused: one kernel per step, which also lets the fp16 scaler skip a step without a host read."""
     c = config
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=c.lr,
@@ -324,8 +325,9 @@ def fit(model, loss_fn, data, config, watch=None):
     trained = for_all_ranks(fast, c.device)
     run = {"run_id": uuid.uuid4().hex[:12], "epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0,
            "best_state": None, "best_dev": None}
+    prints = split_fingerprints(data)
     if c.resume:
-        run = load_run_state(c.state_path, model, optimizer, scaler, generator, c.run_flags)
+        run = load_run_state(c.state_path, model, optimizer, scaler, generator, c.run_flags, prints)
         tqdm.write(f"resuming after epoch {run['epoch']} from {c.state_path}")
     saved = run["epoch"] if c.state_path else 0  # the last epoch whose state is on disk
     labelled = max(1, int((data["train"].labels >= 0).sum()))  # transfer sentences (label -1) have none
@@ -340,9 +342,10 @@ def fit(model, loss_fn, data, config, watch=None):
             seconds = time.perf_counter() - start
             dev = evaluate(fast, data["dev"], loss_fn, batch_size=c.batch_size, device=c.device, dtype=c.dtype)
             row = epoch_record(epoch, train, len(data["train"]), labelled, seconds, dev)
+            check_finite(model, dev, f"epoch {epoch}/{c.epochs}")  # raises Diverged
             end_epoch(run, epoch, row, dev, model, c.epochs)
             if c.state_path:
-                save_state_everywhere(c.state_path, run, model, optimizer, scaler, generator, c.run_flags)
+                save_state_everywhere(c.state_path, run, model, optimizer, scaler, generator, c.run_flags, prints)
                 saved = epoch
         with stopping_keeps_state(f"after epoch {epoch}", saved, c.state_path):
             if watch:
@@ -350,6 +353,17 @@ def fit(model, loss_fn, data, config, watch=None):
     if run["best_state"] is not None:
         model.load_state_dict(run["best_state"], strict=False)
     return run
+
+
+def check_finite(model, dev, desc):
+    """Stop the run if an epoch left non-finite weights or dev loss, though its training losses were finite (a
+    single step can do it at a huge --lr): such weights are never kept, saved or counted as the best epoch."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    finite = torch.stack([torch.isfinite(p).all() for _, p in trained]).tolist()  # one read from the device
+    bad = [name for (name, _), ok in zip(trained, finite) if not ok]
+    if bad or not math.isfinite(dev["loss"]):
+        what = f"the weights ({bad[0]}) became nan or inf" if bad else f"the dev loss became {dev['loss']}"
+        raise Diverged(f"{desc}: {what}; try a lower --lr")
 
 
 def end_epoch(run, epoch, row, dev, model, epochs):
@@ -361,10 +375,10 @@ def end_epoch(run, epoch, row, dev, model, epochs):
     run["epoch"] = epoch
 
 
-def save_state_everywhere(path, run, model, optimizer, scaler, generator, run_flags):
-    """The run's state after an epoch, written by rank 0 with every rank's RNG states."""
+def save_state_everywhere(path, run, model, optimizer, scaler, generator, run_flags, prints):
+    """The run's state after an epoch, written by rank 0 with every rank's RNG states and the data's fingerprints."""
     rng = rng_states()
-    on_main(lambda: save_run_state(path, run, model, optimizer, scaler, generator, run_flags, rng))
+    on_main(lambda: save_run_state(path, run, model, optimizer, scaler, generator, run_flags, rng, prints))
 
 
 def train_config(args, model, device, dtype, out_path):
@@ -381,7 +395,7 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     """One run, start to finish: train with the shared loop (plots and the run's unfinished record after every
     epoch) on splits['train'], or on `train` when given (distil's training set with its transfer sentences),
     evaluate the best epoch on each evaluation split, calibrate it and print the summary; then rank 0 alone writes
-    the finished record and the model (to `out_path`, with `run_info`) and removes the --resume state. Returns the
+    the model (to `out_path`, with `run_info`), then the finished record, and removes the --resume state. Returns the
     run's record (None on other ranks)."""
     start, config = time.time(), train_config(args, model, device, dtype, out_path)
     watch = RunWatch(mode, args, device, dtype, splits)
@@ -397,8 +411,12 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     print_run_summary(mode, run["best_epoch"], args.epochs, s, splits)
 
     def write_results():
+        try:  # the model first: a record that says finished always has its model
+            save_trained(model, out_path, run_info)
+        except UserError as e:
+            raise UserError(f"{e}; the run's state is kept in {config.state_path}: once there is room, rerun the "
+                            "same command with --resume to save it") from None
         record = watch.finish(run, model, final, s, time.time() - start, extra)
-        save_trained(model, out_path, run_info)
         config.state_path.unlink(missing_ok=True)
         return record
 

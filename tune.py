@@ -4,6 +4,7 @@ The planning and checking of a sweep's runs here serve search.py's Optuna search
 import itertools
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -19,7 +20,8 @@ from data import DataSpec, load_text_data, run_stem
 from distil import latest_matching_rnn_run
 from metrics import mcnemar_exact
 from report import PLOTS_DIR, plot_grid
-from runlog import TUNING_DIR, read_jsonl, result_flags
+from runlog import TUNING_DIR, read_jsonl, result_flags, resume_state_path
+from train_utils import Interrupted
 from utils import Terminated, UserError, safe_name, write_text
 
 TUNABLE = ("LoRA", "rnn", "distil")
@@ -57,7 +59,11 @@ def planned_run(parser, args, rest, name, config, seed):
     """One run of a sweep: the mode's command line plus the output folder, --seed and the configuration's flags,
     parsed and checked by the subcommand's own `check`, as run.py's main does."""
     folder = f"models/tune/{name}/{safe_name(config_label(config))}_seed{seed}"
-    argv = [args.target, *rest, output_flag(args.target), folder, "--seed", str(seed)]
+    # a run an earlier sweep left interrupted continues from its last epoch (--restart: starts over); the sweep
+    # decides that per run, so a --resume passed to it is dropped
+    resume = not args.restart and resume_state_path(folder).exists()
+    argv = [args.target, *[a for a in rest if a != "--resume"], output_flag(args.target), folder, "--seed",
+            str(seed)] + (["--resume"] if resume else [])
     argv += [a for k, v in config.items() for a in (f"--{k}", v)]
     run_args = parser.parse_args(argv)
     run_args.check(parser, run_args)
@@ -97,9 +103,21 @@ def logged_run(run, records):
     return matches[-1] if matches else None
 
 
-def sweep(args, plan_of_sweep, execute):
+def sweep(args, plan_of_sweep, execute, argv):
     """Run a sweep (configurations x seeds), skipping runs already logged, then summarize it. `plan_of_sweep` is
-    tune_plan's result; `execute(run_args)` runs one planned run in this process."""
+    tune_plan's result; `execute(run_args)` runs one planned run in this process. Stopped by Ctrl-C or SIGTERM, it
+    says which command continues it: `argv`, the sweep's own command line, less --restart."""
+    try:
+        run_sweep(args, plan_of_sweep, execute)
+    except (KeyboardInterrupt, Interrupted) as e:
+        what = e.what if isinstance(e, Interrupted) else "terminated (SIGTERM)" if isinstance(e, Terminated) \
+            else "interrupted"
+        command = "python run.py " + shlex.join(a for a in argv if a != "--restart")
+        raise Interrupted(f"{what}; rerun `{command}` to continue: the finished runs are skipped, the interrupted "
+                          "ones resume from their last saved epoch", getattr(e, "exit_code", 130)) from None
+
+
+def run_sweep(args, plan_of_sweep, execute):
     name, grid, plan = plan_of_sweep
     log = f"{TUNING_DIR}/{run_stem(args.target, DataSpec.from_args(plan[0]['args']))}.jsonl"
     pending = []
@@ -138,12 +156,13 @@ def run_side_by_side(pending, slots, log_dir):
     def worker(slot):
         env = os.environ | slot_gpu(slot)
         for n, (label, run) in list(enumerate(pending))[slot::slots]:
-            with open(log_dir / f"{safe_name(label)}.log", "w") as log:
-                with lock:
-                    if stopping.is_set():
-                        return
-                    running[n] = subprocess.Popen([sys.executable, str(RUN_PY), *run["argv"]], env=env, stdout=log,
-                                                  stderr=subprocess.STDOUT)
+            with lock:  # a run not started once the sweep is stopping keeps its earlier log
+                if stopping.is_set():
+                    return
+                log = open(log_dir / f"{safe_name(label)}.log", "w")
+                running[n] = subprocess.Popen([sys.executable, str(RUN_PY), *run["argv"]], env=env, stdout=log,
+                                              stderr=subprocess.STDOUT)
+            with log:
                 code = running[n].wait()
             print(f"{label}: {'done' if code == 0 else f'FAILED (exit {code}), see {log.name}'}", flush=True)
 

@@ -4,8 +4,10 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import signal
 import stat
 import tempfile
@@ -68,14 +70,40 @@ def mode_for(path):
         return 0o666 & ~current_umask()
 
 
+# .<name>.<process id>-<random>.tmp: our temporary files, which say which process writes them
+TEMP_NAME = re.compile(r"\..+\.(\d+)-[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files in `folder` that a process of ours, killed while writing (SIGKILL, a power cut),
+    left behind: those named by TEMP_NAME whose process is gone. Files of running processes and the user's own
+    stay."""
+    for entry in os.scandir(folder):
+        found = TEMP_NAME.fullmatch(entry.name)
+        if found and entry.is_file(follow_symlinks=False) and not process_alive(int(found.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a process id at all
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes. The result has the
     mode open() would give it (mkstemp makes its files private, 0o600). A symbolic link is written through: its
-    target is replaced, and the link stays."""
+    target is replaced, and the link stays. Stale temporaries of ours in the folder go first."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
@@ -136,17 +164,26 @@ def safe_name(text, most=100):
     return name if len(name) <= most else f"{name[:most - 17]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # what the models compute in: a larger value is inf there
+
+
 def number_in(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: `kind` (int or float) within [low, high], each end optionally open."""
+    """An argparse type: `kind` (int or float) within [low, high], each end optionally open. A missing end is
+    infinity, itself outside: inf, NaN and numbers float32 cannot hold are refused, since a run given them trains
+    to NaN weights."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise argparse.ArgumentTypeError(f"must be a finite number (float32's largest is {FLOAT32_MAX:.3g}), "
+                                             f"got {text}")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or value != value:  # value != value: NaN
-            left, right = "(" if low_open else "[", ")" if high_open else "]"
+        if too_low or too_high:
+            left = "(" if low_open or low is None else "["
+            right = ")" if high_open or high is None else "]"
             bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value

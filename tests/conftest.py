@@ -223,3 +223,18 @@ def assert_same_weights(reference, folder):
     from safetensors.torch import load_file
     ours = load_file(folder / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys() and all((ours[k] - reference[k]).abs().max() <= 1e-6 for k in ours)
+
+
+def in_epoch(monkeypatch, epoch, fault):
+    """Call `fault(model, split, loss_fn, optimizer)` as training epoch `epoch` starts (a fault injected per epoch,
+    whatever the loop does inside one)."""
+    import train_utils
+    real, started = train_utils.train_epoch, []
+
+    def train_epoch(model, split, loss_fn, optimizer, **kwargs):
+        started.append(1)
+        if len(started) == epoch:
+            fault(model, split, loss_fn, optimizer)
+        return real(model, split, loss_fn, optimizer, **kwargs)
+
+    monkeypatch.setattr(train_utils, "train_epoch", train_epoch)

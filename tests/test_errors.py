@@ -1,6 +1,7 @@
 """What happens when a user types something wrong, or something goes wrong mid-run: one line on stderr, the
 right exit code, nothing half-written. Every row of README's "What happens when…" table is a case here."""
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -9,18 +10,19 @@ import pytest
 import torch
 
 import run
-import train_utils
-from conftest import (ROOT, assert_same_weights, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2,
+from checkpoints import save_student
+from conftest import (ROOT, assert_same_weights, in_epoch, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2,
                       start_run)
+from model import DistilRNN, RNNConfig
 
 # (what the user did, the command after `python run.py`, exit code, the start of the stderr line)
 CASES = [
     ("no subcommand", "", 2, "error: the following arguments are required: mode"),
-    ("zero new tokens", "gen --max_new_tokens 0", 2, "error: argument --max_new_tokens: must be in [1, inf], got 0"),
-    ("negative temperature", "gen --temperature -1", 2, "error: argument --temperature: must be in [0, inf], got -1"),
+    ("zero new tokens", "gen --max_new_tokens 0", 2, "error: argument --max_new_tokens: must be in [1, inf), got 0"),
+    ("negative temperature", "gen --temperature -1", 2, "error: argument --temperature: must be in [0, inf), got -1"),
     ("top-p of 0", "gen --top_p 0", 2, "error: argument --top_p: must be in (0, 1], got 0"),
     ("top-p above 1", "gen --top_p 1.5", 2, "error: argument --top_p: must be in (0, 1], got 1.5"),
-    ("top-k of 0", "gen --top_k 0", 2, "error: argument --top_k: must be in [1, inf], got 0"),
+    ("top-k of 0", "gen --top_k 0", 2, "error: argument --top_k: must be in [1, inf), got 0"),
     ("not a number", "gen --top_k ten", 2, "error: argument --top_k: not an integer: 'ten'"),
     ("unknown dtype", "gen --dtype float8", 2, "error: argument --dtype: invalid choice: 'float8'"),
     ("missing prompt file", "gen --prompt_file nope.txt", 2, "error: --prompt_file nope.txt: no such file"),
@@ -48,10 +50,10 @@ CASES = [
      "error: --greedy takes the most likely token: --temperature would be ignored"),
     ("hub id offline or unknown", "gen --gpt_variant no-such-org/no-such-gpt2", 1,
      "error: could not get 'no-such-org/no-such-gpt2' from the Hugging Face hub"),
-    ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf], got 0"),
-    ("batch size 0", "LoRA --batch_size 0", 2, "error: argument --batch_size: must be in [1, inf], got 0"),
-    ("negative epochs", "LoRA --epochs -1", 2, "error: argument --epochs: must be in [0, inf], got -1"),
-    ("learning rate 0", "LoRA --lr 0", 2, "error: argument --lr: must be in (0, inf], got 0"),
+    ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf), got 0"),
+    ("batch size 0", "LoRA --batch_size 0", 2, "error: argument --batch_size: must be in [1, inf), got 0"),
+    ("negative epochs", "LoRA --epochs -1", 2, "error: argument --epochs: must be in [0, inf), got -1"),
+    ("learning rate 0", "LoRA --lr 0", 2, "error: argument --lr: must be in (0, inf), got 0"),
     ("dropout 1", "LoRA --lora_dropout 1", 2, "error: argument --lora_dropout: must be in [0, 1), got 1"),
     ("unknown LoRA target", "LoRA --lora_targets attn.q_proj", 2,
      "error: argument --lora_targets: invalid choice: 'attn.q_proj'"),
@@ -66,9 +68,9 @@ CASES = [
     ("an existing file as the export folder", "export --model_path adapter-tiny --out notes.txt", 2,
      "error: --out notes.txt: exists and is not a folder"),
     ("KD alpha above 1", "distil --alpha 1.5", 2, "error: argument --alpha: must be in [0, 1], got 1.5"),
-    ("KD temperature 0", "distil --temperature 0", 2, "error: argument --temperature: must be in (0, inf], got 0"),
+    ("KD temperature 0", "distil --temperature 0", 2, "error: argument --temperature: must be in (0, inf), got 0"),
     ("a negative number of augmented sentences", "distil --augment -1", 2,
-     "error: argument --augment: must be in [0, inf], got -1"),
+     "error: argument --augment: must be in [0, inf), got -1"),
     ("a mask probability above 1", "distil --p_mask 1.5", 2, "error: argument --p_mask: must be in [0, 1], got 1.5"),
     ("sampling from a teacher base that is gone", "distil --model_path adapter-lost-base --transfer_gen 10", 2,
      "error: --transfer_gen: the teacher's base ./lost-base cannot be loaded to sample from: it is no such folder"),
@@ -112,9 +114,9 @@ CASES = [
     ("a label column with one class only", "rnn --dataset one-class", 1,
      "error: one-class, split 'train': the label column 'label' has one class only ('a')"),
     ("an empty text cell", "rnn --dataset empty-text", 1,
-     "error: empty-text, split 'train', row 1: the text ('sentence') is empty"),
+     "error: empty-text/train.csv, row 1: the text ('sentence') is empty"),
     ("a text cell that is not a string", "rnn --dataset number-text", 1,
-     "error: number-text, split 'train', row 0: the text ('sentence') is not a string (int)"),
+     "error: number-text/train.jsonl, row 0: the text ('sentence') is not a string (int)"),
     ("a --space flag the subcommand does not have", "tune rnn --search optuna --space no_such_flag=float:0:1", 2,
      "error: unrecognized arguments: --no_such_flag 0.0"),
     ("a --space log range from 0", "tune rnn --search optuna --space lr=log:0:1", 2,
@@ -123,6 +125,30 @@ CASES = [
      "error: --space rnn_cell=cat:: expected cat:A,B,... (the choice list is empty, or holds an empty choice)"),
     ("a --space range reversed", "tune rnn --search optuna --space lr=float:0.1:0.01", 2,
      "error: --space lr=float:0.1:0.01: the low bound 0.1 must be below the high bound 0.01"),
+    ("an infinite learning rate", "rnn --lr inf", 2,
+     "error: argument --lr: must be a finite number (float32's largest is 3.4e+38), got inf"),
+    ("a NaN flag", "distil --temperature nan", 2,
+     "error: argument --temperature: must be a finite number (float32's largest is 3.4e+38), got nan"),
+    ("labels mixing numbers and names", "rnn --dataset mixed-labels", 1,
+     "error: mixed-labels/train.jsonl, row 1: the label ('label') is the name 'word' but row 0 holds the number 0; "
+     "a label column holds names or numbers, not both"),
+    ("a list of labels per row (multi-label data)", "rnn --dataset list-labels", 1,
+     "error: list-labels/train.jsonl, row 0: the label ('label') is [0, 1]; a label is one class, a name or an "
+     "integer (multi-label and regression data are not supported)"),
+    ("a training file with a header only", "rnn --dataset header-only", 1,
+     "error: header-only/train.csv: no rows (a header at most)"),
+    ("a data file that datasets cannot parse", "rnn --dataset extra-field", 1,
+     "error: extra-field/train.csv: cannot read it (Error tokenizing data. C error: Expected 2 fields in line 3, "
+     "saw 3)"),
+    ("a validation file without the label column", "rnn --dataset unlabelled-dev", 1,
+     "error: unlabelled-dev/validation.csv: no label column 'label' (there are: sentence)"),
+    ("an adapter config with rank 0", "predict --model_path rank-zero --sentence Hi.", 1,
+     "error: rank-zero/adapter_config.json: r must be a positive integer, found 0"),
+    ("a student config with 0 layers", "predict --model_path no-layers --sentence Hi.", 1,
+     "error: no-layers/config.json: layers must be a positive integer, found 0"),
+    ("a parquet input that is not parquet", "predict --model_path no-layers --input broken.parquet", 1,
+     "error: --input broken.parquet: cannot read it (Parquet magic bytes not found in footer. Either the file is "
+     "corrupted or this is not a parquet file.)"),
 ]
 
 
@@ -158,7 +184,18 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
         (d / folder).mkdir()
         for n, data in good.items():
             (d / folder / n).write_bytes(content if n == name else data)
+    (d / "broken.parquet").write_bytes(b"PAR1 not a parquet file")
+    config = d / "rank-zero" / "adapter_config.json"
+    shutil.copytree(d / "adapter-tiny", d / "rank-zero")
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 0}))
+    save_student(DistilRNN(RNNConfig(hidden=8, layers=1)), d / "no-layers", {})
+    config = d / "no-layers" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"layers": 0}))
     tables = {"topics": ("train.csv", "sentence,label\nA goal.,sport\nSoup.,food\n"),
+              "mixed-labels": ("train.jsonl", '{"sentence": "A.", "label": 0}\n{"sentence": "B.", "label": "word"}\n'),
+              "list-labels": ("train.jsonl", '{"sentence": "A.", "label": [0, 1]}\n{"sentence": "B.", "label": [1]}\n'),
+              "header-only": ("train.csv", "sentence,label\n"),
+              "extra-field": ("train.csv", "sentence,label\nA goal.,sport\nSoup.,food,hot\n"),
               "one-class": ("train.csv", "sentence,label\nA goal.,a\nSoup.,a\n"),
               "empty-text": ("train.csv", "sentence,label\nA goal.,sport\n,food\n"),
               "number-text": ("train.jsonl", '{"sentence": 5, "label": "a"}\n{"sentence": 6, "label": "b"}\n')}
@@ -166,6 +203,9 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
         (d / folder).mkdir()
         (d / folder / name).write_text(content)
         (d / folder / name.replace("train", "validation")).write_text(content)
+    (d / "header-only" / "validation.csv").write_text("sentence,label\nA goal.,sport\nSoup.,food\n")
+    shutil.copytree(d / "topics", d / "unlabelled-dev")
+    (d / "unlabelled-dev" / "validation.csv").write_text("sentence\nA match.\n")
     return d
 
 
@@ -211,20 +251,6 @@ def test_unexpected_failure_is_one_line_with_a_hint(monkeypatch, capsys):
     assert err == "error: unexpected RuntimeError: something deep broke (rerun with --debug for the traceback)\n"
     with pytest.raises(RuntimeError):
         run.main(["gen", "--debug"])
-
-
-def in_epoch(monkeypatch, epoch, fault):
-    """Call `fault(model, split, loss_fn, optimizer)` as training epoch `epoch` starts (a fault injected per epoch,
-    whatever the loop does inside one)."""
-    real, started = train_utils.train_epoch, []
-
-    def train_epoch(model, split, loss_fn, optimizer, **kwargs):
-        started.append(1)
-        if len(started) == epoch:
-            fault(model, split, loss_fn, optimizer)
-        return real(model, split, loss_fn, optimizer, **kwargs)
-
-    monkeypatch.setattr(train_utils, "train_epoch", train_epoch)
 
 
 def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_state(tiny_gpt_dir, tmp_path, monkeypatch, capsys):

@@ -86,6 +86,21 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
     assert mine.exists()
 
 
+def test_a_killed_writes_temporaries_go_with_the_next_write_into_that_folder(tmp_path):
+    from model import DistilRNN, RNNConfig
+    mine = user_folder(tmp_path / "out")
+    (tmp_path / "out" / ".draft.tmp").write_text("the user's own")
+    live = tmp_path / "out" / f".config.json.{os.getpid()}-abcdefgh.tmp"  # a write in progress, by a live process
+    live.write_text("")
+    assert subprocess.run([sys.executable, "-c", CRASH_MID_SAVE.format(root=str(ROOT))], cwd=tmp_path).returncode == 9
+    stale = {p.name for p in (tmp_path / "out").glob(".*.tmp")} - {".draft.tmp", live.name}
+    assert {name.split(".")[1] for name in stale} == {"model", "config"}  # what the kill left
+    checkpoints.save_checkpoint(tmp_path / "out", "model.safetensors", DistilRNN(RNNConfig(hidden=8)).state_dict(),
+                                {"config.json": {}})
+    assert sorted(p.name for p in (tmp_path / "out").glob(".*.tmp")) == sorted([".draft.tmp", live.name])
+    assert mine.exists()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_written_files_and_folders_follow_the_umask(tmp_path, umask):
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), "rnn", *TINY_RNN], cwd=tmp_path,

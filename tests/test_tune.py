@@ -35,7 +35,7 @@ def test_a_bad_grid_is_refused_before_anything_runs(tmp_path, monkeypatch, capfd
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "unrecognized arguments: --no_such_flag 1" in result.stderr
     result = run_main("tune", "rnn", "--grid", "lr=0.1,-1", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
-    assert result.returncode == 2 and "argument --lr: must be in (0, inf], got -1" in result.stderr
+    assert result.returncode == 2 and "argument --lr: must be in (0, inf), got -1" in result.stderr
     assert not any(tmp_path.iterdir())
 
 
