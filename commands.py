@@ -11,7 +11,8 @@ from cpu_decoding import prepare_for_generation
 from data import DataSpec, encode, get_tokenizer, read_sentences
 from devices import compiled
 from distil import KDLoss, check_teacher_data, print_distil_report, teacher_logits
-from generation import Sampler, print_samples
+from beam_search import BeamSettings, beam_search
+from generation import Sampler, print_samples, print_stream
 from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
 from quantize import quantize_int8
@@ -45,13 +46,25 @@ def cmd_gen(args, device, dtype):
     prompt, prompt_ids = read_prompt(args, tokenizer)
     seed_everything(args.seed)  # --random_init draws its weights from the seed too
     model = prepare_for_generation(gpt_weights(GPT, args.gpt_variant, args.random_init), device, dtype,
-                                   rows=args.num_samples, quantize=args.quantize, compile=args.compile)
-    temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
+                                   rows=max(args.num_samples, args.num_beams), quantize=args.quantize, compile=args.compile)
     eos = None if args.ignore_eos else tokenizer.eot_token
-    samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)
-                for i in range(args.num_samples)]
+    if args.num_beams > 1:
+        if len(prompt_ids) + args.max_new_tokens > model.config.block_size:
+            raise UserError(f"beam search keeps the prompt ({len(prompt_ids)} tokens) and --max_new_tokens "
+                            f"{args.max_new_tokens} in the {model.config.block_size}-token context; ask for fewer")
+        return print_stream(tokenizer, prompt, iter(beam_search(model, prompt_ids, args.max_new_tokens,
+                                                                beam_settings(args), eos_id=eos)), eos, stream=False)
+    temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
+    samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i,
+                        no_repeat_ngram_size=args.no_repeat_ngram_size) for i in range(args.num_samples)]
     steps = model.generate_batch(prompt_ids, args.max_new_tokens, samplers, eos_id=eos)
     print_samples(tokenizer, prompt, steps, len(samplers), eos_id=eos, stream=not args.no_stream)
+
+
+def beam_settings(args):
+    early = {None: False, "false": False, "true": True, "never": "never"}[args.early_stopping]
+    return BeamSettings(args.num_beams, 1.0 if args.length_penalty is None else args.length_penalty,
+                        args.no_repeat_ngram_size, early, args.repetition_penalty)
 
 
 def cmd_lora(args, device, dtype):

@@ -221,9 +221,10 @@ class KVCache:
         self.kv[layer].narrow(3, self.length, T).copy_(kv)
         return self.kv[layer, :, :B, :, :self.length + T].unbind(0)
 
-    def keep(self, rows):
-        """Go on with these batch rows only (the samples that have not ended)."""
-        self.kv = self.kv[:, :, rows]
+    def reorder(self, rows):
+        """Go on with these batch rows, in this order, a row possibly more than once: the samples that have not
+        ended, or the parents of the beams a beam-search step keeps."""
+        self.kv = self.kv.index_select(2, rows)
 
 
 class GPT(nn.Module):
@@ -357,7 +358,7 @@ class GPT(nn.Module):
                 if not live:
                     return
                 if cache is not None:
-                    cache.keep(torch.tensor(going, device=device))
+                    cache.reorder(torch.tensor(going, device=device))
 
 
 # ----------------------------------------------------------------------------- classification

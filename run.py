@@ -151,6 +151,15 @@ def build_parser():
     g.add_argument("--num_samples", type=positive_int, default=1, help="samples to draw, in one batch (seeds "
                    "--seed, --seed+1, ...); sample 1 streams, the rest print at the end")
     g.add_argument("--no_stream", action="store_true", help="print each sample when it is complete")
+    g.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=0, help="never let an n-gram of this "
+                   "size occur twice in prompt + output (0: no ban)")
+    g.add_argument("--num_beams", type=positive_int, default=1, help="beam search with this many beams "
+                   "(transformers' semantics); 1: sample or --greedy")
+    g.add_argument("--length_penalty", type=float, help="beam search: a hypothesis scores its log-probability / "
+                   "length ** this; > 0 favours longer ones (default: 1)")
+    g.add_argument("--early_stopping", nargs="?", const="true", choices=["true", "false", "never"],
+                   help="beam search: true stops once num_beams hypotheses end, false (default) when none can "
+                   "still win by transformers' estimate, never when none can win at the longest length")
     g.add_argument("--quantize", choices=["int8"], help="int8 weights (one scale per output channel) for the "
                    "blocks and the head: a quarter of fp32's bytes to read per token (errors: see README)")
     g.set_defaults(func=cmd_gen, check=check_gen)
@@ -222,6 +231,7 @@ def check_gen(parser, args):
     ignored = [flag for flag in ("temperature", "top_p") if args.greedy and getattr(args, flag) is not None]
     if ignored:
         parser.error(f"--greedy takes the most likely token: --{ignored[0]} would be ignored")
+    check_beams(parser, args)
     check_variant(parser, args.gpt_variant)
     check_exists(parser, "prompt_file", args.prompt_file)
     if args.prompt_file:
@@ -229,6 +239,17 @@ def check_gen(parser, args):
             Path(args.prompt_file).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             parser.error(f"--prompt_file {args.prompt_file}: not UTF-8 text (byte {e.start})")
+
+
+def check_beams(parser, args):
+    """Beam flags need beams; beams pick the most likely hypotheses, one output, so no sampling flag applies."""
+    beam_only = [flag for flag in ("length_penalty", "early_stopping") if getattr(args, flag) is not None]
+    if args.num_beams == 1 and beam_only:
+        parser.error(f"--{beam_only[0]} is a beam-search setting: give --num_beams 2 or more")
+    sampling = [flag for flag in ("temperature", "top_p") if getattr(args, flag) is not None]
+    if args.num_beams > 1 and (sampling or args.num_samples > 1):
+        flag = f"--{sampling[0]}" if sampling else "--num_samples"
+        parser.error(f"--num_beams {args.num_beams} returns the most likely hypothesis: {flag} would be ignored")
 
 
 def check_lora(parser, args):
