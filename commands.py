@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 
 from batches import load_splits
-from checkpoints import (ADAPTER_CONFIG, adapter_base, build_classifier, gpt_weights, load_lora_classifier,
-                         load_predictor, save_checkpoint)
+from checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, gpt_weights,
+                         load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
 from cpu_decoding import prepare_for_generation
 from data import DataSpec, encode, get_tokenizer, read_sentences
 from devices import compiled
@@ -41,11 +41,16 @@ def read_prompt(args, tokenizer):
 
 
 def cmd_gen(args, device, dtype):
-    """All samples decode in one batch (see print_samples for how they are printed)."""
+    """All samples decode in one batch (see print_samples for how they are printed); --adapter decodes with a
+    CAUSAL_LM adapter folded into its base."""
     tokenizer = get_tokenizer()
     prompt, prompt_ids = read_prompt(args, tokenizer)
-    seed_everything(args.seed)  # --random_init draws its weights from the seed too
-    model = prepare_for_generation(gpt_weights(GPT, args.gpt_variant, args.random_init), device, dtype,
+    if args.adapter:
+        model = load_lora_lm(args.adapter, args.gpt_variant)
+    else:
+        seed_everything(args.seed)  # --random_init draws its weights from the seed too
+        model = gpt_weights(GPT, args.gpt_variant, args.random_init)
+    model = prepare_for_generation(model, device, dtype,
                                    rows=max(args.num_samples, args.num_beams), quantize=args.quantize, compile=args.compile)
     eos = None if args.ignore_eos else tokenizer.eot_token
     if args.num_beams > 1:
@@ -136,9 +141,11 @@ def cmd_export(args, device, dtype):
     if os.path.isdir(base) and Path(base).resolve() == Path(args.out).resolve():
         raise UserError(f"--out {args.out}: is the adapter's base model, which the export would replace; "
                         "choose another folder")
-    model = load_lora_classifier(args.model_path, args.gpt_variant)
+    lm = adapter_task(args.model_path) == LM_TASK
+    model = (load_lora_lm if lm else load_lora_classifier)(args.model_path, args.gpt_variant)
     save_checkpoint(args.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
-    print(f"merged classifier written to {args.out}: GPT2ForSequenceClassification.from_pretrained({args.out!r})")
+    kind, cls = ("language model", "GPT2LMHeadModel") if lm else ("classifier", "GPT2ForSequenceClassification")
+    print(f"merged {kind} written to {args.out}: {cls}.from_pretrained({args.out!r})")
 
 
 def cmd_info(args, device, dtype):

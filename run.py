@@ -7,7 +7,7 @@ import traceback
 from pathlib import Path
 
 import tune
-from checkpoints import folder_holds
+from checkpoints import ADAPTER_CONFIG, LM_TASK, adapter_task, folder_holds
 from commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_predict, cmd_rnn
 from data import DataSpec, default_cola_dir
 from devices import compute_dtype, resolve_device
@@ -76,6 +76,7 @@ def assignment_argv(argv):
 DERIVED_DEFAULTS = {
     "LoRA": {"lora_alpha": lambda args: args.LoRA_rank,
              "model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant)}"},
+    "gen": {"gpt_variant": lambda args: None if args.adapter else "gpt2"},  # with an adapter: the base it names
     "distil": {"model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}"},
 }
 
@@ -136,10 +137,15 @@ def build_parser():
                          help="gradient-norm clipping, 0 for none (ReLU RNNs explode without it)")
     student.add_argument("--epochs", type=non_negative_int, default=5, help="0 prints the parameter table only")
 
-    g = sub.add_parser("gen", parents=[seeded, gpt], help="generate text")
+    g = sub.add_parser("gen", parents=[seeded], help="generate text")
+    g.add_argument("--gpt_variant", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, any Hugging Face GPT-2 id, or a "
+                   "local folder in transformers' format (default: the --adapter's base, else gpt2)")
+    g.add_argument("--random_init", action="store_true", help="the variant's architecture with random weights")
     prompt = g.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     prompt.add_argument("--prompt_file", help="read the prompt from this file")
+    g.add_argument("--adapter", metavar="FOLDER", help="decode with this LoRA adapter (PEFT's CAUSAL_LM format) "
+                   "merged into its base")
     g.add_argument("--max_new_tokens", type=positive_int, default=100, help="tokens to generate per sample")
     g.add_argument("--temperature", type=non_negative_float, help="0 means greedy (default: 1)")
     g.add_argument("--top_k", type=positive_int, default=50, help="sample among the k most likely tokens")
@@ -203,7 +209,8 @@ def build_parser():
     predict.set_defaults(func=cmd_predict, check=check_model_use)
 
     export = sub.add_parser("export", parents=[common],
-                            help="write a LoRA-tuned classifier as a plain Hugging Face checkpoint, LoRA merged")
+                            help="write a LoRA-tuned classifier or language model as a plain Hugging Face "
+                            "checkpoint, LoRA merged")
     export.add_argument("--model_path", required=True, help="the adapter folder")
     export.add_argument("--gpt_variant", help="GPT-2 base (default: the one the adapter names)")
     export.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
@@ -233,6 +240,9 @@ def check_gen(parser, args):
         parser.error(f"--greedy takes the most likely token: --{ignored[0]} would be ignored")
     check_beams(parser, args)
     check_variant(parser, args.gpt_variant)
+    check_adapter_task(parser, "adapter", args.adapter, LM_TASK)
+    if args.adapter and args.random_init:
+        parser.error("--adapter builds its base as the adapter's run recorded it: --random_init would be ignored")
     check_exists(parser, "prompt_file", args.prompt_file)
     if args.prompt_file:
         try:
@@ -270,9 +280,27 @@ def check_model_use(parser, args):
     check_variant(parser, args.gpt_variant)
     check_exists(parser, "input", getattr(args, "input", None))
     check_exists(parser, "model_path", args.model_path, folder=True)
+    if args.mode == "predict":
+        check_adapter_task(parser, "model_path", args.model_path, "SEQ_CLS")
     if args.mode == "export":
         check_output_folder(parser, "out", args.out)
         check_output_kind(parser, "out", args.out, "a transformers model")
+
+
+def check_adapter_task(parser, flag, folder, task):
+    """--flag FOLDER, when given and an adapter, must be of PEFT's `task` type: gen decodes with a CAUSAL_LM
+    adapter, predict classifies with a SEQ_CLS one."""
+    if not folder:
+        return
+    check_exists(parser, flag, folder, folder=True)
+    if not (Path(folder) / ADAPTER_CONFIG).is_file() and task == LM_TASK:
+        parser.error(f"--{flag} {folder}: no {ADAPTER_CONFIG}, not a LoRA adapter folder")
+    if (Path(folder) / ADAPTER_CONFIG).is_file() and (adapter_task(folder) == LM_TASK) != (task == LM_TASK):
+        if task == LM_TASK:
+            parser.error(f"--{flag} {folder}: a classification adapter; gen decodes with a language-model "
+                         f"(CAUSAL_LM) adapter (classify with `python run.py predict --model_path {folder}`)")
+        parser.error(f"--{flag} {folder}: a language-model (CAUSAL_LM) adapter; predict classifies (decode with "
+                     f"`python run.py gen --adapter {folder}`)")
 
 
 def check_variant(parser, variant):
