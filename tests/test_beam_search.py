@@ -38,13 +38,14 @@ def hf_beams(hf, prompt, max_new_tokens, s, eos_id):
     hf.generation_config.eos_token_id = eos_id
     out = hf.generate(torch.tensor([prompt]), num_beams=s.num_beams, do_sample=False, max_new_tokens=max_new_tokens,
                       length_penalty=s.length_penalty, no_repeat_ngram_size=s.no_repeat_ngram_size,
+                      repetition_penalty=s.repetition_penalty,
                       early_stopping=s.early_stopping, pad_token_id=EOS, eos_token_id=eos_id)[0, len(prompt):]
     out = out.tolist()
     return out[:out.index(EOS) + 1] if eos_id is not None and EOS in out else out  # the rest is padding
 
 
 # length penalties below 1, where hypotheses that end early can win (above 1 they lose to long ones: see the cache test)
-SETTINGS = [BeamSettings(2, 0.8, 3), BeamSettings(2, -1.0, 0, True), BeamSettings(4, 0.8, 3),
+SETTINGS = [BeamSettings(2, 0.8, 3), BeamSettings(2, -1.0, 0, True, 1.3), BeamSettings(4, 0.8, 3),
             BeamSettings(4, 0.5, 2, "never")]
 
 
