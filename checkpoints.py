@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from distributed import main_first
-from model import (LABELS, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, fold_lora, inject_lora, lora_layers,
+from model import (GPT, LABELS, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, fold_lora, inject_lora, lora_layers,
                    variant_slug)
 from utils import UserError, atomic_files, read_json, seed_everything
 
@@ -139,6 +139,14 @@ def read_adapter_config(folder):
             "base_model": cfg.get("base_model_name_or_path")}
 
 
+LM_TASK = "CAUSAL_LM"  # PEFT's task type of a language-model adapter (ours are SEQ_CLS: classifiers)
+
+
+def adapter_task(folder):
+    """PEFT's task_type of an adapter folder: "CAUSAL_LM" for a language model (gen), else a classifier (predict)."""
+    return read_json(Path(folder) / ADAPTER_CONFIG, "adapter config").get("task_type") or "SEQ_CLS"
+
+
 def adapter_base(folder, variant=None):
     """(LoRA settings, run info, GPT-2 base) of an adapter folder; `variant`, when given, must be its base."""
     cfg = read_adapter_config(folder)
@@ -176,7 +184,7 @@ def load_adapter_weights(model, folder):
     if unknown:
         raise UserError(f"{path}: holds {unknown[0]}, outside the target set {injected_targets(ours)} that "
                         f"{ADAPTER_CONFIG} declares")
-    if "score.weight" not in tensors:
+    if isinstance(model, GPTClassifier) and "score.weight" not in tensors:
         raise UserError(f"{path}: no classification head (score.weight): not an adapter for sequence classification")
     missing = [k for k in ours if ".lora_" in k and k not in tensors]
     if missing:
@@ -234,6 +242,17 @@ def build_classifier(variant, random_init, seed, labels=LABELS):
 def load_lora_classifier(folder, variant=None):
     """The classifier `run.py LoRA` (or PEFT) saved in `folder`, LoRA folded in, in eval mode."""
     return load_lora_model(folder, variant, build_classifier)
+
+
+def build_lm(variant, random_init, seed, labels=None):
+    """GPT-2 with its LM head, pretrained or (random_init) drawn from `seed`; an LM has no labels."""
+    seed_everything(seed)
+    return gpt_weights(GPT, variant, random_init)
+
+
+def load_lora_lm(folder, variant=None):
+    """The language model a CAUSAL_LM adapter (PEFT's) describes, LoRA folded into its base, in eval mode."""
+    return load_lora_model(folder, variant, build_lm)
 
 
 def load_predictor(folder, variant):

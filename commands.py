@@ -5,14 +5,15 @@ from pathlib import Path
 import torch
 
 from batches import Split, load_splits
-from checkpoints import (ADAPTER_CONFIG, adapter_base, build_classifier, gpt_weights, load_lora_classifier,
-                         load_predictor, save_checkpoint)
+from beam_search import BeamSettings, beam_search
+from checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, gpt_weights,
+                         load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
 from cpu_decoding import prepare_for_generation
 from data import DataSpec, encode, get_tokenizer, read_sentences
 from devices import compiled
 from distil import (UNLABELLED, KDLoss, check_teacher_data, print_distil_report, teacher_logits,
                     transfer_teacher_logits)
-from generation import Sampler, print_samples
+from generation import Sampler, print_samples, print_stream
 from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
 from quantize import quantize_int8
@@ -42,18 +43,35 @@ def read_prompt(args, tokenizer):
 
 
 def cmd_gen(args, device, dtype):
-    """All samples decode in one batch (see print_samples for how they are printed)."""
+    """All samples decode in one batch (see print_samples for how they are printed); --adapter decodes with a
+    CAUSAL_LM adapter folded into its base."""
     tokenizer = get_tokenizer()
     prompt, prompt_ids = read_prompt(args, tokenizer)
-    seed_everything(args.seed)  # --random_init draws its weights from the seed too
-    model = prepare_for_generation(gpt_weights(GPT, args.gpt_variant, args.random_init), device, dtype,
-                                   rows=args.num_samples, quantize=args.quantize, compile=args.compile)
-    temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
+    if args.adapter:
+        model = load_lora_lm(args.adapter, args.gpt_variant)
+    else:
+        seed_everything(args.seed)  # --random_init draws its weights from the seed too
+        model = gpt_weights(GPT, args.gpt_variant, args.random_init)
+    model = prepare_for_generation(model, device, dtype,
+                                   rows=max(args.num_samples, args.num_beams), quantize=args.quantize, compile=args.compile)
     eos = None if args.ignore_eos else tokenizer.eot_token
-    samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)
-                for i in range(args.num_samples)]
+    if args.num_beams > 1:
+        if len(prompt_ids) + args.max_new_tokens > model.config.block_size:
+            raise UserError(f"beam search keeps the prompt ({len(prompt_ids)} tokens) and --max_new_tokens "
+                            f"{args.max_new_tokens} in the {model.config.block_size}-token context; ask for fewer")
+        return print_stream(tokenizer, prompt, iter(beam_search(model, prompt_ids, args.max_new_tokens,
+                                                                beam_settings(args), eos_id=eos)), eos, stream=False)
+    temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
+    samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i,
+                        no_repeat_ngram_size=args.no_repeat_ngram_size) for i in range(args.num_samples)]
     steps = model.generate_batch(prompt_ids, args.max_new_tokens, samplers, eos_id=eos)
     print_samples(tokenizer, prompt, steps, len(samplers), eos_id=eos, stream=not args.no_stream)
+
+
+def beam_settings(args):
+    early = {None: False, "false": False, "true": True, "never": "never"}[args.early_stopping]
+    return BeamSettings(args.num_beams, 1.0 if args.length_penalty is None else args.length_penalty,
+                        args.no_repeat_ngram_size, early, args.repetition_penalty)
 
 
 def cmd_lora(args, device, dtype):
@@ -145,9 +163,11 @@ def cmd_export(args, device, dtype):
     if os.path.isdir(base) and Path(base).resolve() == Path(args.out).resolve():
         raise UserError(f"--out {args.out}: is the adapter's base model, which the export would replace; "
                         "choose another folder")
-    model = load_lora_classifier(args.model_path, args.gpt_variant)
+    lm = adapter_task(args.model_path) == LM_TASK
+    model = (load_lora_lm if lm else load_lora_classifier)(args.model_path, args.gpt_variant)
     save_checkpoint(args.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
-    print(f"merged classifier written to {args.out}: GPT2ForSequenceClassification.from_pretrained({args.out!r})")
+    kind, cls = ("language model", "GPT2LMHeadModel") if lm else ("classifier", "GPT2ForSequenceClassification")
+    print(f"merged {kind} written to {args.out}: {cls}.from_pretrained({args.out!r})")
 
 
 def cmd_info(args, device, dtype):

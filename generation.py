@@ -1,4 +1,4 @@
-"""Picking the next token from logits (repetition penalty, temperature, top-k, top-p) and printing samples as
+"""Picking the next token from logits (repetition penalty, n-gram ban, temperature, top-k, top-p) and printing samples as
 they decode."""
 import codecs
 
@@ -7,20 +7,23 @@ import torch.nn.functional as F
 
 
 class Sampler:
-    """Picks the next token from logits: repetition penalty, then temperature, top-k, top-p (transformers' order).
+    """Picks the next token from logits: repetition penalty, n-gram ban, then temperature, top-k, top-p
+    (transformers' order).
 
     temperature 0 means greedy (argmax after the repetition penalty).
     """
 
-    def __init__(self, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=None):
+    def __init__(self, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=None,
+                 no_repeat_ngram_size=0):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.repetition_penalty = repetition_penalty
+        self.repetition_penalty, self.no_repeat_ngram_size = repetition_penalty, no_repeat_ngram_size
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
 
     def __call__(self, logits, context):
         logits = apply_repetition_penalty(logits, context, self.repetition_penalty)
+        logits = ban_repeated_ngrams(logits, context, self.no_repeat_ngram_size)
         if self.temperature == 0:
             return int(logits.argmax())
         logits = logits / self.temperature
@@ -43,6 +46,25 @@ def apply_repetition_penalty(logits, context, penalty):
     scores = logits[seen]
     logits = logits.clone()
     logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def banned_tokens(context, n):
+    """The tokens that would make an n-gram of `context` occur twice (transformers' NoRepeatNGramLogitsProcessor):
+    those that followed an earlier occurrence of the context's last n - 1 tokens."""
+    if n <= 0 or len(context) + 1 < n:
+        return []
+    tail = tuple(context[len(context) + 1 - n:])
+    return [gram[-1] for gram in zip(*[context[i:] for i in range(n)]) if gram[:-1] == tail]
+
+
+def ban_repeated_ngrams(logits, context, n):
+    """`logits` with the tokens that would repeat an n-gram of `context` at -inf (n = 0: unchanged)."""
+    banned = banned_tokens(context, n)
+    if not banned:
+        return logits
+    logits = logits.clone()
+    logits[banned] = float("-inf")
     return logits
 
 

@@ -221,9 +221,10 @@ class KVCache:
         self.kv[layer].narrow(3, self.length, T).copy_(kv)
         return self.kv[layer, :, :B, :, :self.length + T].unbind(0)
 
-    def keep(self, rows):
-        """Go on with these batch rows only (the samples that have not ended)."""
-        self.kv = self.kv[:, :, rows]
+    def reorder(self, rows):
+        """Go on with these batch rows, in this order, a row possibly more than once: the samples that have not
+        ended, or the parents of the beams a beam-search step keeps."""
+        self.kv = self.kv.index_select(2, rows)
 
 
 class GPT(nn.Module):
@@ -301,6 +302,21 @@ class GPT(nn.Module):
                                      f"expected {tuple(ours[key].shape)}")
                 ours[key].copy_(value)
 
+    # ------------------------------------------------------------------ saving in transformers' format
+
+    def hf_config(self):
+        """config.json of this model for transformers' GPT2LMHeadModel (the head tied to wte, its default)."""
+        c = self.config
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+                "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+                "layer_norm_epsilon": c.layer_norm_eps, "activation_function": "gelu_new",
+                "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50256}  # padding = <|endoftext|>
+
+    def hf_state_dict(self):
+        """The weights in transformers' GPT-2 layout: Conv1D weights are (in, out); lm_head is wte, not stored."""
+        return {key: value.t() if key.endswith(CONV1D_WEIGHTS) else value
+                for key, value in self.state_dict().items() if not key.startswith("lm_head.")}
+
     # ------------------------------------------------------------------ generation
 
     def new_cache(self, batch_size=1, size=None):
@@ -357,7 +373,7 @@ class GPT(nn.Module):
                 if not live:
                     return
                 if cache is not None:
-                    cache.keep(torch.tensor(going, device=device))
+                    cache.reorder(torch.tensor(going, device=device))
 
 
 # ----------------------------------------------------------------------------- classification
@@ -378,18 +394,9 @@ class GPTClassifier(GPT):
 
     def hf_config(self):
         """config.json of this classifier for transformers' GPT2ForSequenceClassification."""
-        c = self.config
-        return {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"], "vocab_size": c.vocab_size,
-                "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-                "layer_norm_epsilon": c.layer_norm_eps, "activation_function": "gelu_new",
-                "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50256,  # padding = <|endoftext|>
-                "id2label": {str(i): name for i, name in enumerate(self.labels)},
-                "label2id": {name: i for i, name in enumerate(self.labels)}}
-
-    def hf_state_dict(self):
-        """The weights in GPT2ForSequenceClassification's layout: Conv1D weights are (in, out); lm_head is wte."""
-        return {key: value.t() if key.endswith(CONV1D_WEIGHTS) else value
-                for key, value in self.state_dict().items() if not key.startswith("lm_head.")}
+        return super().hf_config() | {"architectures": ["GPT2ForSequenceClassification"],
+                                      "id2label": {str(i): name for i, name in enumerate(self.labels)},
+                                      "label2id": {name: i for i, name in enumerate(self.labels)}}
 
     def forward(self, idx, lengths):
         h = self.hidden(idx)  # (B, T, n_embd)

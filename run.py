@@ -8,7 +8,7 @@ from pathlib import Path
 
 import search
 import tune
-from checkpoints import ADAPTER_CONFIG, adapter_base, folder_holds
+from checkpoints import ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, folder_holds
 from commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_predict, cmd_rnn
 from data import DataSpec, cola_missing, default_cola_dir
 from devices import compute_dtype, resolve_device
@@ -77,6 +77,7 @@ def assignment_argv(argv):
 DERIVED_DEFAULTS = {
     "LoRA": {"lora_alpha": lambda args: args.LoRA_rank,
              "model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant)}"},
+    "gen": {"gpt_variant": lambda args: None if args.adapter else "gpt2"},  # with an adapter: the base it names
     "distil": {"model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}"},
 }
 
@@ -137,10 +138,15 @@ def build_parser():
                          help="gradient-norm clipping, 0 for none (ReLU RNNs explode without it)")
     student.add_argument("--epochs", type=non_negative_int, default=5, help="0 prints the parameter table only")
 
-    g = sub.add_parser("gen", parents=[seeded, gpt], help="generate text")
+    g = sub.add_parser("gen", parents=[seeded], help="generate text")
+    g.add_argument("--gpt_variant", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, any Hugging Face GPT-2 id, or a "
+                   "local folder in transformers' format (default: the --adapter's base, else gpt2)")
+    g.add_argument("--random_init", action="store_true", help="the variant's architecture with random weights")
     prompt = g.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     prompt.add_argument("--prompt_file", help="read the prompt from this file")
+    g.add_argument("--adapter", metavar="FOLDER", help="decode with this LoRA adapter (PEFT's CAUSAL_LM format) "
+                   "merged into its base")
     g.add_argument("--max_new_tokens", type=positive_int, default=100, help="tokens to generate per sample")
     g.add_argument("--temperature", type=non_negative_float, help="0 means greedy (default: 1)")
     g.add_argument("--top_k", type=positive_int, default=50, help="sample among the k most likely tokens")
@@ -152,6 +158,15 @@ def build_parser():
     g.add_argument("--num_samples", type=positive_int, default=1, help="samples to draw, in one batch (seeds "
                    "--seed, --seed+1, ...); sample 1 streams, the rest print at the end")
     g.add_argument("--no_stream", action="store_true", help="print each sample when it is complete")
+    g.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=0, help="never let an n-gram of this "
+                   "size occur twice in prompt + output (0: no ban)")
+    g.add_argument("--num_beams", type=positive_int, default=1, help="beam search with this many beams "
+                   "(transformers' semantics); 1: sample or --greedy")
+    g.add_argument("--length_penalty", type=float, help="beam search: a hypothesis scores its log-probability / "
+                   "length ** this; > 0 favours longer ones (default: 1)")
+    g.add_argument("--early_stopping", nargs="?", const="true", choices=["true", "false", "never"],
+                   help="beam search: true stops once num_beams hypotheses end, false (default) when none can "
+                   "still win by transformers' estimate, never when none can win at the longest length")
     g.add_argument("--quantize", choices=["int8"], help="int8 weights (one scale per output channel) for the "
                    "blocks and the head: a quarter of fp32's bytes to read per token (errors: see README)")
     g.set_defaults(func=cmd_gen, check=check_gen)
@@ -207,7 +222,8 @@ def build_parser():
     predict.set_defaults(func=cmd_predict, check=check_model_use)
 
     export = sub.add_parser("export", parents=[common],
-                            help="write a LoRA-tuned classifier as a plain Hugging Face checkpoint, LoRA merged")
+                            help="write a LoRA-tuned classifier or language model as a plain Hugging Face "
+                            "checkpoint, LoRA merged")
     export.add_argument("--model_path", required=True, help="the adapter folder")
     export.add_argument("--gpt_variant", help="GPT-2 base (default: the one the adapter names)")
     export.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
@@ -255,13 +271,28 @@ def check_gen(parser, args):
     ignored = [flag for flag in ("temperature", "top_p") if args.greedy and getattr(args, flag) is not None]
     if ignored:
         parser.error(f"--greedy takes the most likely token: --{ignored[0]} would be ignored")
+    check_beams(parser, args)
     check_variant(parser, args.gpt_variant)
+    check_adapter_task(parser, "adapter", args.adapter, LM_TASK)
+    if args.adapter and args.random_init:
+        parser.error("--adapter builds its base as the adapter's run recorded it: --random_init would be ignored")
     check_exists(parser, "prompt_file", args.prompt_file)
     if args.prompt_file:
         try:
             Path(args.prompt_file).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             parser.error(f"--prompt_file {args.prompt_file}: not UTF-8 text (byte {e.start})")
+
+
+def check_beams(parser, args):
+    """Beam flags need beams; beams pick the most likely hypotheses, one output, so no sampling flag applies."""
+    beam_only = [flag for flag in ("length_penalty", "early_stopping") if getattr(args, flag) is not None]
+    if args.num_beams == 1 and beam_only:
+        parser.error(f"--{beam_only[0]} is a beam-search setting: give --num_beams 2 or more")
+    sampling = [flag for flag in ("temperature", "top_p") if getattr(args, flag) is not None]
+    if args.num_beams > 1 and (sampling or args.num_samples > 1):
+        flag = f"--{sampling[0]}" if sampling else "--num_samples"
+        parser.error(f"--num_beams {args.num_beams} returns the most likely hypothesis: {flag} would be ignored")
 
 
 def check_lora(parser, args):
@@ -308,9 +339,27 @@ def check_model_use(parser, args):
     check_variant(parser, args.gpt_variant)
     check_exists(parser, "input", getattr(args, "input", None))
     check_exists(parser, "model_path", args.model_path, folder=True)
+    if args.mode == "predict":
+        check_adapter_task(parser, "model_path", args.model_path, "SEQ_CLS")
     if args.mode == "export":
         check_output_folder(parser, "out", args.out)
         check_output_kind(parser, "out", args.out, "a transformers model")
+
+
+def check_adapter_task(parser, flag, folder, task):
+    """--flag FOLDER, when given and an adapter, must be of PEFT's `task` type: gen decodes with a CAUSAL_LM
+    adapter, predict classifies with a SEQ_CLS one."""
+    if not folder:
+        return
+    check_exists(parser, flag, folder, folder=True)
+    if not (Path(folder) / ADAPTER_CONFIG).is_file() and task == LM_TASK:
+        parser.error(f"--{flag} {folder}: no {ADAPTER_CONFIG}, not a LoRA adapter folder")
+    if (Path(folder) / ADAPTER_CONFIG).is_file() and (adapter_task(folder) == LM_TASK) != (task == LM_TASK):
+        if task == LM_TASK:
+            parser.error(f"--{flag} {folder}: a classification adapter; gen decodes with a language-model "
+                         f"(CAUSAL_LM) adapter (classify with `python run.py predict --model_path {folder}`)")
+        parser.error(f"--{flag} {folder}: a language-model (CAUSAL_LM) adapter; predict classifies (decode with "
+                     f"`python run.py gen --adapter {folder}`)")
 
 
 def check_variant(parser, variant):

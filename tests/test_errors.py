@@ -48,6 +48,20 @@ CASES = [
      "error: unrecognized arguments: --dtype float16"),
     ("greedy with a temperature", "gen --greedy --temperature 0.7", 2,
      "error: --greedy takes the most likely token: --temperature would be ignored"),
+    ("a beam setting without beams", "gen --length_penalty 0.8", 2,
+     "error: --length_penalty is a beam-search setting: give --num_beams 2 or more"),
+    ("beams with several samples", "gen --num_beams 4 --num_samples 2", 2,
+     "error: --num_beams 4 returns the most likely hypothesis: --num_samples would be ignored"),
+    ("beams past the context", "gen --gpt_variant tiny-gpt2 --num_beams 2 --max_new_tokens 200", 1,
+     "error: beam search keeps the prompt (8 tokens) and --max_new_tokens 200 in the 128-token context"),
+    ("a classification adapter given to gen", "gen --adapter adapter-tiny", 2,
+     "error: --adapter adapter-tiny: a classification adapter; gen decodes with a language-model (CAUSAL_LM) "
+     "adapter (classify with `python run.py predict --model_path adapter-tiny`)"),
+    ("a folder without an adapter given to gen", "gen --adapter empty", 2,
+     "error: --adapter empty: no adapter_config.json, not a LoRA adapter folder"),
+    ("a language-model adapter given to predict", "predict --model_path lm-adapter --sentence Hi.", 2,
+     "error: --model_path lm-adapter: a language-model (CAUSAL_LM) adapter; predict classifies (decode with "
+     "`python run.py gen --adapter lm-adapter`)"),
     ("hub id offline or unknown", "gen --gpt_variant no-such-org/no-such-gpt2", 1,
      "error: could not get 'no-such-org/no-such-gpt2' from the Hugging Face hub"),
     ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf), got 0"),
@@ -171,6 +185,9 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
     for name in ("adapter-tiny", "corrupt-adapter", "bad-config"):
         save_tiny_adapter(d / name, str(d / "tiny-gpt2"), base_model="tiny-gpt2", run_info={})
     save_tiny_adapter(d / "adapter-lost-base", str(d / "tiny-gpt2"), base_model="./lost-base", run_info={})
+    lm_config = json.loads((d / "adapter-tiny" / "adapter_config.json").read_text()) | {"task_type": "CAUSAL_LM"}
+    (d / "lm-adapter").mkdir()
+    (d / "lm-adapter" / "adapter_config.json").write_text(json.dumps(lm_config))  # what the check reads
     weights = d / "corrupt-adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     (d / "bad-config" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
