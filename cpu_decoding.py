@@ -1,5 +1,6 @@
 """Preparing a GPT for decoding, in one call: device, dtype and eval mode, int8 weights (--quantize int8),
-MKL-packed products when several samples decode together on a CPU, and --compile."""
+MKL-packed products when several samples decode together on a CPU. (--compile decodes through
+static_decoding.py.)"""
 import os
 
 import torch
@@ -50,15 +51,13 @@ def pack_for_rows(model, rows):
     return model
 
 
-def prepare_for_generation(model, device, dtype, rows=1, quantize=None, compile=False):
+def prepare_for_generation(model, device, dtype, rows=1, quantize=None):
     """`model` (a GPT) moved to `device` and `dtype` in eval mode, to decode `rows` samples together: `quantize`
     "int8" makes its linear layers int8 (see quantize.Int8Linear), else several fp32 rows on a CPU go through packed
-    weights; `compile` compiles `hidden`, which decoding calls, with dynamic shapes (the cache grows each step)."""
+    weights."""
     model.to(device=device, dtype=dtype).eval()
     if quantize == "int8":
         quantize_int8(model)
     else:
         pack_for_rows(model, rows)
-    if compile:
-        model.hidden = torch.compile(model.hidden, dynamic=True)
     return model
