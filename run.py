@@ -95,7 +95,8 @@ def build_parser():
     compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                          help="auto: bf16 where it is native (GPUs from A100 on, CPUs with AMX/AVX512-BF16), fp16 "
                          "on T4/V100, else fp32 (MPS: fp16, fp32 to train)")
-    compute.add_argument("--compile", action="store_true", help="torch.compile the model")
+    compute.add_argument("--compile", action="store_true",
+                         help="torch.compile the model (gen: one graph per decode step, CUDA graphs on a GPU)")
     seeded = argparse.ArgumentParser(add_help=False, parents=[compute])
     seeded.add_argument("--seed", type=seed_int, default=0, help="seeds weights, data order, dropout and sampling "
                         "(the assignment's form, a number right after the subcommand, means the same)")

@@ -19,11 +19,11 @@ def attend(attn, x, kv, pos, visible):
     """attn (a CausalSelfAttention) on x (B, T, C) at positions pos (T,): its keys and values are written into kv
     (2, rows, nh, S, hs) at those positions, then the queries attend to the `visible` (T, S) positions of the cache.
 
-    A batch of one (the prompt shared by every sample) is written to every row, as KVCache does."""
+    A batch of one (the prompt shared by every sample) is written to every row, as KVCache does. The write is an
+    index_put_ on the layer's own tensor, which inductor keeps in place (gpt-fast's form)."""
     B, T, C = x.shape
     qkv = attn.c_attn(x).view(B, T, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-    new = qkv[1:].to(kv.dtype)  # (2, B, nh, T, hs), a view when the dtypes agree
-    kv.index_copy_(3, pos, new.expand(2, kv.size(1), *new.shape[2:]))
+    kv[:, :, :, pos] = qkv[1:].to(kv.dtype)  # (2, B, nh, T, hs): a view when the dtypes agree
     k, v = kv[:, :B].unbind(0)  # (B, nh, S, hs) each
     y = F.scaled_dot_product_attention(qkv[0].to(kv.dtype), k, v, attn_mask=visible)  # (B, nh, T, hs)
     return attn.c_proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
@@ -31,9 +31,9 @@ def attend(attn, x, kv, pos, visible):
 
 def last_hidden(model, idx, pos, kv):
     """Final hidden state (B, n_embd) of the last of the tokens idx (B, T) at positions pos (T,), their keys and
-    values written into kv (n_layer, 2, rows, nh, S, hs); query at position p sees the positions up to p."""
+    values written into kv, one (2, rows, nh, S, hs) tensor per layer; query at position p sees positions up to p."""
     t = model.transformer
-    visible = torch.arange(kv.size(4), device=idx.device) <= pos[:, None]  # (T, S)
+    visible = torch.arange(kv[0].size(3), device=idx.device) <= pos[:, None]  # (T, S)
     x = t.wte(idx) + t.wpe(pos)  # (B, T, n_embd)
     for layer, block in enumerate(t.h):
         x = x + attend(block.attn, block.ln_1(x), kv[layer], pos, visible)
@@ -42,7 +42,8 @@ def last_hidden(model, idx, pos, kv):
 
 
 def decode_step(model, idx, pos, kv, seen, u, settings):
-    """The next token (rows,) of every sample after the tokens idx (1 or rows, T) at positions pos (T,).
+    """The next token (rows,) of every sample after the tokens idx (1 or rows, T) at positions pos (T,), their keys
+    and values written into kv (see last_hidden).
 
     seen (rows, vocab) marks each sample's context for the repetition penalty and gets the new tokens; u (rows,)
     are the uniforms of the draws; settings (temperature, top_k, top_p, repetition_penalty) are Sampler's."""
@@ -70,9 +71,25 @@ class StaticDecoder:
         self.model = model
         self.device = model.transformer.wte.weight.device
         self.prefill = self.step = lambda *args: decode_step(model, *args)
+        self.kept = {}
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.step = torch.compile(self.step, fullgraph=True, dynamic=False, mode=mode)
+
+    def buffers(self, n, size):
+        """The KV cache (a tensor per layer) and the seen-token mask (cleared) for n samples and `size` positions,
+        kept from call to call, since CUDA graphs replay on the addresses they were recorded with. The cache starts
+        at zero: a masked position weighs 0 in attention, and 0 times what uninitialised memory holds may be NaN."""
+        if (n, size) not in self.kept:
+            layer = self.model.new_cache(n, size=1).kv[0]  # (2, n, nh, 1, hs) in the cache's dtype
+            kv = [layer.new_zeros(*layer.shape[:3], size, layer.size(4)) for _ in range(self.model.config.n_layer)]
+            seen = torch.zeros(n, BPE_TOKENS, dtype=torch.bool, device=self.device)
+            if self.device.type == "cuda":
+                for t in (*kv, seen):
+                    torch._dynamo.mark_static_address(t)
+            self.kept = {(n, size): (kv, seen)}  # one set at a time
+        kv, seen = self.kept[(n, size)]
+        return kv, seen.zero_()
 
     @torch.no_grad()
     def generate_batch(self, prompt, max_new_tokens, samplers, eos_id=None):
@@ -85,12 +102,8 @@ class StaticDecoder:
             raise ValueError("a static decode draws every sample with the same sampling settings")
         settings, n, block = settings.pop(), len(samplers), self.model.config.block_size
         size = cache_size(len(prompt) + max_new_tokens, block)
-        kv = self.model.new_cache(n, size).kv
-        seen = torch.zeros(n, BPE_TOKENS, dtype=torch.bool, device=self.device)
+        kv, seen = self.buffers(n, size)
         seen[:, sorted(set(prompt))] = True
-        if self.device.type == "cuda":  # CUDA graphs replay on fixed addresses: the buffers a step writes
-            torch._dynamo.mark_static_address(kv)
-            torch._dynamo.mark_static_address(seen)
         tokens = [list(prompt) for _ in samplers]
         ended = [False] * n
         for step in range(max_new_tokens):
