@@ -281,10 +281,11 @@ def seconds(fn):
     return time.perf_counter() - start
 
 
-def compiled_generation_cases(reps, new_tokens, samples_tokens, n=8, variant="gpt2"):
+def compiled_generation_cases(reps, new_tokens, samples_tokens, quick=False, n=8, variant="gpt2"):
     """The `gen` and `samples` rows with --compile (the static step through inductor), each with what compiling
     costs: a first run in an empty inductor cache, and a second after dynamo forgets the graph (inductor's cache
-    on disk serves it), beyond the median run."""
+    on disk serves it), beyond the median run. `quick`: the one-sample row alone (each row compiles for minutes on
+    2 cores)."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")  # the first compile is cold
     torch.manual_seed(0)
     prompt = torch.randint(0, 50257, (128,)).tolist()
@@ -296,8 +297,8 @@ def compiled_generation_cases(reps, new_tokens, samples_tokens, n=8, variant="gp
                f" --num_samples {n}", 3.0),
               (f"{len(prompt)}-token prompt, {new_tokens} new tokens, int8", prompt, new_tokens, 1, "int8",
                " --quantize int8", 3.5)]
-    for title, ids, tokens, rows, quantize, flags, target in setups:
-        model = prepare_for_generation(GPT.from_random(variant), CPU, auto, rows=rows, quantize=quantize)
+    for title, ids, tokens, rows, quantize, flags, target in setups[:1] if quick else setups:
+        model = prepare_for_generation(GPT.from_random(variant), CPU, auto, rows, quantize, compile=True)
         decoder = StaticDecoder(model)
 
         def ours():
@@ -489,7 +490,7 @@ def main():
     cases = {"lora": lambda: lora_cases(split, reps), "lora_bf16": lambda: [lora_bf16_case(split, reps)],
              "gen": lambda: generation_cases(reps, new_tokens),
              "samples": lambda: [batched_generation_case(reps, 16 if args.quick else 128)],
-             "compile": lambda: compiled_generation_cases(reps, new_tokens, 16 if args.quick else 128),
+             "compile": lambda: compiled_generation_cases(reps, new_tokens, 16 if args.quick else 128, args.quick),
              "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
              "rss": lambda: [peak_rss_case(64 if args.quick else 512)]}
     rows = []

@@ -46,7 +46,7 @@ def cmd_gen(args, device, dtype):
     prompt, prompt_ids = read_prompt(args, tokenizer)
     seed_everything(args.seed)  # --random_init draws its weights from the seed too
     model = prepare_for_generation(gpt_weights(GPT, args.gpt_variant, args.random_init), device, dtype,
-                                   rows=args.num_samples, quantize=args.quantize)
+                                   rows=args.num_samples, quantize=args.quantize, compile=args.compile)
     temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
     eos = None if args.ignore_eos else tokenizer.eot_token
     samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i)

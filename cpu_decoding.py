@@ -51,13 +51,14 @@ def pack_for_rows(model, rows):
     return model
 
 
-def prepare_for_generation(model, device, dtype, rows=1, quantize=None):
+def prepare_for_generation(model, device, dtype, rows=1, quantize=None, compile=False):
     """`model` (a GPT) moved to `device` and `dtype` in eval mode, to decode `rows` samples together: `quantize`
     "int8" makes its linear layers int8 (see quantize.Int8Linear), else several fp32 rows on a CPU go through packed
-    weights."""
+    weights, unless the model is for a compiled step (`compile`: inductor lowers MKL's packed product only for
+    weights frozen into the graph)."""
     model.to(device=device, dtype=dtype).eval()
     if quantize == "int8":
         quantize_int8(model)
-    else:
+    elif not compile:
         pack_for_rows(model, rows)
     return model
