@@ -8,14 +8,17 @@ and the peer alternately (A B A B ...) after a warm-up and reports medians and t
     python bench.py --cases gen samples predict --reps 3   # only these rows, 3 repetitions each
     python bench.py --quick      # a reduced run that only checks the benchmark still works
     python bench.py --json out.json
-    python bench.py --device cuda  # a GPU: LoRA training's MFU against this GPU's measured matmul peak
+    python bench.py --device cuda  # a GPU: LoRA training's MFU against this GPU's measured matmul peak, and
+                                   # decoding tokens/s, eager and compiled, ours and HF's
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,13 +31,14 @@ from data import default_cola_dir, encode, get_tokenizer, load_cola
 from devices import compute_dtype, default_micro_batch_tokens, loss_scaler
 from distil import UNLABELLED, KDLoss
 from generation import Sampler
-from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora,
+from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
+from static_decoding import StaticDecoder
 from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_epoch
 from utils import write_text
 
 CPU = torch.device("cpu")
-CASES = ("lora", "lora_bf16", "gen", "samples", "predict", "distil", "transfer", "rss")
+CASES = ("lora", "lora_bf16", "gen", "samples", "compile", "predict", "distil", "transfer", "rss")
 
 
 def alternate(runs, reps, warmup=1):
@@ -68,14 +72,16 @@ def matmul_gflops(dtype, n=2048, reps=10, device=CPU):
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def memory_gbps(mbytes=512, reps=5):
+def memory_gbps(mbytes=512, reps=5, device=CPU):
     """Measured memory bandwidth: bytes read + written by a large copy (the decoding roofline)."""
-    src = torch.empty(mbytes * 2 ** 20 // 4)
+    src = torch.empty(mbytes * 2 ** 20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         dst.copy_(src)
+    synchronize(device)
     return 2 * src.numel() * 4 * reps / (time.perf_counter() - start) / 1e9
 
 
@@ -263,6 +269,61 @@ def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
                 times, target=2.0, limit=("bandwidth", weight_bytes * new_tokens, memory_gbps()))
 
 
+def step_bytes(model):
+    """Bytes of weights a decoding step reads: the parameters, or with int8 weights the int8 blocks and head (the
+    embedding then gives one row a step)."""
+    int8 = sum(b.numel() * b.element_size() for b in model.buffers())
+    return int8 or sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compiled_generation_cases(reps, new_tokens, samples_tokens, quick=False, n=8, variant="gpt2"):
+    """The `gen` and `samples` rows with --compile (the static step through inductor), each with what compiling
+    costs: a first run in an empty inductor cache, and a second after dynamo forgets the graph (inductor's cache
+    on disk serves it), beyond the median run. `quick`: the one-sample row alone (each row compiles for minutes on
+    2 cores)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")  # the first compile is cold
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 50257, (128,)).tolist()
+    short = encode(get_tokenizer(), ["Hello, I'm a language model,"])[0]
+    auto, bandwidth = compute_dtype("auto", CPU), memory_gbps()
+    peer = hf_generator(load_config(variant))
+    setups = [(f"{len(prompt)}-token prompt, {new_tokens} new tokens", prompt, new_tokens, 1, None, "", 2.5),
+              (f"{n} samples in one batch, {samples_tokens} new tokens", short, samples_tokens, n, None,
+               f" --num_samples {n}", 3.0),
+              (f"{len(prompt)}-token prompt, {new_tokens} new tokens, int8", prompt, new_tokens, 1, "int8",
+               " --quantize int8", 3.5)]
+    for title, ids, tokens, rows, quantize, flags, target in setups[:1] if quick else setups:
+        model = prepare_for_generation(GPT.from_random(variant), CPU, auto, rows, quantize, compile=True)
+        decoder = StaticDecoder(model)
+
+        def ours():
+            list(decoder.generate_batch(ids, tokens, [Sampler(1.0, top_k=50, seed=i) for i in range(rows)]))
+
+        def theirs():
+            with torch.no_grad():
+                peer.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True,
+                              top_k=50, num_return_sequences=rows, pad_token_id=EOT)
+
+        first = seconds(ours)
+        torch._dynamo.reset()
+        second = seconds(ours)
+        theirs()
+        times = alternate({"ours": ours, "peer": theirs}, reps, warmup=0)
+        row = case(f"generation, {variant}, {title}, top-k 50, --compile", f"run.py gen --compile{flags} "
+                   f"({dtype_name(auto)})", f"generate(num_return_sequences={rows}) fp32", times, target=target,
+                   limit=("bandwidth", step_bytes(model) * tokens, bandwidth))
+        steady = row["ours_s"]
+        row["compile"] = (f"compile{flags}: first run +{first - steady:.1f}s (empty inductor cache), second run "
+                          f"+{second - steady:.1f}s (inductor's cache)")
+        yield row
+
+
 # ----------------------------------------------------------------------------- distillation
 
 def distil_case(split, reps):
@@ -353,6 +414,43 @@ def cuda_mfu(split, variant, reps, batch_size=128):
             "seconds": seconds, "achieved_gflops": achieved, "peak_gflops": peak, "mfu": achieved / peak}
 
 
+def cuda_generation_cases(reps, new_tokens=384, variants=("gpt2", "gpt2-medium")):
+    """Decoding on the GPU in its `--dtype auto`: ours eager and compiled (CUDA graphs) against HF's generate eager
+    and with its static cache (which generate compiles on a GPU), in tokens/s and against the GPU's bandwidth."""
+    device = torch.device("cuda")
+    dtype = compute_dtype("auto", device)
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 50257, (128,)).tolist()
+    bandwidth = memory_gbps(2048, 20, device)
+    for variant in variants:
+        ours = prepare_for_generation(GPT.from_random(variant), device, dtype)
+        peer = hf_generator(ours.config).to(device=device, dtype=dtype)
+        compiled = StaticDecoder(ours)
+
+        def timed(generate):
+            return lambda: (list(generate(prompt, new_tokens, [Sampler(1.0, top_k=50, seed=0)])),
+                            synchronize(device))
+
+        def hf(**kwargs):
+            with torch.no_grad():
+                peer.generate(torch.tensor([prompt], device=device), max_new_tokens=new_tokens, do_sample=True,
+                              min_new_tokens=new_tokens, top_k=50, pad_token_id=EOT, **kwargs)
+            synchronize(device)
+
+        times = alternate({"ours": timed(ours.generate_batch), "peer": hf, "compiled": timed(compiled.generate_batch),
+                           "peer_static": lambda: hf(cache_implementation="static")}, reps, warmup=2)
+        for label, a, b, peer_name in (("eager", "ours", "peer", "generate"),
+                                       ("compiled", "compiled", "peer_static",
+                                        'generate(cache_implementation="static"), compiled')):
+            row = case(f"generation on {torch.cuda.get_device_name(device)}, {variant}, 128-token prompt, "
+                       f"{new_tokens} new tokens, {dtype_name(dtype)}, {label}",
+                       f"run.py gen{' --compile' if a == 'compiled' else ''}", f"HF {peer_name}",
+                       {"ours": times[a], "peer": times[b]}, target=1.0,
+                       limit=("bandwidth", step_bytes(ours) * new_tokens, bandwidth))
+            row["tokens_per_s"] = f"{new_tokens / row['ours_s']:.0f} against {new_tokens / row['peer_s']:.0f}"
+            yield row
+
+
 # ----------------------------------------------------------------------------- table
 
 def dtype_name(dtype):
@@ -382,6 +480,17 @@ def print_table(rows):
                                   "yes" if r["met"] else "NO", r.get("of_limit", "-")] for r in rows]))
 
 
+def cuda_main(split, reps, args):
+    row = cuda_mfu(split, args.variant, reps)
+    print(f"{row['case']}: {row['seconds']:.2f}s, {row['achieved_gflops']:,.0f} of a measured "
+          f"{row['peak_gflops']:,.0f} GFLOP/s matmul peak: MFU {row['mfu']:.1%}")
+    rows = list(cuda_generation_cases(reps, 16 if args.quick else 384))
+    print_table(rows)
+    print("\n".join(f"{r['case']}: {r['tokens_per_s']} tokens/s" for r in rows))
+    if args.json:
+        write_text(args.json, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": [row, *rows]}, indent=2))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions: checks it runs, not speed")
@@ -390,7 +499,8 @@ def main():
     parser.add_argument("--cases", nargs="+", choices=CASES, help="only these cases (default: all, in this order)")
     parser.add_argument("--data_dir", default=default_cola_dir())
     parser.add_argument("--json", help="also write the table here")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU's training MFU only")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the GPU's training MFU and decoding only")
     parser.add_argument("--variant", default="gpt2", help="the GPT-2 architecture of --device cuda (random weights)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -401,16 +511,12 @@ def main():
     keep = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[:n].tolist()
     split = Split(encode(get_tokenizer(), [sentences[i] for i in keep]), torch.tensor([labels[i] for i in keep]))
     if args.device == "cuda":
-        row = cuda_mfu(split, args.variant, reps)
-        print(f"{row['case']}: {row['seconds']:.2f}s, {row['achieved_gflops']:,.0f} of a measured "
-              f"{row['peak_gflops']:,.0f} GFLOP/s matmul peak: MFU {row['mfu']:.1%}")
-        if args.json:
-            write_text(args.json, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": [row]}, indent=2))
-        return
+        return cuda_main(split, reps, args)
     new_tokens = 16 if args.quick else 384
     cases = {"lora": lambda: lora_cases(split, reps), "lora_bf16": lambda: [lora_bf16_case(split, reps)],
              "gen": lambda: generation_cases(reps, new_tokens),
              "samples": lambda: [batched_generation_case(reps, 16 if args.quick else 128)],
+             "compile": lambda: compiled_generation_cases(reps, new_tokens, 16 if args.quick else 128, args.quick),
              "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
              "transfer": lambda: [transfer_case(split, reps)],
              "rss": lambda: [peak_rss_case(64 if args.quick else 512)]}
@@ -419,9 +525,14 @@ def main():
         for row in cases[name]():
             rows.append(row)
             print(f"{row['case']}: ours {row['ours']}, peer {row['peer']}, {row['ratio']}", flush=True)
+            if "compile" in row:
+                print(f"  {row['compile']}", flush=True)
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}{', QUICK (not a speed measurement)' if args.quick else ''}")
     print_table(rows)
+    for row in rows:
+        if "compile" in row:
+            print(row["compile"])
     if args.json:
         write_text(args.json, json.dumps({"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "rows": rows},
                                          indent=2))

@@ -18,6 +18,7 @@ from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_f
                    mark_only_lora_as_trainable)
 from quantize import quantize_int8
 from report import print_parameter_table, print_predictions
+from static_decoding import StaticDecoder
 from system_info import system_report
 from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_and_report
 from transfer import transfer_sentences
@@ -52,8 +53,8 @@ def cmd_gen(args, device, dtype):
     else:
         seed_everything(args.seed)  # --random_init draws its weights from the seed too
         model = gpt_weights(GPT, args.gpt_variant, args.random_init)
-    model = prepare_for_generation(model, device, dtype,
-                                   rows=max(args.num_samples, args.num_beams), quantize=args.quantize, compile=args.compile)
+    model = prepare_for_generation(model, device, dtype, rows=max(args.num_samples, args.num_beams),
+                                   quantize=args.quantize, compile=args.compile)
     eos = None if args.ignore_eos else tokenizer.eot_token
     if args.num_beams > 1:
         if len(prompt_ids) + args.max_new_tokens > model.config.block_size:
@@ -64,7 +65,8 @@ def cmd_gen(args, device, dtype):
     temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
     samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i,
                         no_repeat_ngram_size=args.no_repeat_ngram_size) for i in range(args.num_samples)]
-    steps = model.generate_batch(prompt_ids, args.max_new_tokens, samplers, eos_id=eos)
+    decoder = StaticDecoder(model) if args.compile else model  # --compile: one compiled graph per step
+    steps = decoder.generate_batch(prompt_ids, args.max_new_tokens, samplers, eos_id=eos)
     print_samples(tokenizer, prompt, steps, len(samplers), eos_id=eos, stream=not args.no_stream)
 
 

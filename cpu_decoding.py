@@ -1,5 +1,6 @@
 """Preparing a GPT for decoding, in one call: device, dtype and eval mode, int8 weights (--quantize int8),
-MKL-packed products when several samples decode together on a CPU, and --compile."""
+MKL-packed products when several samples decode together on a CPU. (--compile decodes through
+static_decoding.py.)"""
 import os
 
 import torch
@@ -53,12 +54,11 @@ def pack_for_rows(model, rows):
 def prepare_for_generation(model, device, dtype, rows=1, quantize=None, compile=False):
     """`model` (a GPT) moved to `device` and `dtype` in eval mode, to decode `rows` samples together: `quantize`
     "int8" makes its linear layers int8 (see quantize.Int8Linear), else several fp32 rows on a CPU go through packed
-    weights; `compile` compiles `hidden`, which decoding calls, with dynamic shapes (the cache grows each step)."""
+    weights, unless the model is for a compiled step (`compile`: inductor lowers MKL's packed product only for
+    weights frozen into the graph)."""
     model.to(device=device, dtype=dtype).eval()
     if quantize == "int8":
         quantize_int8(model)
-    else:
+    elif not compile:
         pack_for_rows(model, rows)
-    if compile:
-        model.hidden = torch.compile(model.hidden, dynamic=True)
     return model

@@ -1,5 +1,5 @@
-"""Picking the next token from logits (repetition penalty, n-gram ban, temperature, top-k, top-p) and printing samples as
-they decode."""
+"""Picking the next token from logits (repetition penalty, n-gram ban, temperature, top-k, top-p) and printing
+samples as they decode."""
 import codecs
 
 import torch
@@ -26,15 +26,26 @@ class Sampler:
         logits = ban_repeated_ngrams(logits, context, self.no_repeat_ngram_size)
         if self.temperature == 0:
             return int(logits.argmax())
-        logits = logits / self.temperature
-        candidates = None
-        if self.top_k is not None:  # sample among the k best only: the same distribution, far less work
-            logits, candidates = top_k_candidates(logits, self.top_k)
-        if self.top_p is not None:
-            logits = top_p_filter(logits, self.top_p)
-        probs = F.softmax(logits, dim=-1).cpu()
-        choice = int(torch.multinomial(probs, 1, generator=self.generator))
-        return choice if candidates is None else int(candidates[choice])
+        u = torch.rand((), generator=self.generator)
+        return int(draw(logits, u.to(logits.device), self.temperature, self.top_k, self.top_p))
+
+
+def draw(logits, u, temperature, top_k=None, top_p=None):
+    """The token that the uniform `u` in [0, 1) picks from softmax(logits / temperature) cut to the top-k, then the
+    top-p nucleus: the first token whose cumulative probability passes u. `logits` (..., vocab), `u` one per row
+    (...). One uniform per draw, no generator inside: the same function of the logits for one sample on the host
+    and for a batch inside a compiled step (static_decoding.py), so both draw the same tokens from the same seeds."""
+    logits = logits / temperature
+    candidates = None
+    if top_k is not None:  # sample among the k best only: the same distribution, far less work
+        logits, candidates = top_k_candidates(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    cdf = F.softmax(logits, dim=-1).cumsum(-1)
+    # Tokens whose cumulative probability is at most u * total come before the pick (a zero-probability token
+    # never is the pick); u < 1 keeps it in range, the clamp guards the last bit of rounding.
+    choice = (cdf <= u.unsqueeze(-1) * cdf[..., -1:]).sum(-1, keepdim=True).clamp_max(cdf.size(-1) - 1)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
 
 
 def apply_repetition_penalty(logits, context, penalty):
@@ -68,19 +79,26 @@ def ban_repeated_ngrams(logits, context, n):
     return logits
 
 
+def penalize_seen(logits, seen, penalty):
+    """apply_repetition_penalty for rows of logits (B, vocab) whose seen tokens `seen` (B, vocab) marks: the same
+    arithmetic, with no shape that depends on the context."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def top_k_candidates(logits, k):
-    """The k largest logits, in descending order, and their token ids."""
+    """The k largest logits of each row, in descending order, and their token ids."""
     return torch.topk(logits, min(k, logits.size(-1)))
 
 
 def top_p_filter(logits, p):
-    """Keep the smallest set of most likely tokens whose probability adds up to at least p (nucleus sampling)."""
-    sorted_logits, order = torch.sort(logits, descending=True)
+    """Keep, in each row, the smallest set of most likely tokens whose probability adds up to at least p (nucleus
+    sampling)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = F.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
     drop_sorted = mass_before >= p
-    drop_sorted[0] = False  # the most likely token always stays
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    drop_sorted[..., 0] = False  # the most likely token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 

@@ -97,7 +97,8 @@ def build_parser():
     compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                          help="auto: bf16 where it is native (GPUs from A100 on, CPUs with AMX/AVX512-BF16), fp16 "
                          "on T4/V100, else fp32 (MPS: fp16, fp32 to train)")
-    compute.add_argument("--compile", action="store_true", help="torch.compile the model")
+    compute.add_argument("--compile", action="store_true",
+                         help="torch.compile the model (gen: one graph per decode step, CUDA graphs on a GPU)")
     seeded = argparse.ArgumentParser(add_help=False, parents=[compute])
     seeded.add_argument("--seed", type=seed_int, default=0, help="seeds weights, data order, dropout and sampling "
                         "(the assignment's form, a number right after the subcommand, means the same)")
@@ -272,6 +273,9 @@ def check_gen(parser, args):
     if ignored:
         parser.error(f"--greedy takes the most likely token: --{ignored[0]} would be ignored")
     check_beams(parser, args)
+    eager_only = [flag for flag, off in (("num_beams", 1), ("no_repeat_ngram_size", 0)) if getattr(args, flag) > off]
+    if args.compile and eager_only:
+        parser.error(f"--compile compiles the sampling step, which has no --{eager_only[0]}: drop one of the two")
     check_variant(parser, args.gpt_variant)
     check_adapter_task(parser, "adapter", args.adapter, LM_TASK)
     if args.adapter and args.random_init:

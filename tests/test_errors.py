@@ -82,6 +82,8 @@ CASES = [
     ("an existing file as the export folder", "export --model_path adapter-tiny --out notes.txt", 2,
      "error: --out notes.txt: exists and is not a folder"),
     ("KD alpha above 1", "distil --alpha 1.5", 2, "error: argument --alpha: must be in [0, 1], got 1.5"),
+    ("a compiled step with beams", "gen --compile --num_beams 2", 2,
+     "error: --compile compiles the sampling step, which has no --num_beams: drop one of the two"),
     ("KD temperature 0", "distil --temperature 0", 2, "error: argument --temperature: must be in (0, inf), got 0"),
     ("a negative number of augmented sentences", "distil --augment -1", 2,
      "error: argument --augment: must be in [0, inf), got -1"),
