@@ -10,15 +10,26 @@ from distributed import main_first
 from model import EOT
 
 
+IGNORE = -100  # a position without a target: PyTorch's ignore_index, transformers' label for "no loss here"
+
+
 @dataclass
 class Split:
-    """Tokenized sentences of one split, with label ids and (for distillation) the teacher's logits."""
+    """Tokenized sentences of one split, with label ids and (for distillation) the teacher's logits, or (for a
+    language model) each position's target token (IGNORE where there is none)."""
     tokens: list
     labels: torch.Tensor
     teacher: torch.Tensor = None
+    targets: list = None
 
     def __len__(self):
         return len(self.tokens)
+
+    def units(self, rows):
+        """What the loss of `rows` averages over: the sentences, or a language model's target tokens."""
+        if self.targets is None:
+            return len(rows)
+        return sum(len(self.targets[i]) - self.targets[i].count(IGNORE) for i in rows)
 
 
 class Splits(dict):
@@ -28,6 +39,7 @@ class Splits(dict):
     def __init__(self, spec, data):
         super().__init__()
         self.spec, self.labels, self.titles, self.notes = spec, tuple(data.labels), data.titles, data.notes
+        self.task = "classify"  # or "lm": lm_data.load_lm_splits
 
     def identity(self):
         """What a model trained on these splits records of them, for `distil` to check its teacher by."""
@@ -85,7 +97,8 @@ def data_fingerprint(splits):
     """A short hash of the exact training and evaluation data ({name: object with .tokens and .labels})."""
     h = hashlib.sha256()
     for name in sorted(splits):
-        h.update(repr((splits[name].tokens, splits[name].labels.tolist())).encode())
+        split = splits[name]
+        h.update(repr((split.tokens, split.labels.tolist()) + ((split.targets,) if split.targets else ())).encode())
     return h.hexdigest()[:16]
 
 
@@ -94,15 +107,22 @@ def split_fingerprints(splits):
     return {name: data_fingerprint({name: split}) for name, split in splits.items()}
 
 
+def padded(seqs, value):
+    """(len(seqs), longest) long tensor of the sequences, right-padded with `value`."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        out[row, :len(s)] = torch.tensor(s)
+    return out
+
+
 def collate(split, index, device):
-    """Right-pad the sentences at `index` to the longest of them: (ids, lengths, labels, teacher)."""
+    """Right-pad the sentences at `index` to the longest of them: (ids, lengths, labels, teacher); a language
+    model's labels are its targets per position, padded with IGNORE."""
     seqs = [split.tokens[i] for i in index]
     lengths = torch.tensor([len(s) for s in seqs])
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), EOT, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, :len(s)] = torch.tensor(s)
+    labels = split.labels[index] if split.targets is None else padded([split.targets[i] for i in index], IGNORE)
     teacher = None if split.teacher is None else to_device(split.teacher[index], device)
-    return to_device(ids, device), to_device(lengths, device), to_device(split.labels[index], device), teacher
+    return to_device(padded(seqs, EOT), device), to_device(lengths, device), to_device(labels, device), teacher
 
 
 def bucketed_batches(lengths, batch_size, generator, bucket=16):
