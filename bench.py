@@ -31,6 +31,8 @@ from data import default_cola_dir, encode, get_tokenizer, load_cola
 from devices import compute_dtype, default_micro_batch_tokens, loss_scaler
 from distil import UNLABELLED, KDLoss
 from generation import Sampler
+from lm_data import lm_split, text_blocks
+from lm_loss import NextToken
 from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
 from static_decoding import StaticDecoder
@@ -38,7 +40,7 @@ from train_utils import activation_bytes_per_token, cross_entropy, predict_logit
 from utils import write_text
 
 CPU = torch.device("cpu")
-CASES = ("lora", "lora_bf16", "gen", "samples", "compile", "predict", "distil", "transfer", "rss")
+CASES = ("lora", "lora_bf16", "lm", "gen", "samples", "compile", "predict", "distil", "transfer", "rss")
 
 
 def alternate(runs, reps, warmup=1):
@@ -174,6 +176,43 @@ def lora_bf16_case(split, reps, variant="gpt2", batch_size=128):
     return case(f"LoRA train epoch, {len(split)} sentences, same bucketed batches", "ours bf16 autocast",
                 "HF + PEFT bf16 autocast", times, target=2.5,
                 limit=("matmul", flops, matmul_gflops(torch.bfloat16)))
+
+
+def lm_lora_case(sentences, reps, blocks, variant="gpt2", block_size=256, batch_size=8):
+    """An epoch of `run.py LoRA --task lm` on text blocks against transformers + PEFT's GPT2LMHeadModel on the same
+    blocks (its labels the inputs, shifted inside), both in bf16 autocast where bf16 is native, else fp32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    dtype = compute_dtype("auto", CPU)
+    split = lm_split(text_blocks(get_tokenizer(), sentences, block_size)[:blocks])
+    ours = cast_frozen_linears(mark_only_lora_as_trainable(inject_lora(GPT.from_random(variant), 4, 4)), dtype)
+    c = ours.config
+    peer = get_peft_model(GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)),
+                          LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"],
+                                     task_type="CAUSAL_LM", fan_in_fan_out=True,
+                                     modules_to_save=["ln_1", "ln_2", "ln_f"]))
+    opts = {name: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=2e-4)
+            for name, m in (("ours", ours), ("peer", peer))}
+    batches = shuffled_batches(len(split), batch_size, seed=0)
+
+    def peer_epoch():
+        peer.train()
+        for index in batches:
+            ids = torch.tensor([split.tokens[i] for i in index])
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = peer(input_ids=ids, labels=ids).loss
+            opts["peer"].zero_grad(set_to_none=True)
+            loss.backward()
+            opts["peer"].step()
+
+    times = alternate({"ours": lambda: train_epoch(ours, split, NextToken(), opts["ours"], batch_size=batch_size,
+                                                   generator=torch.Generator().manual_seed(0), device=CPU,
+                                                   dtype=dtype, micro_batch_tokens=default_micro_batch_tokens(CPU)),
+                       "peer": peer_epoch}, reps)
+    flops = 4 * sum(p.numel() for p in ours.parameters()) * split.units(range(len(split)))  # the head is wte
+    return case(f"LoRA --task lm epoch, {len(split)} blocks of {block_size} tokens, {variant} r=4, batch "
+                f"{batch_size}", f"ours {dtype_name(dtype)} autocast", f"HF + PEFT {dtype_name(dtype)} autocast",
+                times, target=1.5, limit=("matmul", flops, matmul_gflops(dtype)))
 
 
 def predict_case(split, reps, variant="gpt2", batch_size=128):
@@ -518,6 +557,7 @@ def main():
              "samples": lambda: [batched_generation_case(reps, 16 if args.quick else 128)],
              "compile": lambda: compiled_generation_cases(reps, new_tokens, 16 if args.quick else 128, args.quick),
              "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
+             "lm": lambda: [lm_lora_case(sentences, reps, 4 if args.quick else 64)],
              "transfer": lambda: [transfer_case(split, reps)],
              "rss": lambda: [peak_rss_case(64 if args.quick else 512)]}
     rows = []

@@ -52,6 +52,7 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 
 
 PEFT_PREFIX = "base_model.model."
+LM_TASK = "CAUSAL_LM"  # PEFT's task type of a language-model adapter (a classifier's is SEQ_CLS)
 
 
 def modules_to_save(model):
@@ -67,10 +68,12 @@ def modules_to_save(model):
 
 
 def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info):
-    """Save the trainable tensors (LoRA A/B, LayerNorms, head) in PEFT's LoRA format for
-    GPT2ForSequenceClassification: `PeftModel.from_pretrained` loads the folder as it is."""
+    """Save the trainable tensors (LoRA A/B, LayerNorms, a classifier's head) in PEFT's LoRA format for
+    GPT2ForSequenceClassification (SEQ_CLS), or for GPT2LMHeadModel (CAUSAL_LM) when the model is a language
+    model: `PeftModel.from_pretrained` loads the folder as it is."""
     tensors = {PEFT_PREFIX + k: v for k, v in model.named_parameters() if v.requires_grad}
-    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
+    task = "SEQ_CLS" if isinstance(model, GPTClassifier) else LM_TASK
+    config = {"peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model,
               "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
               "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
               "bias": "none", "modules_to_save": modules_to_save(model),
@@ -137,9 +140,6 @@ def read_adapter_config(folder):
                         f"(supported: {', '.join(LORA_TARGETS)})")
     return {"r": cfg["r"], "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
             "base_model": cfg.get("base_model_name_or_path")}
-
-
-LM_TASK = "CAUSAL_LM"  # PEFT's task type of a language-model adapter (ours are SEQ_CLS: classifiers)
 
 
 def adapter_task(folder):

@@ -6,14 +6,16 @@ import torch
 
 from batches import Split, load_splits
 from beam_search import BeamSettings, beam_search
-from checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, gpt_weights,
-                         load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
+from checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, build_lm,
+                         gpt_weights, load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
 from cpu_decoding import prepare_for_generation
 from data import DataSpec, encode, get_tokenizer, read_sentences
 from devices import compiled
 from distil import (UNLABELLED, KDLoss, check_teacher_data, print_distil_report, teacher_logits,
                     transfer_teacher_logits)
 from generation import Sampler, print_samples, print_stream
+from lm_data import load_lm_splits
+from lm_loss import NextToken
 from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
 from quantize import quantize_int8
@@ -23,6 +25,8 @@ from system_info import system_report
 from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_and_report
 from transfer import transfer_sentences
 from utils import UserError, seed_everything
+
+LM_BLOCK_SIZE = 256  # --task lm's default block, nanoGPT's fine-tuning size, a quarter of GPT-2's context
 
 
 def build_student(args, splits=None):
@@ -77,20 +81,32 @@ def beam_settings(args):
 
 
 def cmd_lora(args, device, dtype):
+    """LoRA on a classifier (--task classify) or on GPT-2's own head (--task lm): the same loop, another model,
+    data and objective."""
+    lm = args.task == "lm"
     if args.epochs == 0:  # only the parameter table: build on the meta device, no weights, no download
         with torch.device("meta"):
-            model = GPTClassifier.from_random(args.gpt_variant)
+            model = (GPT if lm else GPTClassifier).from_random(args.gpt_variant)
         return print_parameter_table(mark_only_lora_as_trainable(inject_lora(
             model, args.LoRA_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)))
-    splits = data_splits(args, get_tokenizer(), load_config(args.gpt_variant).block_size)
-    model = build_classifier(args.gpt_variant, args.random_init, args.seed, splits.labels)
+    splits = lm_splits(args) if lm else data_splits(args, get_tokenizer(), load_config(args.gpt_variant).block_size)
+    model = (build_lm if lm else build_classifier)(args.gpt_variant, args.random_init, args.seed, splits.labels)
     inject_lora(model, args.LoRA_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     mark_only_lora_as_trainable(model)
     print_parameter_table(model)
     cast_frozen_linears(model, dtype).to(device)
     run_info = {"random_init": args.random_init, "seed": args.seed, "gpt_variant": args.gpt_variant,
-                **splits.identity()}
-    train_and_report("LoRA", model, cross_entropy, splits, args, device, dtype, args.model_path, run_info)
+                **splits.identity(), **({"task": "lm"} if lm else {})}
+    train_and_report("LoRA", model, NextToken() if lm else cross_entropy, splits, args, device, dtype,
+                     args.model_path, run_info)
+
+
+def lm_splits(args):
+    """--task lm's splits: text blocks (or pairs) of --block_size tokens, by default 256 or the context if shorter."""
+    block_size = args.block_size or min(LM_BLOCK_SIZE, load_config(args.gpt_variant).block_size)
+    return load_lm_splits(DataSpec.from_args(args), get_tokenizer(), block_size=block_size,
+                          prompt_column=args.prompt_column, completion_column=args.completion_column,
+                          max_examples=args.max_examples, seed=args.seed)
 
 
 def cmd_rnn(args, device, dtype):

@@ -16,7 +16,7 @@ from metrics import ECE_BINS, calibration, majority_label, mcnemar_exact, scores
 from model import LABELS, cast_frozen_linears, count_parameters, variant_slug
 from report import PLOTS_DIR, format_table, plot_calibration, plot_summary, score_cells, score_headers
 from runlog import TUNING_DIR, read_jsonl
-from train_utils import predict_logits
+from train_utils import Classification, predict_logits
 from utils import UserError, atomic_path, file_sha256
 
 
@@ -47,7 +47,9 @@ def kd_loss(student, teacher, labels, temperature, alpha, kind="kl"):
     return torch.where(labelled, alpha * soft + (1 - alpha) * hard, soft).mean()
 
 
-class KDLoss:
+class KDLoss(Classification):
+    """A student's objective: a classifier's, but with kd_loss against the teacher's logits as its loss."""
+
     def __init__(self, temperature, alpha, kind="kl"):
         self.temperature, self.alpha, self.kind = temperature, alpha, kind
 

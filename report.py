@@ -117,20 +117,25 @@ def save_figure(fig, path):
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def plot_history(history, mode, splits, baseline_acc, best_acc_ci=None, plots_dir="plots"):
+def plot_history(history, mode, splits, baseline, best_acc_ci=None, plots_dir="plots"):
     """plots/<mode>_loss.png and plots/<mode>_acc.png (<mode>-<dataset>_... past CoLA): train vs validation per
-    epoch, majority baseline drawn, and the best epoch's 95% interval as an error bar."""
+    epoch, majority baseline drawn, and the best epoch's 95% interval as an error bar. A language model's second
+    plot is its dev perplexity (<mode>..._perplexity.png), beside the base model's before training (`baseline`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     epochs = [h["epoch"] for h in history]
+    lm = splits.task == "lm"
     paths = []
-    for metric, label in (("loss", "loss"), ("acc", "accuracy")):
+    for metric, label in (("loss", "loss"), ("perplexity", "perplexity") if lm else ("acc", "accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
+        if metric != "perplexity":  # training has no perplexity of its own: its loss is over dropout's model
+            ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"dev_{metric}"] for h in history], "s-", label=f"validation ({splits.titles['dev']})")
-        if metric == "acc":
-            ax.axhline(baseline_acc, color="gray", linestyle="--", label=f"majority baseline ({baseline_acc:.2%})")
+        if metric == "perplexity":
+            ax.axhline(baseline, color="gray", linestyle="--", label=f"base model, untrained ({baseline:.2f})")
+        elif metric == "acc":
+            ax.axhline(baseline, color="gray", linestyle="--", label=f"majority baseline ({baseline:.2%})")
             best = max(history, key=lambda h: h["dev_acc"])
             if best_acc_ci:
                 low, high = best_acc_ci
@@ -149,12 +154,12 @@ def plot_history(history, mode, splits, baseline_acc, best_acc_ci=None, plots_di
     return paths
 
 
-def draw_history(run, mode, splits, baseline_acc):
-    """plots/<mode>_loss.png and _acc.png (<mode>-<dataset>_... past CoLA) for the epochs so far, the best one with
-    its 95% Wilson interval."""
+def draw_history(run, mode, splits, baseline):
+    """plots/<mode>_loss.png and _acc.png (<mode>-<dataset>_... past CoLA; a language model's _perplexity.png) for
+    the epochs so far, a classifier's best one with its 95% Wilson interval."""
     n = len(splits["dev"])
-    best_ci = wilson_interval(round(run["best_acc"] * n), n)
-    return plot_history(run["history"], mode, splits, baseline_acc, best_ci, PLOTS_DIR)
+    best_ci = None if splits.task == "lm" else wilson_interval(round(run["best_score"] * n), n)
+    return plot_history(run["history"], mode, splits, baseline, best_ci, PLOTS_DIR)
 
 
 def plot_summary(entries, splits, plots_dir="plots", transfer=None):
@@ -218,22 +223,24 @@ def plot_calibration(entries, splits, plots_dir="plots"):
     return path
 
 
-def plot_grid(labels, configs, baseline_acc, path):
-    """A sweep: dev accuracy and MCC per configuration, mean with error bars of one standard deviation over seeds."""
+def plot_grid(labels, configs, panels, path):
+    """A sweep: one panel per metric, its mean per configuration with error bars of one standard deviation over
+    seeds, beside a reference line. `panels`: [(metric, axis label, reference value, the reference's label)]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (acc, mcc) = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(configs)), 7), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * len(configs)), 3.5 * len(panels)), sharex=True,
+                             squeeze=False)
     x = list(range(len(configs)))
-    acc.errorbar(x, [c["dev_acc"][0] for c in configs], yerr=[c["dev_acc"][1] for c in configs], fmt="o", capsize=4)
-    acc.axhline(baseline_acc, color="gray", linestyle="--", label=f"majority baseline ({baseline_acc:.2%})")
-    acc.set(ylabel="dev accuracy", title="sweep: mean ± std over seeds")
-    acc.legend()
-    mcc.errorbar(x, [c["dev_mcc"][0] for c in configs], yerr=[c["dev_mcc"][1] for c in configs], fmt="s",
-                 color="tab:orange", capsize=4)
-    mcc.axhline(0, color="gray", linestyle="--")
-    mcc.set(ylabel="dev MCC")
-    mcc.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    for ax, (metric, label, reference, about), (marker, color) in zip(axes[:, 0], panels, (("o", None),
+                                                                                         ("s", "tab:orange"))):
+        ax.errorbar(x, [c[metric][0] for c in configs], yerr=[c[metric][1] for c in configs], fmt=marker,
+                    color=color, capsize=4)
+        ax.axhline(reference, color="gray", linestyle="--", label=about)
+        ax.set(ylabel=label)
+        ax.legend()
+    axes[0, 0].set(title="sweep: mean ± std over seeds")
+    axes[-1, 0].set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
     save_figure(fig, path)
     plt.close(fig)
     return path

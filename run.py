@@ -13,7 +13,7 @@ from commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_pr
 from data import DataSpec, cola_missing, default_cola_dir
 from devices import compute_dtype, resolve_device
 from distributed import init_distributed, is_main
-from model import LORA_TARGETS, ModelError, looks_like_path, variant_slug
+from model import LORA_TARGETS, ModelError, load_config, looks_like_path, variant_slug
 from report import PLOTS_DIR
 from runlog import TUNING_DIR, resume_state_path
 from utils import (Terminated, UserError, fraction, interrupt_exit_code, non_negative_float, non_negative_int,
@@ -76,9 +76,14 @@ def assignment_argv(argv):
 # help says what it follows).
 DERIVED_DEFAULTS = {
     "LoRA": {"lora_alpha": lambda args: args.LoRA_rank,
-             "model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant)}"},
+             "model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant)}"
+                                        + ("-lm" if args.task == "lm" else ""),
+             "batch_size": lambda args: 8 if args.task == "lm" else 128,
+             "lr": lambda args: 2e-4 if args.task == "lm" else 1e-3},
+    "rnn": {"batch_size": lambda args: 128, "lr": lambda args: 1e-3},
     "gen": {"gpt_variant": lambda args: None if args.adapter else "gpt2"},  # with an adapter: the base it names
-    "distil": {"model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}"},
+    "distil": {"model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}",
+               "batch_size": lambda args: 128, "lr": lambda args: 1e-3},
 }
 
 
@@ -113,8 +118,9 @@ def build_parser():
                        "(downloaded there when missing; $COLA_DATA_DIR when set, else data/cola)")
     train.add_argument("--max_examples", type=positive_int, help="train on a seeded random subset of this size")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run with these flags")
-    train.add_argument("--batch_size", type=positive_int, default=128, help="sentences per optimizer step")
-    train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--batch_size", type=positive_int, help="sentences (or text blocks) per optimizer step "
+                       "(default: 128; LoRA --task lm: 8)")
+    train.add_argument("--lr", type=positive_float, help="Adam learning rate (default: 1e-3; LoRA --task lm: 2e-4)")
     train.add_argument("--tensorboard", nargs="?", const="auto", metavar="DIR", help="log steps and epochs for "
                        "TensorBoard in DIR (given alone: runs/<mode>-<time>-<pid>)")
     train.add_argument("--micro_batch_tokens", type=positive_int, help="split each batch into pieces of at most "
@@ -181,7 +187,16 @@ def build_parser():
     lora.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS),
                       help="the linear layers of each block that get LoRA")
     lora.add_argument("--epochs", type=non_negative_int, default=10, help="0 prints the parameter table only")
-    lora.add_argument("--model_path", help="adapter folder to write (default models/LoRA-<variant>)")
+    lora.add_argument("--model_path", help="adapter folder to write (default models/LoRA-<variant>, with --task lm "
+                      "models/LoRA-<variant>-lm)")
+    lora.add_argument("--task", choices=["classify", "lm"], default="classify", help="classify: a score head on "
+                      "the last token, trained on labels; lm: GPT-2's own next-token loss on text blocks or on "
+                      "prompt -> completion pairs (a CAUSAL_LM adapter for `gen --adapter`)")
+    lora.add_argument("--block_size", type=positive_int, help="--task lm: tokens per text block, and the longest "
+                      "prompt + completion kept (default: 256, or the model's context if shorter)")
+    lora.add_argument("--prompt_column", help="--task lm: train on prompt -> completion pairs, the prompt from this "
+                      "column (its tokens are inputs, never targets)")
+    lora.add_argument("--completion_column", help="--task lm: the completion of each pair (needs --prompt_column)")
     lora.set_defaults(func=cmd_lora, check=check_lora)
 
     rnn = sub.add_parser("rnn", parents=[seeded, train, data, student], help="train the DistilRNN student on labels")
@@ -255,7 +270,7 @@ def build_parser():
     sweep.add_argument("--pruner", choices=["median", "none"], help="--search optuna: median stops a trial whose "
                        "dev metric after an epoch is below the median of earlier trials' there (default: median)")
     sweep.add_argument("--metric", choices=list(search.METRICS), help="--search optuna: the mean dev metric a "
-                       "trial is scored by; perplexity is minimized (default: acc)")
+                       "trial is scored by; perplexity is minimized (default: acc; LoRA --task lm: perplexity)")
     sweep.add_argument("--storage", metavar="URL", help="--search optuna: the study's database URL (sqlite:///..., "
                        "postgresql://..., mysql://...) or a journal file on a shared filesystem (default: "
                        "sqlite:///tuning/<name>.db)")
@@ -304,7 +319,32 @@ def check_lora(parser, args):
     if twice:
         parser.error(f"--lora_targets: {twice} is given twice")
     check_variant(parser, args.gpt_variant)
+    check_task(parser, args)
     check_training(parser, args, "model_path")
+
+
+LM_ONLY, CLASSIFY_ONLY = ("block_size", "prompt_column", "completion_column"), ("label_column",)
+
+
+def check_task(parser, args):
+    """Each task's own flags; a language model reads text from --dataset (CoLA is labelled sentences), pairs need
+    both columns, and a block fits in the model's context."""
+    other = CLASSIFY_ONLY if args.task == "lm" else LM_ONLY
+    given = next((flag for flag in other if getattr(args, flag) is not None), None)
+    if given:
+        needs = "--task classify (labels)" if args.task == "lm" else "--task lm"
+        parser.error(f"--{given} is for {needs}: it does not apply to --task {args.task}")
+    if args.task != "lm":
+        return
+    if args.dataset == "cola" and args.epochs:
+        parser.error("--task lm trains on text: give --dataset (a .txt file or folder, a folder of data files, or a "
+                     "hub id) with a text column, or --prompt_column and --completion_column")
+    if bool(args.prompt_column) != bool(args.completion_column):
+        parser.error(f"--{'prompt' if args.completion_column else 'completion'}_column is needed too: pairs have a "
+                     "prompt and a completion")
+    context = args.block_size and load_config(args.gpt_variant).block_size
+    if args.block_size and args.block_size > context:
+        parser.error(f"--block_size {args.block_size}: over {args.gpt_variant}'s context of {context} tokens")
 
 
 def check_distil(parser, args):

@@ -11,7 +11,6 @@ import torch
 from batches import data_fingerprint
 from data import run_stem
 from distributed import broadcast_from_main, is_main, on_main, rank, world_size
-from metrics import majority_accuracy
 from model import count_parameters
 from report import draw_history
 from utils import UserError, atomic_path, write_text
@@ -138,30 +137,25 @@ def load_run_state(path, model, optimizer, scaler, generator, config, data):
     torch.set_rng_state(state["rng"][rank()]["cpu"])
     if state["rng"][rank()]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"][rank()]["cuda"])
-    return {k: state[k] for k in ("run_id", "epoch", "history", "best_epoch", "best_acc", "best_state", "best_dev")}
+    return {k: state[k] for k in ("run_id", "epoch", "history", "best_epoch", "best_score", "best_state", "best_dev")}
 
 
-def run_record(mode, args, device, dtype, splits, model, run, final, s, seconds, plots):
-    """The run's line in its log: every flag, per-epoch metrics, the best epoch, predictions and dev probabilities,
-    calibration, timing."""
-    history, best_epoch = run["history"], run["best_epoch"]
+def run_record(mode, args, device, dtype, splits, model, run, s, seconds, plots):
+    """The run's line in its log: every flag, per-epoch metrics, the best epoch, what the objective records of the
+    final scores (`s["record"]`: a classifier's predictions, dev probabilities and calibration; a language model's
+    perplexities beside its base model's), timing."""
     total, trainable = count_parameters(model)
-    names = splits.evaluated
-    return {"mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": flags(args),
+    return {"mode": mode, "task": splits.task, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": flags(args),
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits),
-            "parameters": total, "trainable_parameters": trainable, "history": history, "best_epoch": best_epoch,
-            "majority_label": s["majority"], **{f"baseline_{name}_acc": s["baseline"][name]["acc"] for name in names},
-            **{f"{name}_{k}": v for name in names for k, v in s["model"][name].items()},
-            "dev_sentences_per_s": final["dev"]["sentences_per_s"],
-            **{f"{name}_preds": final[name]["preds"] for name in names},
-            "dev_probs": final["dev"]["logits"].softmax(-1).round(decimals=6).tolist(),
-            "calibration": s["calibration"], "wall_seconds": seconds, "plots": plots}
+            "parameters": total, "trainable_parameters": trainable, "history": run["history"],
+            "best_epoch": run["best_epoch"], **s["record"], "wall_seconds": seconds, "plots": plots}
 
 
-def progress_record(mode, args, device, dtype, data, run):
+def progress_record(mode, args, device, dtype, splits, data, run):
     """The run's line in tuning/<mode>.jsonl while it trains: rewritten after every epoch and marked unfinished,
     so that a run stopped midway still shows its epochs and a sweep never counts it as done."""
     return {"mode": mode, "run_id": run["run_id"], "finished": False, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "task": splits.task,
             "args": flags(args), "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data,
             "history": run["history"], "best_epoch": run["best_epoch"]}
 
@@ -179,10 +173,10 @@ class RunWatch:
     the trial's `fields()`, and each epoch's row goes to `report(row)`; when that says the trial is pruned, the
     run's record says so (unfinished, `"pruned": true`) and the run stops with Pruned."""
 
-    def __init__(self, mode, args, device, dtype, splits):
+    def __init__(self, mode, args, device, dtype, splits, baseline):
         self.mode, self.args, self.device, self.dtype, self.splits = mode, args, device, dtype, splits
         self.log = f"{TUNING_DIR}/{run_stem(mode, splits.spec)}.jsonl"
-        self.data, self.baseline_acc = data_fingerprint(splits), majority_accuracy(splits)
+        self.data, self.baseline = data_fingerprint(splits), baseline  # the plots' reference line
         self.board = TensorBoardLog.open(args, mode) if is_main() else None
         self.trial = getattr(args, "trial", None)
         self.trial_fields = self.trial.fields() if self.trial else {}
@@ -198,17 +192,17 @@ class RunWatch:
             raise Pruned(f"pruned after epoch {run['epoch']}")
 
     def write_progress(self, run, extra):
-        draw_history(run, self.mode, self.splits, self.baseline_acc)
-        record = progress_record(self.mode, self.args, self.device, self.dtype, self.data, run)
+        draw_history(run, self.mode, self.splits, self.baseline)
+        record = progress_record(self.mode, self.args, self.device, self.dtype, self.splits, self.data, run)
         write_jsonl_record(self.log, record | self.trial_fields | extra, key="run_id")
         if self.board:
             self.board.epoch(run["history"][-1], self.args.lr)
 
-    def finish(self, run, model, final, s, seconds, extra=None):
+    def finish(self, run, model, s, seconds, extra=None):
         """The finished run's plots and its record (returned), which replaces its unfinished line."""
-        plots = draw_history(run, self.mode, self.splits, self.baseline_acc)
-        record = run_record(self.mode, self.args, self.device, self.dtype, self.splits, model, run, final, s,
-                            seconds, plots)
+        plots = draw_history(run, self.mode, self.splits, self.baseline)
+        record = run_record(self.mode, self.args, self.device, self.dtype, self.splits, model, run, s, seconds,
+                            plots)
         record |= {"run_id": run["run_id"], "finished": True, **self.trial_fields, **(extra or {})}
         write_jsonl_record(self.log, record, key="run_id")
         print(f"plots: {', '.join(plots)}; run logged to {self.log}")
@@ -249,9 +243,10 @@ class TensorBoardLog:
         self.writer.add_scalar("train/step_loss", loss, self.done + step)
 
     def epoch(self, row, lr):
-        for tag, key in (("train/loss", "train_loss"), ("train/acc", "train_acc"), ("dev/loss", "dev_loss"),
-                         ("dev/acc", "dev_acc"), ("dev/mcc", "dev_mcc"), ("train/tokens_per_s", "train_tokens_per_s")):
-            self.writer.add_scalar(tag, row[key], row["epoch"])
+        for key in ("train_loss", "train_acc", "dev_loss", "dev_acc", "dev_mcc", "dev_perplexity",
+                    "train_tokens_per_s"):
+            if key in row:  # a classifier has an MCC, a language model a perplexity
+                self.writer.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
         self.writer.add_scalar("train/lr", lr, row["epoch"])
         self.writer.flush()
         self.done += self.last

@@ -25,7 +25,7 @@ from utils import UserError, safe_name, write_text
 # --metric: the field of a run's record (and of each epoch's row) it reads, its name, and Optuna's direction.
 METRICS = {"acc": ("dev_acc", "dev accuracy", "maximize"), "mcc": ("dev_mcc", "dev MCC", "maximize"),
            "perplexity": ("dev_perplexity", "dev perplexity", "minimize")}
-DEFAULTS = {"trials": 20, "sampler": "tpe", "pruner": "median", "metric": "acc"}
+DEFAULTS = {"trials": 20, "sampler": "tpe", "pruner": "median", "metric": None}  # metric: see search_plan
 KINDS = ("log", "float", "int", "cat")
 # A running trial records a heartbeat every HEARTBEAT_S seconds; one silent for GRACE_S is failed and queued
 # again (at most MAX_RETRY times), so a killed worker's trial goes to another worker.
@@ -117,9 +117,14 @@ def search_plan(parser, args, rest):
     check_sweep_command(parser, args, rest)
     space = parse_space(parser, args.target, args.space)
     base = parser.parse_args([args.target, *rest])
-    if args.metric == "perplexity" and getattr(base, "task", None) != "lm":
+    lm = getattr(base, "task", None) == "lm"
+    args.metric = args.metric or ("perplexity" if lm else "acc")
+    if args.metric == "perplexity" and not lm:
         parser.error(f"--metric perplexity: {args.target} runs record no perplexity (a language-model run does: "
                      "LoRA --task lm); use --metric acc or mcc")
+    if args.metric == "mcc" and lm:
+        parser.error("--metric mcc: a language model's runs record no MCC; use --metric perplexity (the default "
+                     "for --task lm) or acc (its token accuracy)")
     spec = DataSpec.from_args(base)
     name = safe_name(args.name or "_".join([run_stem(args.target, spec), "search", *space]))
     first = {flag: dim.ends()[0] for flag, dim in space.items()}
@@ -282,7 +287,7 @@ def objective(trial, plan, execute, asked):
         print(f"trial {trial.number}: failed ({e})")
         raise
     trial.set_user_attr("runs", [{"seed": r["args"]["seed"], "run_id": r["run_id"],
-                                  **{k: r[k] for k in ("dev_acc", "dev_mcc", key)}} for r in records])
+                                  **{k: r[k] for k in ("dev_acc", "dev_mcc", key) if k in r}} for r in records])
     score = statistics.mean(r[key] for r in records)
     print(f"trial {trial.number}: mean {title} {score:.4f} over {len(records)} seed{'s' * (len(records) > 1)}")
     return score
@@ -338,29 +343,43 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summary_rows(ranked, metric):
-    """The table of the best trials: mean ± std over seeds of dev accuracy and MCC (and of the metric, when it is
-    neither)."""
-    key, title, _ = METRICS[metric]
-    extra = key not in ("dev_acc", "dev_mcc")
-    rows = ["| trial | configuration | seeds | dev accuracy | dev MCC |" + (f" {title} |" if extra else ""),
-            "|---|---|---|---|---|" + ("---|" if extra else "")]
+def summary_rows(ranked, lm):
+    """The table of the best trials: mean ± std over seeds of dev accuracy and MCC, or a language model's dev
+    perplexity and token accuracy."""
+    columns = ([("dev_perplexity", "dev perplexity", "{:.2f} ± {:.2f}"), ("dev_acc", "dev token accuracy",
+                "{:.2%} ± {:.2%}")] if lm else
+               [("dev_acc", "dev accuracy", "{:.2%} ± {:.2%}"), ("dev_mcc", "dev MCC", "{:+.3f} ± {:.3f}")])
+    rows = ["| trial | configuration | seeds |" + "".join(f" {title} |" for _, title, _ in columns),
+            "|---|---|---|" + "---|" * len(columns)]
     for t in ranked[:TOP]:
         runs = t.user_attrs["runs"]
-        (acc, acc_sd), (mcc, mcc_sd) = (mean_std([r[k] for r in runs]) for k in ("dev_acc", "dev_mcc"))
-        cell = " {:.4f} ± {:.4f} |".format(*mean_std([r[key] for r in runs])) if extra else ""
-        rows.append(f"| {t.number} | {trial_text(t.params)} | {len(runs)} | {acc:.2%} ± {acc_sd:.2%} | "
-                    f"{mcc:+.3f} ± {mcc_sd:.3f} |{cell}")
+        cells = "".join(" " + form.format(*mean_std([r[key] for r in runs])) + " |" for key, _, form in columns)
+        rows.append(f"| {t.number} | {trial_text(t.params)} | {len(runs)} |{cells}")
     return rows
 
 
-def best_runs_lines(best, plan, labels):
-    """McNemar's test of the best trial's runs against the baseline, when their records are in this machine's log
-    (a worker elsewhere logs its runs there)."""
+def best_runs(best, plan):
+    """The records of the best trial's runs, or None when they are not all in this machine's log (a worker
+    elsewhere logs its runs there)."""
     records = {r["run_id"]: r for r in read_jsonl(plan.log) if r.get("finished")}
     runs = [records.get(r["run_id"]) for r in best.user_attrs["runs"]]
-    if None in runs:
+    return None if None in runs else runs
+
+
+def lm_baseline_lines(best, plan):
+    """A language model's reference: the base model's dev perplexity before training, from the best runs' records."""
+    runs = best_runs(best, plan)
+    if runs is None:
+        return [f"The best trial's runs are not all in {plan.log} here (run by a worker elsewhere)."]
+    return [f"The base model, untrained, has dev perplexity {runs[0]['baseline_dev_perplexity']:.2f}."]
+
+
+def best_runs_lines(best, plan, spec):
+    """McNemar's test of the best trial's runs against the baseline, when their records are in this machine's log."""
+    runs = best_runs(best, plan)
+    if runs is None:
         return [f"The best trial's runs are not all in {plan.log} here (run by a worker elsewhere): no McNemar test."]
+    labels = torch.tensor(load_text_data(spec).splits["dev"][1])
     return ["McNemar's exact test of the best configuration against the baseline, per seed (sentences right only "
             "with the best / only with the baseline; a small p says the difference is unlikely to be chance):", "",
             *mcnemar_lines({"runs": runs}, plan.args.target, labels)]
@@ -391,8 +410,8 @@ def summarize_search(study, plan):
     key, title, direction = METRICS[plan.args.metric]
     ranked = sorted(complete, key=lambda t: t.value, reverse=direction == "maximize")
     best = study.best_trial
-    spec = DataSpec.from_args(plan.parser.parse_args([plan.args.target, *plan.rest]))
-    labels = torch.tensor(load_text_data(spec).splits["dev"][1])
+    base = plan.parser.parse_args([plan.args.target, *plan.rest])
+    spec, lm = DataSpec.from_args(base), getattr(base, "task", None) == "lm"
     on = "" if spec.is_cola else f" on {spec.name}"
     pruned = sum(t.state == state.PRUNED for t in trials)
     failed = sum(t.state == state.FAIL and not t.user_attrs.get("surplus") for t in trials)
@@ -401,9 +420,10 @@ def summarize_search(study, plan):
              f"A trial is one configuration run with seeds {list(plan.args.seeds)}, scored by its "
              f"mean {title} ({'higher' if direction == 'maximize' else 'lower'} is better); mean ± standard "
              f"deviation over seeds. The {min(TOP, len(ranked))} best:", "",
-             *summary_rows(ranked, plan.args.metric), "",
+             *summary_rows(ranked, lm), "",
              f"Best (the study's best, trial {best.number}): **{trial_text(best.params)}**, mean {title} "
-             f"{best.value:.4f}.", "", *best_runs_lines(best, plan, labels)]
+             f"{best.value:.4f}.", "",
+             *(lm_baseline_lines(best, plan) if lm else best_runs_lines(best, plan, spec))]
     text = "\n".join(lines) + "\n"
     write_text(f"{TUNING_DIR}/{plan.name}.md", text)
     history = [(t.number, t.value) for t in sorted(complete, key=lambda t: t.number)]

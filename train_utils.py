@@ -1,7 +1,8 @@
 """The one training loop and evaluation every mode uses.
 
-A mode (LoRA, rnn, distil) supplies a model `model(ids, lengths) -> logits (B, n_classes)` and a loss
-`loss_fn(logits, labels, teacher) -> scalar`; nothing else differs."""
+A mode (LoRA, rnn, distil, LoRA --task lm) supplies a model and an objective (`Classification` here, distil.KDLoss,
+lm_loss.NextToken): how the model is called, its loss, what counts as correct, how a split is evaluated and what
+its epochs record; nothing else differs."""
 import contextlib
 import math
 import sys
@@ -18,15 +19,74 @@ from batches import Split, bucketed_batches, collate, micro_batches, sorted_batc
 from checkpoints import save_trained
 from devices import autocast, compiled, default_micro_batch_tokens, loss_scaler
 from distributed import all_reduce_sum, for_all_ranks, is_main, on_main, rank, rank_share, rng_states, world_size
-from metrics import calibration, final_scores, matthews_corrcoef
+from metrics import calibration, final_scores, majority_accuracy, matthews_corrcoef
 from report import print_run_summary
 from runlog import RunWatch, load_run_state, result_flags, resume_state_path, save_run_state, trainable_state
 from utils import Terminated, UserError, interrupt_exit_code
 
 
-def cross_entropy(logits, labels, teacher=None):
-    """Supervised loss on the labels alone (LoRA and the no-KD student)."""
-    return F.cross_entropy(logits.float(), labels)
+class Classification:
+    """What a classifier trains for: cross-entropy on the labels (LoRA and the no-KD student); the best epoch has
+    the highest dev accuracy. Its methods are every objective's interface: `outputs` calls the model on a padded
+    batch, the call is the loss (the mean over the piece's units: see batches.Split.units), `counts` says what was
+    right, `evaluate` scores a split (its "score": higher is better), `epoch_fields` is what an epoch records of it;
+    `baseline` and `conclude` are the run's reference and final scores (see train_and_report)."""
+
+    def outputs(self, model, ids, lengths):
+        return model(ids, lengths)
+
+    def __call__(self, logits, labels, teacher=None):
+        return F.cross_entropy(logits.float(), labels)
+
+    def counts(self, logits, labels):
+        """(right predictions, rows with a label), as tensors where they were computed."""
+        return (logits.argmax(-1) == labels).sum(), (labels >= 0).sum()
+
+    def evaluate(self, model, split, *, batch_size, device, dtype):
+        """Loss, accuracy, MCC, logits and predictions (in split order) and inference speed on a labelled split."""
+        start = time.perf_counter()
+        logits = predict_logits(model, split.tokens, batch_size=batch_size, device=device, dtype=dtype)
+        seconds = time.perf_counter() - start
+        preds = logits.argmax(-1)
+        acc = float((preds == split.labels).float().mean())
+        return {"loss": float(self(logits, split.labels, split.teacher)), "acc": acc, "score": acc,
+                "mcc": matthews_corrcoef(preds, split.labels), "sentences_per_s": len(split) / seconds,
+                "preds": preds.tolist(), "logits": logits}
+
+    def epoch_fields(self, dev):
+        return {"dev_acc": dev["acc"], "dev_mcc": dev["mcc"]}
+
+    def baseline(self, model, splits, **kwargs):
+        """The score to beat, drawn in the plots: the dev accuracy of always answering the majority class."""
+        return majority_accuracy(splits)
+
+    def conclude(self, model, splits, run, *, batch_size, device, dtype):
+        """The best epoch's evaluations {split: evaluation} and scores: beside the majority class, calibrated on the
+        held-out sentences, and the fields of the run's record."""
+        final = {"dev": run["best_dev"]}  # the best epoch's weights are restored: their dev evaluation is done
+        if "ood" in splits:
+            final["ood"] = self.evaluate(model, splits["ood"], batch_size=batch_size, device=device, dtype=dtype)
+        s = final_scores(final, splits)
+        s["calibration"] = calibrate(model, splits, final["dev"]["logits"], batch_size, device, dtype)
+        s["record"] = classification_record(final, s, splits.evaluated)
+        return final, s
+
+    def print_summary(self, mode, run, epochs, s, splits):
+        print_run_summary(mode, run["best_epoch"], epochs, s, splits)
+
+
+cross_entropy = Classification()
+
+
+def classification_record(final, s, names):
+    """What a classifier's run record holds of its final scores: each evaluation split's scores beside the majority
+    class, predictions, dev probabilities and calibration."""
+    return {"majority_label": s["majority"], **{f"baseline_{name}_acc": s["baseline"][name]["acc"] for name in names},
+            **{f"{name}_{k}": v for name in names for k, v in s["model"][name].items()},
+            "dev_sentences_per_s": final["dev"]["sentences_per_s"],
+            **{f"{name}_preds": final[name]["preds"] for name in names},
+            "dev_probs": final["dev"]["logits"].softmax(-1).round(decimals=6).tolist(),
+            "calibration": s["calibration"]}
 
 
 class Diverged(UserError):
@@ -85,29 +145,32 @@ def defers_reads(device):
 
 
 class EpochSums:
-    """An epoch's sums of loss, correct predictions, tokens and skipped steps, and its guard against a non-finite
-    loss. Read at once per step (CPU: a NaN stops the run naming its step), or (CUDA) kept as tensors on the device
-    and read every READ_EVERY steps (a NaN then names the steps since the last read)."""
+    """An epoch's sums of loss (times its units), correct predictions, scored predictions, units, tokens and
+    skipped steps, and its guard against a non-finite loss. Read at once per step (CPU: a NaN stops the run naming
+    its step), or (CUDA) kept as tensors on the device and read every READ_EVERY steps (a NaN then names the steps
+    since the last read)."""
 
     def __init__(self, device, desc):
         self.lazy, self.desc = defers_reads(device), desc
-        self.loss, self.correct, self.tokens, self.skipped = 0.0, 0, 0, 0
+        self.loss, self.correct, self.scored, self.units, self.tokens, self.skipped = 0.0, 0, 0, 0, 0, 0
         self.step_loss, self.bad, self.last_read = 0.0, False, 0
 
-    def add_step(self, step, pieces, row_weight, counts, grads_finite, scaling):
+    def add_step(self, step, pieces, weight, counts, grads_finite, scaling):
         """Add one step's pieces. A non-finite loss stops the run, and so do non-finite gradients without loss
         scaling; with it, their step is skipped by the scaler and counted here."""
         self.step_loss, bad_loss = 0.0, None
-        for loss, correct, rows, tokens in pieces:
+        for loss, correct, scored, units, tokens in pieces:
             if self.lazy:
                 loss = loss.double()
                 self.bad = self.bad | ~torch.isfinite(loss)
             else:
-                loss, correct = loss.item(), int(correct)
+                loss, correct, scored = loss.item(), int(correct), int(scored)
                 bad_loss = loss if bad_loss is None and not math.isfinite(loss) else bad_loss
-            self.step_loss += loss * rows * row_weight
-            self.loss += loss * rows * counts
+            self.step_loss += loss * units * weight
+            self.loss += loss * units * counts
             self.correct += correct * counts
+            self.scored += scored * counts
+            self.units += units * counts
             self.tokens += tokens * counts
         if self.lazy:
             self.bad = self.bad | (~grads_finite & (not scaling))
@@ -130,14 +193,15 @@ class EpochSums:
         return float(self.step_loss)
 
     def totals(self):
-        return {"loss": float(self.loss), "correct": int(self.correct), "tokens": self.tokens,
-                "skipped": int(self.skipped)}
+        return {"loss": float(self.loss), "correct": int(self.correct), "scored": int(self.scored),
+                "units": self.units, "tokens": self.tokens, "skipped": int(self.skipped)}
 
 
 def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, device, dtype, clip=None,
                 micro_batch_tokens=None, scaler=None, desc="train", on_step=None):
     """One pass over `split` in length-bucketed batches, each cut into micro-batches whose gradients accumulate.
-    Returns this process's sums {loss, correct, tokens, skipped} (summed over ranks by the caller under torchrun).
+    Returns this process's sums {loss, correct, scored, units, tokens, skipped} (summed over ranks by the caller
+    under torchrun).
 
     `scaler` (fp16: see devices.loss_scaler) skips, and the sums count, a step whose gradients overflowed.
     `micro_batch_tokens` is a number or a PieceBudget, which a CUDA out-of-memory error halves. `on_step(step,
@@ -153,16 +217,17 @@ def train_epoch(model, split, loss_fn, optimizer, *, batch_size, generator, devi
                disable=None if is_main() else True)
     for step, index in enumerate(bar, start=1):
         # pieces: this rank's share of the batch. Under torchrun every rank draws the same global batch; DDP
-        # averages gradients over ranks, so weighting each row world/len(index) gives the batch's mean loss.
+        # averages gradients over ranks, so weighting each unit (a sentence, or a language model's target token)
+        # world / units of the batch gives the batch's mean loss, however the units fall into pieces and ranks.
         rows, counts = rank_share(index)
-        row_weight = counts * world_size() / len(index)
+        weight = counts * world_size() / split.units(index)
         # backward, piece by piece, gradients accumulating
         pieces = backward_halving_on_oom(model, split, rows, lengths, budget, loss_fn, optimizer, device=device,
-                                         dtype=dtype, scaler=scaler, row_weight=row_weight)
+                                         dtype=dtype, scaler=scaler, weight=weight)
         # unscale and clip
         finite = unscale_and_clip(optimizer, scaler, params, clip)
         # step: the sums refuse a non-finite loss first; with fp16 the scaler skips a step that overflowed
-        sums.add_step(step, pieces, row_weight, counts, finite, scaler.is_enabled())  # raises Diverged
+        sums.add_step(step, pieces, weight, counts, finite, scaler.is_enabled())  # raises Diverged
         scaler.step(optimizer)
         scaler.update()
         # sums: read at once on a CPU, every READ_EVERY steps on CUDA
@@ -194,9 +259,9 @@ def gradients_unless_out_of_memory(*args, **kwargs):
         return None
 
 
-def accumulate_gradients(model, split, pieces, loss_fn, *, device, dtype, scaler, row_weight):
-    """Backward through each piece of a step's rows; returns [(loss, correct, rows, tokens)] per piece, the loss
-    and correct count as tensors where they were computed."""
+def accumulate_gradients(model, split, pieces, loss_fn, *, device, dtype, scaler, weight):
+    """Backward through each piece of a step's rows; returns [(loss, correct, scored, units, tokens)] per piece,
+    the loss and counts as tensors where they were computed."""
     out = []
     for i, piece in enumerate(pieces):
         # Under torchrun gradients are reduced across ranks once per step, after the last piece (setting the flag,
@@ -204,10 +269,10 @@ def accumulate_gradients(model, split, pieces, loss_fn, *, device, dtype, scaler
         model.require_backward_grad_sync = i == len(pieces) - 1
         ids, lens, labels, teacher = collate(split, piece, device)
         with autocast(device, dtype):
-            logits = model(ids, lens)
-        loss = loss_fn(logits, labels, teacher)
-        scaler.scale(loss * len(piece) * row_weight).backward()
-        out.append((loss.detach(), (logits.argmax(-1) == labels).sum(), len(piece),
+            logits = loss_fn.outputs(model, ids, lens)
+        loss, units = loss_fn(logits, labels, teacher), split.units(piece)
+        scaler.scale(loss * units * weight).backward()
+        out.append((loss.detach(), *loss_fn.counts(logits.detach(), labels), units,
                     sum(len(split.tokens[j]) for j in piece)))
     return out
 
@@ -247,30 +312,25 @@ def predict_logits(model, tokens, *, batch_size, device, dtype):
     return out
 
 
-def evaluate(model, split, loss_fn, *, batch_size, device, dtype):
-    """Loss, accuracy, MCC, logits and predictions (in split order) and inference speed on a labelled split."""
-    start = time.perf_counter()
-    logits = predict_logits(model, split.tokens, batch_size=batch_size, device=device, dtype=dtype)
-    seconds = time.perf_counter() - start
-    preds = logits.argmax(-1)
-    return {"loss": float(loss_fn(logits, split.labels, split.teacher)),
-            "acc": float((preds == split.labels).float().mean()),
-            "mcc": matthews_corrcoef(preds, split.labels),
-            "sentences_per_s": len(split) / seconds,
-            "preds": preds.tolist(), "logits": logits}
+def epoch_record(epoch, train, train_seconds, dev, dev_fields):
+    """One row of the run's history, from this epoch's training sums (over all ranks: the loss per unit, the
+    accuracy over the predictions that have a label) and the dev evaluation with the objective's `dev_fields`."""
+    return {"epoch": epoch, "train_loss": train["loss"] / train["units"],
+            "train_acc": train["correct"] / max(1, train["scored"]), "dev_loss": dev["loss"], **dev_fields,
+            "train_seconds": train_seconds, "train_tokens_per_s": train["tokens"] / train_seconds,
+            "skipped_steps": int(train["skipped"])}
 
 
-def epoch_record(epoch, train, n, labelled, train_seconds, dev):
-    """One row of the run's history, from this epoch's training sums (over all ranks) over `n` sentences, of which
-    `labelled` have a label (the accuracy's denominator), and the dev evaluation."""
-    return {"epoch": epoch, "train_loss": train["loss"] / n, "train_acc": train["correct"] / labelled,
-            "dev_loss": dev["loss"], "dev_acc": dev["acc"], "dev_mcc": dev["mcc"], "train_seconds": train_seconds,
-            "train_tokens_per_s": train["tokens"] / train_seconds, "skipped_steps": int(train["skipped"])}
+def dev_summary(h):
+    """An epoch's dev scores as print_epoch shows them: perplexity for a language model, else accuracy and MCC."""
+    if "dev_perplexity" in h:
+        return f"perplexity {h['dev_perplexity']:.2f} (token acc {h['dev_acc']:.2%})"
+    return f"acc {h['dev_acc']:.2%} MCC {h['dev_mcc']:+.3f}"
 
 
 def print_epoch(h, epochs):
     tqdm.write(f"epoch {h['epoch']:>2}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  |  "
-               f"dev loss {h['dev_loss']:.4f} acc {h['dev_acc']:.2%} MCC {h['dev_mcc']:+.3f}  "
+               f"dev loss {h['dev_loss']:.4f} {dev_summary(h)}  "
                f"({h['train_seconds']:.1f}s, {h['train_tokens_per_s']:,.0f} tok/s)"
                + (f"  [{h['skipped_steps']} steps skipped: fp16 gradients overflowed]" if h.get("skipped_steps")
                   else ""))
@@ -311,10 +371,11 @@ class TrainConfig:
 
 
 def fit(model, loss_fn, data, config, watch=None):
-    """Train on data['train'] as `config` says, evaluating on data['dev'] after each epoch; the best epoch (dev
-    accuracy) is restored at the end; a non-finite loss, weights or dev loss stops the run (Diverged). `watch` (a
-    runlog.RunWatch) sees every step read and every epoch. Returns the run: its id, history, best epoch (0 if none
-    ran) and that epoch's dev evaluation.
+    """Train on data['train'] as `config` says, evaluating on data['dev'] after each epoch; the best epoch (the
+    highest dev score of the objective `loss_fn`: accuracy, or minus a language model's loss) is restored at the
+    end; a non-finite loss, weights or dev loss stops the run (Diverged). `watch` (a runlog.RunWatch) sees every
+    step read and every epoch. Returns the run: its id, history, best epoch (0 if none ran) and that epoch's dev
+    evaluation.
     On CUDA Adam is fused: one kernel per step, which also lets the fp16 scaler skip a step without a host read."""
     c = config
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=c.lr,
@@ -323,14 +384,13 @@ def fit(model, loss_fn, data, config, watch=None):
     generator = torch.Generator().manual_seed(c.seed)  # the same on every rank: all draw the same global batches
     fast = compiled(model, c.compile)
     trained = for_all_ranks(fast, c.device)
-    run = {"run_id": uuid.uuid4().hex[:12], "epoch": 0, "history": [], "best_epoch": 0, "best_acc": -1.0,
+    run = {"run_id": uuid.uuid4().hex[:12], "epoch": 0, "history": [], "best_epoch": 0, "best_score": -math.inf,
            "best_state": None, "best_dev": None}
     prints = split_fingerprints(data)
     if c.resume:
         run = load_run_state(c.state_path, model, optimizer, scaler, generator, c.run_flags, prints)
         tqdm.write(f"resuming after epoch {run['epoch']} from {c.state_path}")
     saved = run["epoch"] if c.state_path else 0  # the last epoch whose state is on disk
-    labelled = max(1, int((data["train"].labels >= 0).sum()))  # transfer sentences (label -1) have none
     for epoch in range(run["epoch"] + 1, c.epochs + 1):
         with stopping_keeps_state(f"during epoch {epoch}", saved, c.state_path):
             start = time.perf_counter()
@@ -340,8 +400,8 @@ def fit(model, loss_fn, data, config, watch=None):
                                 on_step=watch.step if watch else None)
             train = dict(zip(train, all_reduce_sum(list(train.values()))))  # summed over ranks
             seconds = time.perf_counter() - start
-            dev = evaluate(fast, data["dev"], loss_fn, batch_size=c.batch_size, device=c.device, dtype=c.dtype)
-            row = epoch_record(epoch, train, len(data["train"]), labelled, seconds, dev)
+            dev = loss_fn.evaluate(fast, data["dev"], batch_size=c.batch_size, device=c.device, dtype=c.dtype)
+            row = epoch_record(epoch, train, seconds, dev, loss_fn.epoch_fields(dev))
             check_finite(model, dev, f"epoch {epoch}/{c.epochs}")  # raises Diverged
             end_epoch(run, epoch, row, dev, model, c.epochs)
             if c.state_path:
@@ -367,11 +427,11 @@ def check_finite(model, dev, desc):
 
 
 def end_epoch(run, epoch, row, dev, model, epochs):
-    """Add an epoch's row to the run's history and print it; keep its weights if its dev accuracy is the best."""
+    """Add an epoch's row to the run's history and print it; keep its weights if its dev score is the best."""
     run["history"].append(row)
     print_epoch(row, epochs)
-    if dev["acc"] > run["best_acc"]:
-        run.update(best_epoch=epoch, best_acc=dev["acc"], best_state=trainable_state(model), best_dev=dev)
+    if dev["score"] > run["best_score"]:
+        run.update(best_epoch=epoch, best_score=dev["score"], best_state=trainable_state(model), best_dev=dev)
     run["epoch"] = epoch
 
 
@@ -398,17 +458,14 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
     the model (to `out_path`, with `run_info`), then the finished record, and removes the --resume state. Returns the
     run's record (None on other ranks)."""
     start, config = time.time(), train_config(args, model, device, dtype, out_path)
-    watch = RunWatch(mode, args, device, dtype, splits)
+    on = dict(batch_size=args.batch_size, device=device, dtype=dtype)
+    watch = RunWatch(mode, args, device, dtype, splits, loss_fn.baseline(model, splits, **on))
     try:
         run = fit(model, loss_fn, splits if train is None else {"train": train, "dev": splits["dev"]}, config, watch)
     finally:
         watch.close()
-    final = {"dev": run["best_dev"]}  # the best epoch's weights are restored: their dev evaluation is already done
-    if "ood" in splits:
-        final["ood"] = evaluate(model, splits["ood"], loss_fn, batch_size=args.batch_size, device=device, dtype=dtype)
-    s = final_scores(final, splits)
-    s["calibration"] = calibrate(model, splits, final["dev"]["logits"], args.batch_size, device, dtype)
-    print_run_summary(mode, run["best_epoch"], args.epochs, s, splits)
+    final, s = loss_fn.conclude(model, splits, run, **on)
+    loss_fn.print_summary(mode, run, args.epochs, s, splits)
 
     def write_results():
         try:  # the model first: a record that says finished always has its model
@@ -416,7 +473,7 @@ def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path
         except UserError as e:
             raise UserError(f"{e}; the run's state is kept in {config.state_path}: once there is room, rerun the "
                             "same command with --resume to save it") from None
-        record = watch.finish(run, model, final, s, time.time() - start, extra)
+        record = watch.finish(run, model, s, time.time() - start, extra)
         config.state_path.unlink(missing_ok=True)
         return record
 

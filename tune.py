@@ -214,6 +214,8 @@ def summarize_tune(name, target, grid, plan):
     McNemar's test of the best against the baseline (the no-KD student for distil, else the majority class). The
     second evaluation's column is there when the dataset has one (CoLA's out-of-domain dev)."""
     spec = DataSpec.from_args(plan[0]["args"])
+    if getattr(plan[0]["args"], "task", None) == "lm":
+        return summarize_lm_tune(name, target, grid, plan, spec)
     data = load_text_data(spec)
     second = "out-of-domain" if spec.is_cola else data.titles["ood"] if "ood" in data.splits else None
     configs = config_stats(name, grid, plan, read_jsonl(f"{TUNING_DIR}/{run_stem(target, spec)}.jsonl"),
@@ -236,8 +238,37 @@ def summarize_tune(name, target, grid, plan):
               "McNemar's exact test of the best configuration against the baseline, per seed (sentences right only "
               "with the best / only with the baseline; a small p says the difference is unlikely to be chance):", "",
               *mcnemar_lines(best, target, labels)]
+    majority = best["runs"][0]["baseline_dev_acc"]
+    panels = [("dev_acc", "dev accuracy", majority, f"majority baseline ({majority:.2%})"), ("dev_mcc", "dev MCC", 0,
+              "majority baseline (MCC 0)")]
+    write_sweep(name, lines, plot_grid([config_label(c["config"]) for c in configs], configs, panels,
+                                       f"{PLOTS_DIR}/tune_{name}.png"))
+
+
+def write_sweep(name, lines, plot):
     text = "\n".join(lines) + "\n"
     write_text(f"{TUNING_DIR}/{name}.md", text)
-    plot = plot_grid([config_label(c["config"]) for c in configs], configs, best["runs"][0]["baseline_dev_acc"],
-                     f"{PLOTS_DIR}/tune_{name}.png")
     print("\n" + text + f"\nsummary: {TUNING_DIR}/{name}.md; plot: {plot}")
+
+
+def summarize_lm_tune(name, target, grid, plan, spec):
+    """tuning/<name>.md and plots/tune_<name>.png of a sweep of language models: mean ± std over seeds of dev
+    perplexity (lower is better) and token accuracy per configuration, beside the base model's before training."""
+    configs = config_stats(name, grid, plan, read_jsonl(f"{TUNING_DIR}/{run_stem(target, spec)}.jsonl"),
+                           ("dev_perplexity", "dev_acc"))
+    best = min(configs, key=lambda c: c["dev_perplexity"][0])
+    base = {k: best["runs"][0][f"baseline_dev_{k}"] for k in ("perplexity", "acc")}
+    on = "" if spec.is_cola else f" on {spec.name}"
+    lines = [f"# Sweep `{name}` ({target} --task lm{on})", "",
+             f"Mean ± standard deviation over seeds {sorted({run['seed'] for run in plan})}. The base model, "
+             f"untrained: {base['perplexity']:.2f} dev perplexity, {base['acc']:.2%} token accuracy.", "",
+             "| configuration | seeds | dev perplexity | dev token accuracy |", "|---|---|---|---|"]
+    for c in configs:
+        (ppl, ppl_sd), (acc, acc_sd) = c["dev_perplexity"], c["dev_acc"]
+        lines.append(f"| {config_label(c['config'])} | {len(c['runs'])} | {ppl:.2f} ± {ppl_sd:.2f} | "
+                     f"{acc:.2%} ± {acc_sd:.2%} |")
+    lines += ["", f"Best by mean dev perplexity: **{config_label(best['config'])}**."]
+    panels = [("dev_perplexity", "dev perplexity", base["perplexity"], f"base model ({base['perplexity']:.2f})"),
+              ("dev_acc", "dev token accuracy", base["acc"], f"base model ({base['acc']:.2%})")]
+    write_sweep(name, lines, plot_grid([config_label(c["config"]) for c in configs], configs, panels,
+                                       f"{PLOTS_DIR}/tune_{name}.png"))

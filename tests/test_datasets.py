@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import f1_score, matthews_corrcoef as sk_mcc
 
 import run
@@ -16,7 +15,7 @@ from conftest import PAD_BATCH, padded, run_cli, run_main
 from model import GPTClassifier
 from batches import Split
 from metrics import bootstrap, macro_f1, macro_f1_rows, matthews_corrcoef
-from train_utils import predict_logits, train_epoch
+from train_utils import cross_entropy, predict_logits, train_epoch
 from data import DataSpec, encode, load_text_data, read_sentences
 from utils import UserError
 
@@ -142,7 +141,7 @@ def test_a_tiny_model_overfits_48_sentences_of_three_classes(three_class, tiny_g
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(40):
-        train_epoch(model, split, lambda logits, y, t: F.cross_entropy(logits, y), optimizer, batch_size=16,
+        train_epoch(model, split, cross_entropy, optimizer, batch_size=16,
                     generator=g, device=cpu, dtype=torch.float32)
     preds = predict_logits(model, tokens, batch_size=48, device=cpu, dtype=torch.float32).argmax(-1)
     assert model.score.out_features == 3 and torch.equal(preds, split.labels)

@@ -12,7 +12,7 @@ from cpu_decoding import prepare_for_generation
 from data import DataSpec
 from generation import Sampler
 from model import GPT, cast_frozen_linears
-from train_utils import TrainConfig, fit
+from train_utils import TrainConfig, cross_entropy, fit
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -38,8 +38,7 @@ def test_lora_steps_have_a_finite_loss_in_each_training_dtype(tiny_gpt_dir, cola
     cast_frozen_linears(model, dtype).to(CUDA)
     splits = load_splits(DataSpec(data_dir=cola_dir), tokenizer, max_examples=256, seed=0)
     config = TrainConfig(epochs=1, batch_size=32, lr=1e-3, device=CUDA, dtype=dtype)
-    history = fit(model, lambda logits, labels, teacher=None: torch.nn.functional.cross_entropy(
-        logits.float(), labels), splits, config)["history"]
+    history = fit(model, cross_entropy, splits, config)["history"]
     assert math.isfinite(history[0]["train_loss"]) and history[0]["skipped_steps"] <= 2
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 

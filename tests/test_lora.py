@@ -9,7 +9,7 @@ from conftest import PAD_BATCH, padded, randomize_adapter, run_cli, run_main
 from checkpoints import load_adapter_weights, read_adapter_config, save_adapter
 from model import GPTClassifier, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, unmerge_lora
 from batches import Split
-from train_utils import cross_entropy, evaluate, train_epoch
+from train_utils import cross_entropy, train_epoch
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ def test_a_tiny_model_overfits_32_sentences(classifier, tokenizer, cola_dir):
     for _ in range(30):
         train_epoch(model, split, cross_entropy, opt, batch_size=8, generator=g, device=torch.device("cpu"),
                     dtype=torch.float32)
-    result = evaluate(model, split, cross_entropy, batch_size=32, device=torch.device("cpu"), dtype=torch.float32)
+    result = cross_entropy.evaluate(model, split, batch_size=32, device=torch.device("cpu"), dtype=torch.float32)
     assert result["acc"] == 1.0
 
 

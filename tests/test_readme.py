@@ -54,6 +54,12 @@ def test_every_command_runs_made_cheap(tmp_path, cola_dir, monkeypatch, capfd):
         save_tiny_gpt2(tmp_path / variant)
     (tmp_path / "data").mkdir()
     os.symlink(cola_dir, tmp_path / "data" / "cola")
+    (tmp_path / "notes.txt").write_text("To be, or not to be, that is the question.\n" * 40)
+    e2e = tmp_path / "tuetschek" / "e2e_nlg"  # a local folder of the hub dataset's name is what the name loads
+    e2e.mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        (e2e / f"{split}.csv").write_text("meaning_representation,human_reference\n"
+                                          '"name[The Vaults], eatType[pub]",The Vaults is a pub.\n' * 4)
     for argv in run_py_commands():
         cheap = argv + ([] if "--epochs" in argv and argv[argv.index("--epochs") + 1] == "0"
                         else SEARCH if "--search" in argv else CHEAP.get(argv[0], []))

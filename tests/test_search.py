@@ -104,13 +104,13 @@ def test_a_trial_stopped_by_ctrl_c_is_failed_and_queued_again_with_its_flags(tmp
 
 
 def test_a_trial_worse_than_the_median_is_pruned_and_never_the_best(tmp_path, monkeypatch, capfd):
-    evaluate = train_utils.evaluate
+    evaluate = train_utils.Classification.evaluate
 
-    def zero_with_batches_of_8(model, split, loss_fn, *, batch_size, **kwargs):
-        scores = evaluate(model, split, loss_fn, batch_size=batch_size, **kwargs)
-        return scores | {"acc": 0.0} if batch_size == 8 else scores
+    def zero_with_batches_of_8(self, model, split, *, batch_size, **kwargs):
+        scores = evaluate(self, model, split, batch_size=batch_size, **kwargs)
+        return scores | {"acc": 0.0, "score": 0.0} if batch_size == 8 else scores
 
-    monkeypatch.setattr(train_utils, "evaluate", zero_with_batches_of_8)
+    monkeypatch.setattr(train_utils.Classification, "evaluate", zero_with_batches_of_8)
     (tmp_path / "tuning").mkdir()
     study = optuna.create_study(study_name="p", storage=f"sqlite:///{tmp_path}/tuning/p.db", direction="maximize")
     for batch_size in ["16"] * 5 + ["8"]:  # the median pruner compares from the sixth trial on
