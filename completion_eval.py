@@ -23,8 +23,8 @@ from report import format_table
 from runlog import TUNING_DIR
 from utils import UserError, atomic_files, seed_everything
 
-# The most prompts of one token length decoded in one batch: the KV cache grows with the rows (gpt2-medium, 32 rows
-# of 160 positions: about 1 GB in fp32), while a CPU's decode step costs little more for 32 rows than for one.
+# The most prompts of one token length decoded in one batch. A step reads every weight once whatever the rows, so
+# rows share that cost; the KV cache grows with them (gpt2-medium, 32 rows of 160 positions: about 1 GB in fp32).
 BATCH_ROWS = 32
 
 
@@ -120,6 +120,8 @@ def evaluate_generation(model, base_model, pairs, settings, tokenizer, out_path,
     Returns the scores: {prompts, references, bleu, rougeL[, base_bleu, base_rougeL]}."""
     references = group_references(*pairs)
     prompts, refs = list(references), list(references.values())
+    if not prompts:
+        raise UserError("the evaluation split holds no prompt -> completion pairs to decode")
     ids = [prompt_tokens(tokenizer, p) for p in prompts]
     check_context(model, ids, settings)
     texts = {"output": decode_texts(model, ids, settings, tokenizer, "decoding")}
@@ -162,12 +164,14 @@ def evaluate_split(args, device, dtype, settings):
     rows = settings.beams.num_beams if settings.beams else 1
     names = {"output": f"adapter {args.adapter}" if args.adapter else args.gpt_variant}
     if args.adapter:
-        model, base = load_lora_lm(args.adapter, args.gpt_variant), adapter_base_lm(args.adapter, args.gpt_variant)
-        names["base_output"] = f"base {adapter_base(args.adapter, args.gpt_variant)[2]}"
+        model = load_lora_lm(args.adapter, args.gpt_variant)
+        _, info, variant = adapter_base(args.adapter, args.gpt_variant)
+        base = build_lm(variant, info.get("random_init", False), info.get("seed", 0))  # as load_lora_model builds it
+        names["base_output"] = f"base {variant}"
     else:
         seed_everything(args.seed)  # --random_init draws its weights from the seed
         model, base = gpt_weights(GPT, args.gpt_variant, args.random_init), None
-    model, base = [m and prepare_for_generation(m, device, dtype, rows=rows, quantize=args.quantize)
+    model, base = [None if m is None else prepare_for_generation(m, device, dtype, rows=rows, quantize=args.quantize)
                    for m in (model, base)]
     out_path = Path(TUNING_DIR) / f"{run_stem('gen', spec)}.jsonl"
     about = {"dataset": spec.name, "eval_split": spec.eval_split, "prompt_column": args.prompt_column,
@@ -175,13 +179,6 @@ def evaluate_split(args, device, dtype, settings):
     scores = evaluate_generation(model, base, pairs, settings, get_tokenizer(), out_path, about)
     print_scores(scores, names, spec, out_path)
     return scores
-
-
-def adapter_base_lm(folder, variant=None):
-    """The base an adapter folder names, as load_lora_model builds it: pretrained, or random from the seed its
-    run_info.json records."""
-    _, info, variant = adapter_base(folder, variant)
-    return build_lm(variant, info.get("random_init", False), info.get("seed", 0)).eval().requires_grad_(False)
 
 
 def print_scores(scores, names, spec, out_path):
