@@ -530,6 +530,14 @@ def cuda_main(split, reps, args):
         write_text(args.json, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": [row, *rows]}, indent=2))
 
 
+def cola_sample(data_dir, n):
+    """CoLA's training sentences, and a seeded random `n` of them tokenized with their labels."""
+    sentences, labels = load_cola(data_dir)["train"]
+    keep = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return sentences, Split(encode(get_tokenizer(), [sentences[i] for i in keep]),
+                            torch.tensor([labels[i] for i in keep]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions: checks it runs, not speed")
@@ -545,10 +553,7 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     reps = 2 if args.quick else args.reps
-    sentences, labels = load_cola(args.data_dir)["train"]
-    n = 64 if args.quick else 2048
-    keep = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    split = Split(encode(get_tokenizer(), [sentences[i] for i in keep]), torch.tensor([labels[i] for i in keep]))
+    sentences, split = cola_sample(args.data_dir, 64 if args.quick else 2048)
     if args.device == "cuda":
         return cuda_main(split, reps, args)
     new_tokens = 16 if args.quick else 384

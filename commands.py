@@ -8,6 +8,7 @@ from batches import Split, load_splits
 from beam_search import BeamSettings, beam_search
 from checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, build_lm,
                          gpt_weights, load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
+from completion_eval import DecodeSettings, evaluate_split
 from cpu_decoding import prepare_for_generation
 from data import DataSpec, encode, get_tokenizer, read_sentences
 from devices import compiled
@@ -49,7 +50,13 @@ def read_prompt(args, tokenizer):
 
 def cmd_gen(args, device, dtype):
     """All samples decode in one batch (see print_samples for how they are printed); --adapter decodes with a
-    CAUSAL_LM adapter folded into its base."""
+    CAUSAL_LM adapter folded into its base; --dataset decodes and scores every prompt of its evaluation split."""
+    temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
+    if args.dataset:
+        return evaluate_split(args, device, dtype, DecodeSettings(
+            args.max_new_tokens, temperature, args.top_k, args.top_p, args.repetition_penalty,
+            args.no_repeat_ngram_size, args.seed, beam_settings(args) if args.num_beams > 1 else None,
+            stop_at_eos=not args.ignore_eos))
     tokenizer = get_tokenizer()
     prompt, prompt_ids = read_prompt(args, tokenizer)
     if args.adapter:
@@ -66,7 +73,6 @@ def cmd_gen(args, device, dtype):
                             f"{args.max_new_tokens} in the {model.config.block_size}-token context; ask for fewer")
         return print_stream(tokenizer, prompt, iter(beam_search(model, prompt_ids, args.max_new_tokens,
                                                                 beam_settings(args), eos_id=eos)), eos, stream=False)
-    temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
     samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i,
                         no_repeat_ngram_size=args.no_repeat_ngram_size) for i in range(args.num_samples)]
     decoder = StaticDecoder(model) if args.compile else model  # --compile: one compiled graph per step

@@ -336,24 +336,30 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_batch(self, prompt, max_new_tokens, samplers, eos_id=None, use_cache=True):
-        """Yield, for each step, a list with the next token id of every sample continuing the list `prompt`
-        (one sample per sampler; None for a sample that has already yielded `eos_id`).
+        """Yield, for each step, a list with the next token id of every sample continuing the list `prompt`, or
+        sample i continuing prompt[i] when `prompt` is a list of token lists, all of one length (one sample per
+        sampler; None for a sample that has already yielded `eos_id`).
 
-        The samples share one read of the prompt (a batch of one, its keys copied to every cache row), then
+        The samples share one read of one prompt (a batch of one, its keys copied to every cache row); prompts of
+        one length are read together, one row each, with no padding, so no attention mask. Then the samples
         decode together, one row each. Each sample draws with its own sampler, so sample i is the same as when drawn
         alone with that sampler (up to rounding: a batch's products round differently from one row's, by about 1e-6
         in fp32 logits). A sample that ends leaves the batch. The model sees at most block_size tokens: past that
         the window slides, and because positions are absolute the cached keys go stale, so each step then re-reads
         the whole window.
         """
-        tokens = [list(prompt) for _ in samplers]
+        shared = not prompt or not isinstance(prompt[0], (list, tuple))  # one prompt for every sample
+        tokens = [list(prompt) if shared else list(prompt[i]) for i in range(len(samplers))]
+        if len({len(t) for t in tokens}) > 1:
+            raise ValueError("prompts decoded together have one length: positions are absolute, with no padding")
         live = list(range(len(samplers)))  # the samples still running, in batch-row order
-        size = min(self.config.block_size, len(prompt) + max_new_tokens)  # the most positions the cache holds
+        size = min(self.config.block_size, len(tokens[0]) + max_new_tokens)  # the most positions the cache holds
         device = self.transformer.wte.weight.device
         cache = None
         for step in range(max_new_tokens):
-            if step == 0:  # every sample has the same context: read it once
-                idx = torch.tensor([tokens[0][-self.config.block_size:]], device=device)  # (1, T)
+            if step == 0:  # one shared prompt is read once; prompts of one length in one batch
+                idx = torch.tensor([t[-self.config.block_size:] for t in tokens[:1 if shared else None]],
+                                   device=device)  # (1 or n, T)
                 cache = self.new_cache(len(live), size) if use_cache else None
             elif cache is not None and cache.length < cache.size:
                 idx = torch.tensor([tokens[i][-1:] for i in live], device=device)  # (n, 1)

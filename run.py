@@ -72,6 +72,8 @@ def assignment_argv(argv):
     return out
 
 
+GEN_PROMPT = "Hello, I'm a language model,"
+
 # Defaults that follow another flag, per subcommand, filled in as soon as the command line is parsed (each flag's
 # help says what it follows).
 DERIVED_DEFAULTS = {
@@ -81,7 +83,8 @@ DERIVED_DEFAULTS = {
              "batch_size": lambda args: 8 if args.task == "lm" else 128,
              "lr": lambda args: 2e-4 if args.task == "lm" else 1e-3},
     "rnn": {"batch_size": lambda args: 128, "lr": lambda args: 1e-3},
-    "gen": {"gpt_variant": lambda args: None if args.adapter else "gpt2"},  # with an adapter: the base it names
+    "gen": {"gpt_variant": lambda args: None if args.adapter else "gpt2",  # with an adapter: the base it names
+            "prompt": lambda args: None if args.prompt_file or args.dataset else GEN_PROMPT},
     "distil": {"model_path": lambda args: f"models/LoRA-{variant_slug(args.gpt_variant or 'gpt2')}",
                "batch_size": lambda args: 128, "lr": lambda args: 1e-3},
 }
@@ -150,7 +153,7 @@ def build_parser():
                    "local folder in transformers' format (default: the --adapter's base, else gpt2)")
     g.add_argument("--random_init", action="store_true", help="the variant's architecture with random weights")
     prompt = g.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
+    prompt.add_argument("--prompt", help=f"text to continue (default: {GEN_PROMPT!r})")
     prompt.add_argument("--prompt_file", help="read the prompt from this file")
     g.add_argument("--adapter", metavar="FOLDER", help="decode with this LoRA adapter (PEFT's CAUSAL_LM format) "
                    "merged into its base")
@@ -176,6 +179,12 @@ def build_parser():
                    "still win by transformers' estimate, never when none can win at the longest length")
     g.add_argument("--quantize", choices=["int8"], help="int8 weights (one scale per output channel) for the "
                    "blocks and the head: a quarter of fp32's bytes to read per token (errors: see README)")
+    g.add_argument("--dataset", help="generation as evaluation: decode every prompt of this dataset's evaluation "
+                   "split (a Hugging Face id or a local folder) and score BLEU and ROUGE-L against its references")
+    for flag, about in (("dataset_config", "the hub dataset's configuration"), ("eval_split", "the split to decode "
+                        "(default: validation, else dev)"), ("prompt_column", "--dataset: the prompts' column"),
+                        ("completion_column", "--dataset: the references' column")):
+        g.add_argument(f"--{flag}", help=about)
     g.set_defaults(func=cmd_gen, check=check_gen)
 
     lora = sub.add_parser("LoRA", parents=[seeded, gpt, train, data],
@@ -295,12 +304,35 @@ def check_gen(parser, args):
     check_adapter_task(parser, "adapter", args.adapter, LM_TASK)
     if args.adapter and args.random_init:
         parser.error("--adapter builds its base as the adapter's run recorded it: --random_init would be ignored")
+    check_gen_dataset(parser, args)
     check_exists(parser, "prompt_file", args.prompt_file)
     if args.prompt_file:
         try:
             Path(args.prompt_file).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             parser.error(f"--prompt_file {args.prompt_file}: not UTF-8 text (byte {e.start})")
+
+
+def check_gen_dataset(parser, args):
+    """--dataset decodes the split's prompts, one output each, scored against prompt -> completion pairs."""
+    data_only = [flag for flag in ("dataset_config", "eval_split", "prompt_column", "completion_column")
+                 if getattr(args, flag) is not None]
+    if not args.dataset:
+        if data_only:
+            parser.error(f"--{data_only[0]} is for --dataset (generation as evaluation): give --dataset too")
+        return
+    pair = [flag for flag in ("prompt_column", "completion_column") if getattr(args, flag) is None]
+    if pair:
+        parser.error(f"--dataset decodes prompt -> completion pairs: give --{pair[0]} too")
+    ignored = [flag for flag, off in (("prompt", None), ("prompt_file", None), ("num_samples", 1), ("compile", False),
+                                      ("no_stream", False)) if getattr(args, flag) != off]
+    if ignored:
+        parser.error(f"--dataset decodes every prompt of its evaluation split, one output each: --{ignored[0]} "
+                     "would be ignored")
+    wrong = DataSpec.from_args(args).ignored_flag()
+    if wrong:
+        parser.error(wrong)
+    check_results_writable(parser, args)
 
 
 def check_beams(parser, args):

@@ -62,6 +62,25 @@ CASES = [
     ("a language-model adapter given to predict", "predict --model_path lm-adapter --sentence Hi.", 2,
      "error: --model_path lm-adapter: a language-model (CAUSAL_LM) adapter; predict classifies (decode with "
      "`python run.py gen --adapter lm-adapter`)"),
+    ("a data flag of gen without --dataset", "gen --prompt_column mr", 2,
+     "error: --prompt_column is for --dataset (generation as evaluation): give --dataset too"),
+    ("gen --dataset without the completion column", "gen --dataset pairs --prompt_column mr", 2,
+     "error: --dataset decodes prompt -> completion pairs: give --completion_column too"),
+    ("gen --dataset with a prompt", "gen --dataset pairs --prompt_column mr --completion_column ref --prompt Hi", 2,
+     "error: --dataset decodes every prompt of its evaluation split, one output each: --prompt would be ignored"),
+    ("gen --dataset with several samples",
+     "gen --dataset pairs --prompt_column mr --completion_column ref --num_samples 2", 2,
+     "error: --dataset decodes every prompt of its evaluation split, one output each: --num_samples would be "
+     "ignored"),
+    ("gen --dataset with a compiled step", "gen --dataset pairs --prompt_column mr --completion_column ref --compile",
+     2, "error: --dataset decodes every prompt of its evaluation split, one output each: --compile would be ignored"),
+    ("gen --dataset with a prompt column it lacks",
+     "gen --gpt_variant tiny-gpt2 --dataset pairs --prompt_column meaning --completion_column ref", 2,
+     "error: pairs/train.csv: --prompt_column meaning: no such column (there are: mr, ref)"),
+    ("gen --dataset with beams past the context", "gen --gpt_variant tiny-gpt2 --dataset pairs --prompt_column mr "
+     "--completion_column ref --num_beams 2 --max_new_tokens 125", 1,
+     "error: beam search keeps the prompt and --max_new_tokens 125 in the 128-token context, and the longest prompt "
+     "(with the separator) has 7 tokens; ask for fewer"),
     ("hub id offline or unknown", "gen --gpt_variant no-such-org/no-such-gpt2", 1,
      "error: could not get 'no-such-org/no-such-gpt2' from the Hugging Face hub"),
     ("rank 0", "LoRA --LoRA_rank 0", 2, "error: argument --LoRA_rank/--lora_rank: must be in [1, inf), got 0"),
@@ -232,7 +251,7 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
               "extra-field": ("train.csv", "sentence,label\nA goal.,sport\nSoup.,food,hot\n"),
               "one-class": ("train.csv", "sentence,label\nA goal.,a\nSoup.,a\n"),
               "empty-text": ("train.csv", "sentence,label\nA goal.,sport\n,food\n"),
-              "pairs": ("train.csv", "mr,ref\nname[A],A is a pub.\nname[B],B is a cafe.\n"),
+              "pairs": ("train.csv", "mr,ref\nname[Aromi],Aromi is a pub.\nname[B],B is a cafe.\n"),
               "empty-ref": ("train.csv", "mr,ref\nname[A],A is a pub.\nname[B],\n"),
               "number-text": ("train.jsonl", '{"sentence": 5, "label": "a"}\n{"sentence": 6, "label": "b"}\n')}
     for folder, (name, content) in tables.items():

@@ -55,8 +55,8 @@ def test_every_command_runs_made_cheap(tmp_path, cola_dir, monkeypatch, capfd):
     (tmp_path / "data").mkdir()
     os.symlink(cola_dir, tmp_path / "data" / "cola")
     (tmp_path / "notes.txt").write_text("To be, or not to be, that is the question.\n" * 40)
-    e2e = tmp_path / "tuetschek" / "e2e_nlg"  # a local folder of the hub dataset's name is what the name loads
-    e2e.mkdir(parents=True)
+    e2e = tmp_path / "e2e"  # what the README's python -c line writes
+    e2e.mkdir()
     for split in ("train", "validation", "test"):
         (e2e / f"{split}.csv").write_text("meaning_representation,human_reference\n"
                                           '"name[The Vaults], eatType[pub]",The Vaults is a pub.\n' * 4)
