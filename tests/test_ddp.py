@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import (COLA_DEV, COLA_HELDOUT, COLA_OOD, assert_same_run, count_classifier_rows, free_port,
@@ -42,3 +43,26 @@ def test_teacher_runs_once_per_sentence_across_ranks(two_target_adapter_dir, tmp
     assert sum(r["rows"] for r in ranks) == 64 + COLA_HELDOUT + COLA_DEV + COLA_OOD
     assert all(r["rows"] > 0 for r in ranks)
     assert len((tmp_path / "tuning" / "distil.jsonl").read_text().splitlines()) == 1
+
+
+def test_lm_on_two_ranks_equals_one_process(tiny_gpt_dir, tmp_path):
+    """Pairs of different lengths: the ranks' pieces hold different numbers of target tokens, and the step is still
+    the batch's mean over them, as in one process."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = "".join(f'{{"mr": "name[{w}]{", near[x]" * (i % 4)}", "ref": "{w} is {"a nice " * (i % 3)}pub."}}\n'
+                   for i, w in enumerate(["Aromi", "Cotto", "Zizzi", "Alimentum", "Vaults", "Wrestlers"] * 4))
+    (data / "train.jsonl").write_text(rows)
+    (data / "validation.jsonl").write_text("".join(rows.splitlines(keepends=True)[:8]))
+    run_once_and_on_two_ranks(["LoRA", "--task", "lm", "--gpt_variant", tiny_gpt_dir, "--dataset", data,
+                               "--prompt_column", "mr", "--completion_column", "ref", "--batch_size", 6, "--epochs", 2,
+                               "--lr", 1e-2, "--dtype", "float32", "--model_path", "lm"], tmp_path)
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / run / "lm" / "adapter_model.safetensors") for run in ("one", "two"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    [one], [two] = ([json.loads(line) for line in (tmp_path / run / "tuning" / "LoRA-pairs.jsonl").read_text()
+                     .splitlines()] for run in ("one", "two"))
+    for h1, h2 in zip(one["history"], two["history"], strict=True):
+        assert h1["train_loss"] == pytest.approx(h2["train_loss"], abs=1e-5)
+        assert h1["dev_perplexity"] == pytest.approx(h2["dev_perplexity"], rel=1e-5)
+    assert one["baseline_dev_perplexity"] == pytest.approx(two["baseline_dev_perplexity"], rel=1e-5)
