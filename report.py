@@ -132,8 +132,9 @@ def plot_history(history, mode, splits, baseline, best_acc_ci=None, plots_dir="p
         if metric != "perplexity":  # training has no perplexity of its own: its loss is over dropout's model
             ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"dev_{metric}"] for h in history], "s-", label=f"validation ({splits.titles['dev']})")
-        if metric == "perplexity":
+        if metric == "perplexity":  # on a log scale: training moves it by orders of magnitude
             ax.axhline(baseline, color="gray", linestyle="--", label=f"base model, untrained ({baseline:.2f})")
+            ax.set_yscale("log")
         elif metric == "acc":
             ax.axhline(baseline, color="gray", linestyle="--", label=f"majority baseline ({baseline:.2%})")
             best = max(history, key=lambda h: h["dev_acc"])
