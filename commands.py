@@ -1,4 +1,5 @@
 """What each subcommand of run.py does: build the model, call the loop or the decoder, report."""
+import argparse
 import os
 from pathlib import Path
 
@@ -103,8 +104,12 @@ def cmd_lora(args, device, dtype):
     cast_frozen_linears(model, dtype).to(device)
     run_info = {"random_init": args.random_init, "seed": args.seed, "gpt_variant": args.gpt_variant,
                 **splits.identity(), **({"task": "lm"} if lm else {})}
-    train_and_report("LoRA", model, NextToken() if lm else cross_entropy, splits, args, device, dtype,
-                     args.model_path, run_info)
+    record = train_and_report("LoRA", model, NextToken() if lm else cross_entropy, splits, args, device, dtype,
+                              args.model_path, run_info)
+    if record is not None and lm and args.generate_eval:  # rank 0, once the adapter is on disk
+        print(f"\ndecoding the {splits.titles['dev']} prompts greedily (--generate_eval {args.generate_eval}):")
+        evaluate_split(argparse.Namespace(**vars(args), adapter=args.model_path, quantize=None), device, dtype,
+                       DecodeSettings(args.generate_eval, temperature=0.0, seed=args.seed))
 
 
 def lm_splits(args):

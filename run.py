@@ -206,6 +206,10 @@ def build_parser():
     lora.add_argument("--prompt_column", help="--task lm: train on prompt -> completion pairs, the prompt from this "
                       "column (its tokens are inputs, never targets)")
     lora.add_argument("--completion_column", help="--task lm: the completion of each pair (needs --prompt_column)")
+    lora.add_argument("--generate_eval", type=non_negative_int, default=0, metavar="MAX_NEW_TOKENS",
+                      help="--task lm on pairs: after training, decode every validation prompt greedily (up to this "
+                      "many new tokens) with the adapter and with its base, and score BLEU and ROUGE-L as `gen "
+                      "--dataset` does (0: do not)")
     lora.set_defaults(func=cmd_lora, check=check_lora)
 
     rnn = sub.add_parser("rnn", parents=[seeded, train, data, student], help="train the DistilRNN student on labels")
@@ -355,14 +359,14 @@ def check_lora(parser, args):
     check_training(parser, args, "model_path")
 
 
-LM_ONLY, CLASSIFY_ONLY = ("block_size", "prompt_column", "completion_column"), ("label_column",)
+LM_ONLY, CLASSIFY_ONLY = ("block_size", "prompt_column", "completion_column", "generate_eval"), ("label_column",)
 
 
 def check_task(parser, args):
     """Each task's own flags; a language model reads text from --dataset (CoLA is labelled sentences), pairs need
     both columns, and a block fits in the model's context."""
     other = CLASSIFY_ONLY if args.task == "lm" else LM_ONLY
-    given = next((flag for flag in other if getattr(args, flag) is not None), None)
+    given = next((flag for flag in other if getattr(args, flag) not in (None, 0)), None)
     if given:
         needs = "--task classify (labels)" if args.task == "lm" else "--task lm"
         parser.error(f"--{given} is for {needs}: it does not apply to --task {args.task}")
@@ -374,6 +378,9 @@ def check_task(parser, args):
     if bool(args.prompt_column) != bool(args.completion_column):
         parser.error(f"--{'prompt' if args.completion_column else 'completion'}_column is needed too: pairs have a "
                      "prompt and a completion")
+    if args.generate_eval and not args.prompt_column:
+        parser.error("--generate_eval decodes prompts: it needs prompt -> completion pairs (--prompt_column and "
+                     "--completion_column)")
     context = args.block_size and load_config(args.gpt_variant).block_size
     if args.block_size and args.block_size > context:
         parser.error(f"--block_size {args.block_size}: over {args.gpt_variant}'s context of {context} tokens")

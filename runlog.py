@@ -28,7 +28,7 @@ def flags(args):
 def result_flags(args):
     """The flags that decide a run's result: a resumed run must share them with the run it continues, and a sweep
     skips a run already logged with them (and the same --epochs). Where it runs and how it reports do not count."""
-    ignored = ("resume", "debug", "epochs", "device", "compile", "tensorboard", "micro_batch_tokens")
+    ignored = ("resume", "debug", "epochs", "device", "compile", "tensorboard", "micro_batch_tokens", "generate_eval")
     return {k: v for k, v in flags(args).items() if k not in ignored}
 
 

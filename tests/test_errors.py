@@ -161,6 +161,9 @@ CASES = [
      2, "error: pairs/train.csv: --completion_column text: no such column (there are: mr, ref)"),
     ("an empty completion", "LoRA --task lm --dataset empty-ref --prompt_column mr --completion_column ref", 2,
      "error: empty-ref/train.csv, row 1: the completion ('ref') is empty"),
+    ("generation as evaluation without pairs", "LoRA --task lm --dataset pairs --generate_eval 20", 2,
+     "error: --generate_eval decodes prompts: it needs prompt -> completion pairs (--prompt_column and "
+     "--completion_column)"),
     ("a block past the context", "LoRA --task lm --gpt_variant tiny-gpt2 --dataset pairs --block_size 200", 2,
      "error: --block_size 200: over tiny-gpt2's context of 128 tokens"),
     ("an empty text cell", "rnn --dataset empty-text", 1,

@@ -226,3 +226,24 @@ def test_an_optuna_search_of_lm_runs_minimizes_perplexity(tiny_gpt_dir, tmp_path
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/tuning/s.db")
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     assert study.best_value == min(t.value for t in study.trials)
+
+
+def test_generate_eval_after_training_is_gen_dataset_on_the_adapter(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rows = "".join(f'{{"mr": "{p}", "ref": "{c}"}}\n' for p, c in PAIRS)
+    (folder / "train.jsonl").write_text(rows * 4)
+    (folder / "validation.jsonl").write_text(rows)
+    pairs = ["--dataset", "pairs", "--prompt_column", "mr", "--completion_column", "ref"]
+    trained = run_main("LoRA", "--task", "lm", "--gpt_variant", tiny_gpt_dir, *pairs, "--epochs", 1, "--lr", 3e-2,
+                       "--dtype", "float32", "--model_path", "lm", "--generate_eval", 6, cwd=tmp_path,
+                       monkeypatch=monkeypatch, capfd=capfd)
+    assert trained.returncode == 0, trained.stderr
+    assert "BLEU" in trained.stdout and "ROUGE-L" in trained.stdout
+    out = tmp_path / "tuning" / "gen-pairs.jsonl"
+    after_training = out.read_text()
+    assert len(after_training.splitlines()) == len(PAIRS)
+    decoded = run_main("gen", "--adapter", "lm", *pairs, "--greedy", "--max_new_tokens", 6, "--dtype", "float32",
+                       cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert decoded.returncode == 0, decoded.stderr
+    assert out.read_text() == after_training
