@@ -64,8 +64,8 @@ class NextToken(Classification):
         return {"loss": loss, "perplexity": perplexity(loss), "acc": correct / max(1, targets), "score": -loss,
                 "target_tokens": int(targets), "tokens_per_s": targets / (time.perf_counter() - start)}
 
-    def epoch_fields(self, dev):
-        return {"dev_perplexity": dev["perplexity"], "dev_acc": dev["acc"]}
+    def epoch_fields(self, train_loss, dev):
+        return {"train_perplexity": perplexity(train_loss), "dev_perplexity": dev["perplexity"], "dev_acc": dev["acc"]}
 
     def baseline(self, model, splits, **on):
         """The base model's dev perplexity: the model before any training, whose LoRA updates start at zero."""

@@ -53,7 +53,7 @@ class Classification:
                 "mcc": matthews_corrcoef(preds, split.labels), "sentences_per_s": len(split) / seconds,
                 "preds": preds.tolist(), "logits": logits}
 
-    def epoch_fields(self, dev):
+    def epoch_fields(self, train_loss, dev):
         return {"dev_acc": dev["acc"], "dev_mcc": dev["mcc"]}
 
     def baseline(self, model, splits, **kwargs):
@@ -324,7 +324,7 @@ def epoch_record(epoch, train, train_seconds, dev, dev_fields):
 def dev_summary(h):
     """An epoch's dev scores as print_epoch shows them: perplexity for a language model, else accuracy and MCC."""
     if "dev_perplexity" in h:
-        return f"perplexity {h['dev_perplexity']:.2f} (token acc {h['dev_acc']:.2%})"
+        return f"perplexity {h['dev_perplexity']:.2f} (token acc {h['dev_acc']:.2%}; train {h['train_perplexity']:.2f})"
     return f"acc {h['dev_acc']:.2%} MCC {h['dev_mcc']:+.3f}"
 
 
@@ -401,7 +401,7 @@ def fit(model, loss_fn, data, config, watch=None):
             train = dict(zip(train, all_reduce_sum(list(train.values()))))  # summed over ranks
             seconds = time.perf_counter() - start
             dev = loss_fn.evaluate(fast, data["dev"], batch_size=c.batch_size, device=c.device, dtype=c.dtype)
-            row = epoch_record(epoch, train, seconds, dev, loss_fn.epoch_fields(dev))
+            row = epoch_record(epoch, train, seconds, dev, loss_fn.epoch_fields(train["loss"] / train["units"], dev))
             check_finite(model, dev, f"epoch {epoch}/{c.epochs}")  # raises Diverged
             end_epoch(run, epoch, row, dev, model, c.epochs)
             if c.state_path:
