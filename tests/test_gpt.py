@@ -5,7 +5,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import run_cli, run_main, save_tiny_gpt2
 import commands
-from cpu_decoding import PackedLinear, packable, prepare_for_generation
+from cpu_decoding import PackedBF16Linear, PackedLinear, packed_class, prepare_for_generation
 from devices import has_fast_bf16
 from generation import Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
 from model import BPE_TOKENS, GPT, GPTConfig, ModelError
@@ -64,7 +64,25 @@ def test_samples_decode_through_packed_weights_and_keep_the_head_tied(tiny_gpt_d
     assert list(steps) == [[tok] * 3 for tok in reference[0, len(prompt):].tolist()]
     alone = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), torch.device("cpu"), torch.float32, rows=1)
     assert type(alone.lm_head) is torch.nn.Linear and alone.lm_head.weight.stride() == (alone.config.n_embd, 1)
-    assert not packable(alone, 1) and not packable(alone.to(torch.bfloat16), 3)  # one row, or bf16: plain products
+    assert packed_class(alone, 1) is None  # fp32, one row: the plain product
+
+
+@pytest.mark.skipif(not (has_fast_bf16(torch.device("cpu")) and torch.backends.mkldnn.is_available()),
+                    reason="bf16 is not native on this CPU, or this torch has no oneDNN (packed bf16 products)")
+def test_bf16_decodes_through_packed_weights_with_the_plain_products_logits(tiny_gpt_dir):
+    cpu, prompt = torch.device("cpu"), [464, 2068, 7586, 21831, 625, 262]
+    packed = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), cpu, torch.bfloat16)
+    plain = GPT.from_pretrained(tiny_gpt_dir).to(torch.bfloat16).eval()  # nn.Linear: torch's ordinary product
+    assert isinstance(packed.transformer.h[0].attn.c_attn, PackedBF16Linear)
+    assert isinstance(packed.lm_head, PackedBF16Linear)
+    assert packed.lm_head.linear.weight is packed.transformer.wte.weight  # the head is still the embedding
+    with torch.no_grad():
+        for batch in (torch.tensor([prompt]), torch.tensor([prompt, prompt[::-1], prompt[1:] + [11]])):
+            caches = [m.new_cache(batch.size(0), 8) for m in (packed, plain)]
+            steps = [[m(batch[:, :-1], c), m(batch[:, -1:], c)] for m, c in zip((packed, plain), caches)]
+            assert all(torch.equal(a, b) for a, b in zip(*steps))  # the same products, bit for bit
+    assert list(packed.generate(prompt, 20, Sampler(0.8, top_k=40, seed=3))) == list(
+        plain.generate(prompt, 20, Sampler(0.8, top_k=40, seed=3)))
 
 
 def test_bf16_decoding_attends_in_fp32_and_stays_close_to_fp32(tiny_gpt_dir):
