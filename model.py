@@ -365,7 +365,7 @@ class GPT(nn.Module):
                 idx = torch.tensor([tokens[i][-self.config.block_size:] for i in live], device=device)  # (n, T)
                 cache = self.new_cache(len(live)) if use_cache else None
             hidden = self.hidden(idx, cache)[:, -1]  # (1 or n, n_embd): the prompt's other positions are unused
-            logits = self.lm_head(hidden)[:, :BPE_TOKENS].float().expand(len(live), -1)  # (n, tokens)
+            logits = self.lm_head(hidden)[:, :BPE_TOKENS].expand(len(live), -1)  # (n, tokens), the model's dtype
             next_ids = [None] * len(samplers)
             for row, i in enumerate(live):
                 next_ids[i] = samplers[i](logits[row], tokens[i])

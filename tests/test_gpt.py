@@ -2,6 +2,8 @@
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
 from conftest import run_cli, run_main, save_tiny_gpt2
 import commands
@@ -146,8 +148,6 @@ def test_top_p_on_a_hand_made_distribution():
 
 
 def test_filters_match_transformers_warpers():
-    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(3)) * 3
     ids = torch.tensor([[5, 17, 17, 999, 400]])
     kept_by_hf = torch.isfinite(TopKLogitsWarper(37)(ids, logits.clone())[0]).nonzero().flatten()
@@ -156,6 +156,16 @@ def test_filters_match_transformers_warpers():
                        torch.isfinite(TopPLogitsWarper(0.9)(ids, logits.clone())[0]))
     ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())[0]
     assert torch.allclose(apply_repetition_penalty(logits[0], ids[0].tolist(), 1.3), ref)
+
+
+def test_bf16_logits_draw_what_their_fp32_values_draw():
+    logits = (torch.randn(2000, generator=torch.Generator().manual_seed(4)) * 3).bfloat16()
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[5, 17, 999]]), logits.float()[None].clone())[0]
+    assert torch.equal(apply_repetition_penalty(logits, [5, 17, 999], 1.3), ref)  # fp32 arithmetic, as transformers'
+    for settings in (dict(top_k=50), dict(top_p=0.9), dict(top_k=200, top_p=0.8, repetition_penalty=1.3), {}):
+        draws = [[Sampler(0.7, seed=s, **settings)(x, [5, 17, 999]) for s in range(20)]
+                 for x in (logits, logits.float())]
+        assert draws[0] == draws[1]  # bf16 converts to fp32 exactly: the same ranking and probabilities
 
 
 def test_same_seed_same_sample_different_seed_different_sample(pair):
