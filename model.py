@@ -325,8 +325,8 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size=1, size=None):
         """An empty KVCache for decoding. On a CPU it is fp32 whatever the weights, so attention runs in fp32 there:
-        CPUs without native bf16 run the one-query attention kernel far slower in bf16, and fp32 keys and values
-        lose nothing."""
+        torch's CPU kernel runs one-query attention far slower in bf16 than in fp32, even where bf16 matmuls are
+        native, and fp32 keys and values lose nothing. A bf16 step then casts the queries up and the output down."""
         p = self.transformer.wte.weight
         dtype = torch.float32 if p.device.type == "cpu" else p.dtype
         return KVCache(self.config, batch_size, p.device, dtype, size)
