@@ -1,11 +1,11 @@
 """Preparing a GPT for decoding, in one call: device, dtype and eval mode, int8 weights (--quantize int8),
-MKL-packed products when several samples decode together on a CPU. (--compile decodes through
-static_decoding.py.)"""
+products through packed weights on a CPU. (--compile decodes through static_decoding.py.)"""
 import os
 
 import torch
 import torch.nn as nn
 
+from devices import has_fast_bf16
 from quantize import quantize_int8
 
 
@@ -29,33 +29,55 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
-def packable(model, rows):
-    """Whether products with `rows` rows go through PackedLinear: several rows, fp32 weights on a CPU whose torch
-    has MKL, and room for the packed copies (about twice the weights) in half the memory now available."""
+class PackedBF16Linear(nn.Module):
+    """A frozen bf16 linear layer on CPU whose weight is also stored in oneDNN's packed layout (the one
+    torch.compile's CPU freezing gives bf16 linears): the same products, bit for bit, for any number of rows, and
+    the one-row products of decoding read the weight markedly faster than from its plain layout. The packed copy
+    takes as much memory as the weight."""
+
+    def __init__(self, linear, rows):
+        super().__init__()
+        self.linear = linear
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)  # rows: a hint
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.linear.bias, "none", [], "")
+
+
+def packed_class(model, rows):
+    """The packed linear layer for decoding `rows` samples together with `model`, None for plain products: on a
+    CPU, bf16 weights where bf16 is native and torch has oneDNN (any rows), fp32 weights where torch has MKL
+    (several rows), each when the packed copies fit in half the memory now available."""
     w = model.transformer.wte.weight
-    if rows < 2 or w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkl.is_available():
-        return False
-    if "SC_AVPHYS_PAGES" not in getattr(os, "sysconf_names", {}):  # not a POSIX system that can tell
-        return False
+    if w.device.type != "cpu" or "SC_AVPHYS_PAGES" not in getattr(os, "sysconf_names", {}):  # a POSIX host tells
+        return None
+    if w.dtype == torch.bfloat16 and has_fast_bf16(w.device) and torch.backends.mkldnn.is_available():
+        cls, copies = PackedBF16Linear, 1
+    elif w.dtype == torch.float32 and rows >= 2 and torch.backends.mkl.is_available():
+        cls, copies = PackedLinear, 2
+    else:
+        return None
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return 2 * sum(p.numel() * 4 for p in model.parameters()) < available / 2
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return cls if copies * weights < available / 2 else None
 
 
 def pack_for_rows(model, rows):
-    """Make the block linears and the head of `model` PackedLinear for `rows` rows, if packable."""
-    if packable(model, rows):
+    """Make the block linears and the head of `model` packed linear layers for `rows` rows, where packable."""
+    cls = packed_class(model, rows)
+    if cls is not None:
         for parent in [model] + [m for block in model.transformer.h for m in (block.attn, block.mlp)]:
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(parent, name, PackedLinear(child, rows))
+                    setattr(parent, name, cls(child, rows))
     return model
 
 
 def prepare_for_generation(model, device, dtype, rows=1, quantize=None, compile=False):
     """`model` (a GPT) moved to `device` and `dtype` in eval mode, to decode `rows` samples together: `quantize`
-    "int8" makes its linear layers int8 (see quantize.Int8Linear), else several fp32 rows on a CPU go through packed
-    weights, unless the model is for a compiled step (`compile`: inductor lowers MKL's packed product only for
-    weights frozen into the graph)."""
+    "int8" makes its linear layers int8 (see quantize.Int8Linear), else products on a CPU go through packed weights
+    where packed_class says so, unless the model is for a compiled step (`compile`: inductor lowers packed products
+    only for weights frozen into the graph)."""
     model.to(device=device, dtype=dtype).eval()
     if quantize == "int8":
         quantize_int8(model)

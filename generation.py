@@ -10,7 +10,9 @@ class Sampler:
     """Picks the next token from logits: repetition penalty, n-gram ban, then temperature, top-k, top-p
     (transformers' order).
 
-    temperature 0 means greedy (argmax after the repetition penalty).
+    temperature 0 means greedy (argmax after the repetition penalty). The logits may be in the model's dtype: what
+    needs fp32 arithmetic (the penalty, the temperature and what follows) casts what it reads, so the top-k cut
+    reads a bf16 row as it is, with the order it has in fp32 (the conversion is exact).
     """
 
     def __init__(self, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=None,
@@ -35,10 +37,10 @@ def draw(logits, u, temperature, top_k=None, top_p=None):
     top-p nucleus: the first token whose cumulative probability passes u. `logits` (..., vocab), `u` one per row
     (...). One uniform per draw, no generator inside: the same function of the logits for one sample on the host
     and for a batch inside a compiled step (static_decoding.py), so both draw the same tokens from the same seeds."""
-    logits = logits / temperature
     candidates = None
     if top_k is not None:  # sample among the k best only: the same distribution, far less work
-        logits, candidates = top_k_candidates(logits, top_k)
+        logits, candidates = top_k_candidates(logits, top_k)  # a positive temperature keeps the order
+    logits = logits.float() / temperature  # fp32 from here, whatever the model's dtype
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
     cdf = F.softmax(logits, dim=-1).cumsum(-1)
@@ -54,8 +56,8 @@ def apply_repetition_penalty(logits, context, penalty):
     if penalty == 1.0 or not context:
         return logits
     seen = torch.tensor(sorted(set(context)), device=logits.device)
+    logits = logits.to(torch.float32, copy=True)  # the division and product in fp32, as the model's dtype may not be
     scores = logits[seen]
-    logits = logits.clone()
     logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
     return logits
 

@@ -209,22 +209,27 @@ class KVCache:
         self.size = size or config.block_size
         shape = (config.n_layer, 2, batch_size, config.n_head, self.size, config.n_embd // config.n_head)
         self.kv = torch.empty(shape, device=device, dtype=dtype)  # every position is written before it is read
+        self.layers = self.kv.unbind(0)  # (2, rows, nh, size, hs) views, one per layer: no indexing per step
         self.length = 0  # positions filled, advanced by GPT.hidden once every layer has written
 
     def extend(self, layer, kv):
-        """Append kv (2, B, nh, T, hs), the new keys and values; return the keys and the values so far, each
-        (B, nh, length + T, hs).
+        """Append kv (2, B, nh, T, hs), the new keys and values, in place; return the keys and the values so far,
+        each (B, nh, length + T, hs), views of the cache.
 
         A batch of one is written to every row: that is how samples share a single prefill of their prompt.
         """
         T, B = kv.size(3), kv.size(1)
-        self.kv[layer].narrow(3, self.length, T).copy_(kv)
-        return self.kv[layer, :, :B, :, :self.length + T].unbind(0)
+        cache = self.layers[layer]  # (2, rows, nh, size, hs)
+        cache.narrow(3, self.length, T).copy_(kv)
+        if B < cache.size(1):
+            cache = cache.narrow(1, 0, B)
+        return cache.narrow(3, 0, self.length + T).unbind(0)
 
     def reorder(self, rows):
         """Go on with these batch rows, in this order, a row possibly more than once: the samples that have not
         ended, or the parents of the beams a beam-search step keeps."""
         self.kv = self.kv.index_select(2, rows)
+        self.layers = self.kv.unbind(0)
 
 
 class GPT(nn.Module):
@@ -254,8 +259,7 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + idx.size(1) > self.config.block_size:
             raise ValueError(f"{start + idx.size(1)} positions exceed the block size {self.config.block_size}")
-        pos = torch.arange(start, start + idx.size(1), device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.wte(idx) + self.transformer.wpe.weight[start:start + idx.size(1)]  # positions' rows
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
         if cache is not None:
@@ -321,8 +325,8 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size=1, size=None):
         """An empty KVCache for decoding. On a CPU it is fp32 whatever the weights, so attention runs in fp32 there:
-        CPUs without native bf16 run the one-query attention kernel far slower in bf16, and fp32 keys and values
-        lose nothing."""
+        torch's CPU kernel runs one-query attention far slower in bf16 than in fp32, even where bf16 matmuls are
+        native, and fp32 keys and values lose nothing. A bf16 step then casts the queries up and the output down."""
         p = self.transformer.wte.weight
         dtype = torch.float32 if p.device.type == "cpu" else p.dtype
         return KVCache(self.config, batch_size, p.device, dtype, size)
@@ -367,7 +371,7 @@ class GPT(nn.Module):
                 idx = torch.tensor([tokens[i][-self.config.block_size:] for i in live], device=device)  # (n, T)
                 cache = self.new_cache(len(live)) if use_cache else None
             hidden = self.hidden(idx, cache)[:, -1]  # (1 or n, n_embd): the prompt's other positions are unused
-            logits = self.lm_head(hidden)[:, :BPE_TOKENS].float().expand(len(live), -1)  # (n, tokens)
+            logits = self.lm_head(hidden)[:, :BPE_TOKENS].expand(len(live), -1)  # (n, tokens), the model's dtype
             next_ids = [None] * len(samplers)
             for row, i in enumerate(live):
                 next_ids[i] = samplers[i](logits[row], tokens[i])

@@ -2,10 +2,12 @@
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
 from conftest import run_cli, run_main, save_tiny_gpt2
 import commands
-from cpu_decoding import PackedLinear, packable, prepare_for_generation
+from cpu_decoding import PackedBF16Linear, PackedLinear, packed_class, prepare_for_generation
 from devices import has_fast_bf16
 from generation import Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
 from model import BPE_TOKENS, GPT, GPTConfig, ModelError
@@ -64,7 +66,25 @@ def test_samples_decode_through_packed_weights_and_keep_the_head_tied(tiny_gpt_d
     assert list(steps) == [[tok] * 3 for tok in reference[0, len(prompt):].tolist()]
     alone = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), torch.device("cpu"), torch.float32, rows=1)
     assert type(alone.lm_head) is torch.nn.Linear and alone.lm_head.weight.stride() == (alone.config.n_embd, 1)
-    assert not packable(alone, 1) and not packable(alone.to(torch.bfloat16), 3)  # one row, or bf16: plain products
+    assert packed_class(alone, 1) is None  # fp32, one row: the plain product
+
+
+@pytest.mark.skipif(not (has_fast_bf16(torch.device("cpu")) and torch.backends.mkldnn.is_available()),
+                    reason="bf16 is not native on this CPU, or this torch has no oneDNN (packed bf16 products)")
+def test_bf16_decodes_through_packed_weights_with_the_plain_products_logits(tiny_gpt_dir):
+    cpu, prompt = torch.device("cpu"), [464, 2068, 7586, 21831, 625, 262]
+    packed = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), cpu, torch.bfloat16)
+    plain = GPT.from_pretrained(tiny_gpt_dir).to(torch.bfloat16).eval()  # nn.Linear: torch's ordinary product
+    assert isinstance(packed.transformer.h[0].attn.c_attn, PackedBF16Linear)
+    assert isinstance(packed.lm_head, PackedBF16Linear)
+    assert packed.lm_head.linear.weight is packed.transformer.wte.weight  # the head is still the embedding
+    with torch.no_grad():
+        for batch in (torch.tensor([prompt]), torch.tensor([prompt, prompt[::-1], prompt[1:] + [11]])):
+            caches = [m.new_cache(batch.size(0), 8) for m in (packed, plain)]
+            steps = [[m(batch[:, :-1], c), m(batch[:, -1:], c)] for m, c in zip((packed, plain), caches)]
+            assert all(torch.equal(a, b) for a, b in zip(*steps))  # the same products, bit for bit
+    assert list(packed.generate(prompt, 20, Sampler(0.8, top_k=40, seed=3))) == list(
+        plain.generate(prompt, 20, Sampler(0.8, top_k=40, seed=3)))
 
 
 def test_bf16_decoding_attends_in_fp32_and_stays_close_to_fp32(tiny_gpt_dir):
@@ -128,8 +148,6 @@ def test_top_p_on_a_hand_made_distribution():
 
 
 def test_filters_match_transformers_warpers():
-    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(3)) * 3
     ids = torch.tensor([[5, 17, 17, 999, 400]])
     kept_by_hf = torch.isfinite(TopKLogitsWarper(37)(ids, logits.clone())[0]).nonzero().flatten()
@@ -138,6 +156,16 @@ def test_filters_match_transformers_warpers():
                        torch.isfinite(TopPLogitsWarper(0.9)(ids, logits.clone())[0]))
     ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())[0]
     assert torch.allclose(apply_repetition_penalty(logits[0], ids[0].tolist(), 1.3), ref)
+
+
+def test_bf16_logits_draw_what_their_fp32_values_draw():
+    logits = (torch.randn(2000, generator=torch.Generator().manual_seed(4)) * 3).bfloat16()
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[5, 17, 999]]), logits.float()[None].clone())[0]
+    assert torch.equal(apply_repetition_penalty(logits, [5, 17, 999], 1.3), ref)  # fp32 arithmetic, as transformers'
+    for settings in (dict(top_k=50), dict(top_p=0.9), dict(top_k=200, top_p=0.8, repetition_penalty=1.3), {}):
+        draws = [[Sampler(0.7, seed=s, **settings)(x, [5, 17, 999]) for s in range(20)]
+                 for x in (logits, logits.float())]
+        assert draws[0] == draws[1]  # bf16 converts to fp32 exactly: the same ranking and probabilities
 
 
 def test_same_seed_same_sample_different_seed_different_sample(pair):
