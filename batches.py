@@ -25,6 +25,12 @@ class Split:
     def __len__(self):
         return len(self.tokens)
 
+    def subset(self, rows):
+        """The split's rows `rows` (a list of indices), in that order, with what they carry."""
+        return Split([self.tokens[i] for i in rows], self.labels[rows],
+                     None if self.teacher is None else self.teacher[rows],
+                     None if self.targets is None else [self.targets[i] for i in rows])
+
     def units(self, rows):
         """What the loss of `rows` averages over: the sentences, or a language model's target tokens."""
         if self.targets is None:
@@ -65,9 +71,7 @@ def load_splits(spec, tokenizer, *, block_size=None, max_examples=None, seed=0):
     hold_out(splits)
     if max_examples:
         keep = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(seed))
-        keep = keep[:max_examples].tolist()
-        train = splits["train"]
-        splits["train"] = Split([train.tokens[i] for i in keep], train.labels[keep])
+        splits["train"] = splits["train"].subset(keep[:max_examples].tolist())
     return splits
 
 
@@ -90,7 +94,7 @@ def hold_out(splits):
     out = [held_out(t) for t in train.tokens]
     for name, keep in (("heldout", True), ("train", False)):
         rows = [i for i, o in enumerate(out) if o == keep]
-        splits[name] = Split([train.tokens[i] for i in rows], train.labels[rows])
+        splits[name] = train.subset(rows)
 
 
 def data_fingerprint(splits):

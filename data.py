@@ -311,12 +311,13 @@ def checked_labels(values, where, column):
                         f"number {w!r}; a label column holds names or numbers, not both")
 
 
-def checked_texts(texts, where, column):
-    """The text column, refusing the first cell that is empty or not a string."""
+def checked_texts(texts, where, column, role="text", error=UserError):
+    """A column of text (a language model's: its prompts or completions, `role`), refusing the first cell that is
+    empty or not a string with `error`."""
     for row, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             what = "empty" if text is None or isinstance(text, str) else f"not a string ({type(text).__name__})"
-            raise UserError(f"{where}, row {row}: the text ({column!r}) is {what}")
+            raise error(f"{where}, row {row}: the {role} ({column!r}) is {what}")
     return list(texts)
 
 
@@ -328,6 +329,14 @@ def label_ids(values, feature, names):
     return [-1 if unlabelled(v) else index[label_text(v)] for v in values]
 
 
+def split_names(spec, dd):
+    """{'train', 'dev', 'ood'}: the name in `dd` of the split each role reads, by its flag or the usual names (None
+    for an evaluation split the dataset lacks)."""
+    return {"train": pick(list(dd), spec.train_split, (), "split", "train_split"),
+            "dev": pick(list(dd), spec.eval_split, ("validation", "dev"), "split", "eval_split"),
+            "ood": pick(list(dd), spec.test_split, ("test",), "split", "test_split")}
+
+
 def load_text_data(spec):
     """The splits a run trains and evaluates on: CoLA's three files, or the train / eval / test splits of any
     dataset, with label names. Rows without a label are left out (and said so); the test split is the second
@@ -335,9 +344,7 @@ def load_text_data(spec):
     if spec.is_cola:
         return TextData(load_cola(spec.data_dir or default_cola_dir()), LABELS, COLA_TITLES)
     dd = load_dataset_dict(spec)
-    names = {"train": pick(list(dd), spec.train_split, (), "split", "train_split"),
-             "dev": pick(list(dd), spec.eval_split, ("validation", "dev"), "split", "eval_split"),
-             "ood": pick(list(dd), spec.test_split, ("test",), "split", "test_split")}
+    names = split_names(spec, dd)
     if names["dev"] is None:
         raise UserError(f"{spec.name}: no validation or dev split; pass --eval_split (there are: {', '.join(dd)})")
     parts = {k: dd[v] for k, v in names.items() if v is not None}

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from batches import IGNORE, Split, Splits
-from data import DataSpec, TextData, load_dataset_dict, pick, split_where, text_lines
+from data import (DATA_FILE_TYPES, DataSpec, TextData, checked_texts, load_dataset_dict, pick, split_names,
+                  split_where, text_lines)
 from distributed import main_first
 from model import EOT
 from utils import UserError
@@ -86,7 +87,7 @@ def text_files(spec):
     """The .txt file or folder of .txt files `spec` names, or None for a dataset `datasets` reads."""
     path = Path(spec.dataset)
     if path.suffix == ".txt" or (path.is_dir() and any(path.glob("*.txt")) and not any(
-            p.suffix in (".csv", ".tsv", ".json", ".jsonl", ".parquet") for p in path.iterdir())):
+            p.suffix in DATA_FILE_TYPES for p in path.iterdir())):
         if not path.exists():
             raise DataError(f"--dataset {path}: no such file")
         return path
@@ -97,9 +98,7 @@ def read_columns(spec, columns):
     """{split: {column: [cell]}} of a dataset's train, validation and (if any) test splits. `columns` maps each
     role ("text", or "prompt" and "completion") to (the flag's value, its flag, default names)."""
     dd = load_dataset_dict(spec)
-    names = {key: pick(list(dd), getattr(spec, flag), defaults, "split", flag)
-             for key, flag, defaults in (("train", "train_split", ()), ("dev", "eval_split", ("validation", "dev")),
-                                         ("ood", "test_split", ("test",)))}
+    names = split_names(spec, dd)
     if names["dev"] is None:
         raise DataError(f"{spec.name}: no validation or dev split; pass --eval_split (there are: {', '.join(dd)})")
     out = {}
@@ -112,17 +111,9 @@ def read_columns(spec, columns):
                       for role, (wanted, flag, defaults) in columns.items()}
         except UserError as e:
             raise DataError(f"{where}: {e}") from None
-        out[key] = {role: checked_cells(part[column], where, column, role) for role, column in chosen.items()}
+        out[key] = {role: checked_texts(part[column], where, column, role, DataError)
+                    for role, column in chosen.items()}
     return out
-
-
-def checked_cells(cells, where, column, role):
-    """A column's cells, refusing the first that is empty or not text, by its row."""
-    for row, cell in enumerate(cells):
-        if not isinstance(cell, str) or not cell.strip():
-            what = "empty" if cell is None or isinstance(cell, str) else f"not text ({type(cell).__name__})"
-            raise DataError(f"{where}, row {row}: the {role} ({column!r}) is {what}")
-    return list(cells)
 
 
 def read_lm_data(spec, prompt_column=None, completion_column=None):
@@ -163,7 +154,5 @@ def load_lm_splits(spec: DataSpec, tokenizer, *, block_size, prompt_column=None,
         splits[key] = lm_split(examples)
     if max_examples:
         keep = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(seed))[:max_examples]
-        train = splits["train"]
-        splits["train"] = Split([train.tokens[i] for i in keep], train.labels[keep],
-                                targets=[train.targets[i] for i in keep])
+        splits["train"] = splits["train"].subset(keep.tolist())
     return splits

@@ -74,9 +74,7 @@ class NextToken(Classification):
 
     def conclude(self, model, splits, run, **on):
         """The best epoch's evaluations (dev, and test when there is one) beside the base model's."""
-        final = {"dev": run["best_dev"]}
-        if "ood" in splits:
-            final["ood"] = self.evaluate(model, splits["ood"], **on)
+        final = self.final_evaluations(model, splits, run, **on)
         record = {f"{who}{name}_{k}": e[k] for who, evaluations in (("", final), ("baseline_", self.base))
                   for name, e in evaluations.items() for k in ("loss", "perplexity", "acc")}
         return final, {"final": final, "record": record | {"dev_tokens_per_s": final["dev"]["tokens_per_s"]}}

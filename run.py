@@ -381,8 +381,7 @@ def check_task(parser, args):
     if args.generate_eval and not args.prompt_column:
         parser.error("--generate_eval decodes prompts: it needs prompt -> completion pairs (--prompt_column and "
                      "--completion_column)")
-    context = args.block_size and load_config(args.gpt_variant).block_size
-    if args.block_size and args.block_size > context:
+    if args.block_size and args.block_size > (context := load_config(args.gpt_variant).block_size):
         parser.error(f"--block_size {args.block_size}: over {args.gpt_variant}'s context of {context} tokens")
 
 

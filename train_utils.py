@@ -63,13 +63,19 @@ class Classification:
     def conclude(self, model, splits, run, *, batch_size, device, dtype):
         """The best epoch's evaluations {split: evaluation} and scores: beside the majority class, calibrated on the
         held-out sentences, and the fields of the run's record."""
-        final = {"dev": run["best_dev"]}  # the best epoch's weights are restored: their dev evaluation is done
-        if "ood" in splits:
-            final["ood"] = self.evaluate(model, splits["ood"], batch_size=batch_size, device=device, dtype=dtype)
+        final = self.final_evaluations(model, splits, run, batch_size=batch_size, device=device, dtype=dtype)
         s = final_scores(final, splits)
         s["calibration"] = calibrate(model, splits, final["dev"]["logits"], batch_size, device, dtype)
         s["record"] = classification_record(final, s, splits.evaluated)
         return final, s
+
+    def final_evaluations(self, model, splits, run, **on):
+        """{split: evaluation} of the best epoch on dev (done after that epoch, whose weights are restored) and on
+        the second evaluation split, when there is one."""
+        final = {"dev": run["best_dev"]}
+        if "ood" in splits:
+            final["ood"] = self.evaluate(model, splits["ood"], **on)
+        return final
 
     def print_summary(self, mode, run, epochs, s, splits):
         print_run_summary(mode, run["best_epoch"], epochs, s, splits)
@@ -312,11 +318,12 @@ def predict_logits(model, tokens, *, batch_size, device, dtype):
     return out
 
 
-def epoch_record(epoch, train, train_seconds, dev, dev_fields):
+def epoch_record(epoch, train, train_seconds, dev, objective):
     """One row of the run's history, from this epoch's training sums (over all ranks: the loss per unit, the
-    accuracy over the predictions that have a label) and the dev evaluation with the objective's `dev_fields`."""
-    return {"epoch": epoch, "train_loss": train["loss"] / train["units"],
-            "train_acc": train["correct"] / max(1, train["scored"]), "dev_loss": dev["loss"], **dev_fields,
+    accuracy over the predictions that have a label) and the dev evaluation, with the objective's epoch_fields."""
+    train_loss = train["loss"] / train["units"]
+    return {"epoch": epoch, "train_loss": train_loss, "train_acc": train["correct"] / max(1, train["scored"]),
+            "dev_loss": dev["loss"], **objective.epoch_fields(train_loss, dev),
             "train_seconds": train_seconds, "train_tokens_per_s": train["tokens"] / train_seconds,
             "skipped_steps": int(train["skipped"])}
 
@@ -401,7 +408,7 @@ def fit(model, loss_fn, data, config, watch=None):
             train = dict(zip(train, all_reduce_sum(list(train.values()))))  # summed over ranks
             seconds = time.perf_counter() - start
             dev = loss_fn.evaluate(fast, data["dev"], batch_size=c.batch_size, device=c.device, dtype=c.dtype)
-            row = epoch_record(epoch, train, seconds, dev, loss_fn.epoch_fields(train["loss"] / train["units"], dev))
+            row = epoch_record(epoch, train, seconds, dev, loss_fn)
             check_finite(model, dev, f"epoch {epoch}/{c.epochs}")  # raises Diverged
             end_epoch(run, epoch, row, dev, model, c.epochs)
             if c.state_path:
