@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import run
+import checks
 from checkpoints import save_student
 from conftest import run_main, save_tiny_adapter, save_tiny_gpt2
 from model import DistilRNN, RNNConfig
@@ -130,8 +130,8 @@ def test_a_read_only_cola_folder_is_fine_and_one_without_the_files_is_refused(tm
     shutil.copytree(cola_dir, shared)
     empty.mkdir()
     before = {p: p.read_bytes() for p in shared.iterdir()}
-    writable = run.writable  # root can write anywhere: what a read-only mount says is stood in for here
-    monkeypatch.setattr(run, "writable", lambda path: writable(path) and not str(Path(path).absolute()).startswith(
+    writable = checks.writable  # root can write anywhere: what a read-only mount says is stood in for here
+    monkeypatch.setattr(checks, "writable", lambda path: writable(path) and not str(Path(path).absolute()).startswith(
         (str(shared), str(empty))))
     result = run_main("rnn", "--data_dir", shared, *TRAIN, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 0, result.stderr

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checks
 import run
 import tune
 import utils
@@ -103,7 +104,7 @@ def test_long_names_stay_valid_file_names_and_distinct():
 
 
 def test_a_run_whose_state_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(run, "writable", lambda path: not str(path).endswith(".resume.pt"))
+    monkeypatch.setattr(checks, "writable", lambda path: not str(path).endswith(".resume.pt"))
     result = run_main("rnn", "--model_path", "out/s", "--max_examples", 8, cwd=tmp_path, monkeypatch=monkeypatch,
                       capfd=capfd)
     assert result.returncode == 2 and "--model_path out/s: cannot write out/s.resume.pt" in result.stderr
@@ -112,8 +113,8 @@ def test_a_run_whose_state_cannot_be_written_is_refused_before_training(tmp_path
 
 def test_tensorboard_missing_is_one_line_before_training(monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)
-    real = run.importlib.util.find_spec
-    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
+    real = checks.importlib.util.find_spec
+    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
     with pytest.raises(SystemExit) as stop:
         run.main(["rnn", "--tensorboard"])
     assert stop.value.code == 2
