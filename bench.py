@@ -24,18 +24,18 @@ from pathlib import Path
 
 import torch
 
-from augment import augment
-from batches import Split, bucketed_batches, collate, sorted_batches
-from cpu_decoding import prepare_for_generation
-from data import default_cola_dir, encode, get_tokenizer, load_cola
-from devices import compute_dtype, default_micro_batch_tokens, loss_scaler
-from distil import UNLABELLED, KDLoss
-from generation import Sampler
-from lm_data import lm_split, text_blocks
-from lm_loss import NextToken
+from textdata.augmentation import augment
+from textdata.batches import Split, bucketed_batches, collate, sorted_batches
+from decoding.packed_weights import prepare_for_generation
+from textdata.readers import default_cola_dir, encode, get_tokenizer, load_cola
+from runtime.devices import compute_dtype, default_micro_batch_tokens, loss_scaler
+from training.distillation import UNLABELLED, KDLoss
+from decoding.sampling import Sampler
+from textdata.lm_examples import lm_split, text_blocks
+from training.lm_objective import NextToken
 from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
-from static_decoding import StaticDecoder
+from decoding.static_step import StaticDecoder
 from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_epoch
 from utils import write_text
 
@@ -513,7 +513,7 @@ def case(title, ours, peer, times, target, limit=None, speedup=True):
 
 
 def print_table(rows):
-    from report import format_table
+    from training.report import format_table
     headers = ["case", "ours (median)", "peer (median)", "ratio", "target", "met", "of machine limit"]
     print(format_table(headers, [[r["case"], r["ours"], r["peer"], r["ratio"], r["target"],
                                   "yes" if r["met"] else "NO", r.get("of_limit", "-")] for r in rows]))

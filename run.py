@@ -4,13 +4,13 @@ import os
 import sys
 import traceback
 
-import search
-import tune
-from checks import check_distil, check_gen, check_lora, check_model_use, check_training, check_tune
-from commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_predict, cmd_rnn
-from data import default_cola_dir
-from devices import compute_dtype, resolve_device
-from distributed import init_distributed, is_main
+from cli import optuna_search as search
+from cli import grid_sweep as tune
+from cli.checks import check_distil, check_gen, check_lora, check_model_use, check_training, check_tune
+from cli.commands import cmd_distil, cmd_export, cmd_gen, cmd_info, cmd_lora, cmd_predict, cmd_rnn
+from textdata.readers import default_cola_dir
+from runtime.devices import compute_dtype, resolve_device
+from runtime.distributed import init_distributed, is_main
 from model import LORA_TARGETS, ModelError, variant_slug
 from utils import (Terminated, UserError, fraction, interrupt_exit_code, non_negative_float, non_negative_int,
                    number_in, positive_float, positive_int, seed_int, sigterm_as_interrupt)

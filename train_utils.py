@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from batches import Split, bucketed_batches, collate, micro_batches, sorted_batches, split_fingerprints
-from checkpoints import save_trained
-from devices import autocast, compiled, default_micro_batch_tokens, loss_scaler
-from distributed import all_reduce_sum, for_all_ranks, is_main, on_main, rank, rank_share, rng_states, world_size
-from metrics import calibration, final_scores, majority_accuracy, matthews_corrcoef
-from report import print_run_summary
-from runlog import RunWatch, load_run_state, result_flags, resume_state_path, save_run_state, trainable_state
+from textdata.batches import Split, bucketed_batches, collate, micro_batches, sorted_batches, split_fingerprints
+from training.checkpoints import save_trained
+from runtime.devices import autocast, compiled, default_micro_batch_tokens, loss_scaler
+from runtime.distributed import all_reduce_sum, for_all_ranks, is_main, on_main, rank, rank_share, rng_states, world_size
+from training.metrics import calibration, final_scores, majority_accuracy, matthews_corrcoef
+from training.report import print_run_summary
+from training.runlog import RunWatch, load_run_state, result_flags, resume_state_path, save_run_state, trainable_state
 from utils import Terminated, UserError, interrupt_exit_code
 
 

@@ -51,7 +51,7 @@ def cola_dir():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from data import get_tokenizer
+    from textdata.readers import get_tokenizer
     return get_tokenizer()
 
 
@@ -136,7 +136,7 @@ def tiny_lora_classifier(gpt_dir, targets=ALL_TARGETS):
 
 def save_tiny_adapter(folder, gpt_dir, targets=ALL_TARGETS, base_model=None, run_info=None):
     """An untrained rank-4 LoRA adapter of the tiny GPT-2 at `gpt_dir`, saved as `run.py LoRA` saves one."""
-    from checkpoints import save_adapter
+    from training.checkpoints import save_adapter
     save_adapter(tiny_lora_classifier(gpt_dir, targets), folder, rank=4, alpha=4, dropout=0.0, targets=targets,
                  base_model=base_model or gpt_dir,
                  run_info={"random_init": False, "seed": 0} if run_info is None else run_info)

@@ -9,10 +9,10 @@ import torch
 from rouge_score.rouge_scorer import RougeScorer
 from transformers import GPT2LMHeadModel
 
-from completion_eval import DecodeSettings, corpus_bleu, decode_all, group_references, length_batches, rouge_l
+from decoding.generation_eval import DecodeSettings, corpus_bleu, decode_all, group_references, length_batches, rouge_l
 from conftest import run_main
-from generation import Sampler
-from lm_data import prompt_tokens
+from decoding.sampling import Sampler
+from textdata.lm_examples import prompt_tokens
 from model import EOT, GPT
 from test_lm_adapter import peft_lm_adapter
 

@@ -4,9 +4,9 @@ import torch
 from sklearn.metrics import matthews_corrcoef as sk_mcc
 
 from conftest import COLA_DEV, COLA_DEV_ACCEPTABLE, COLA_OOD, COLA_TRAIN
-from batches import bucketed_batches, sorted_batches
-from metrics import majority_label, matthews_corrcoef
-from data import load_cola, read_cola_tsv
+from textdata.batches import bucketed_batches, sorted_batches
+from training.metrics import majority_label, matthews_corrcoef
+from textdata.readers import load_cola, read_cola_tsv
 from utils import UserError
 
 

@@ -11,8 +11,8 @@ import run
 from conftest import (COLA_DEV, COLA_HELDOUT, COLA_OOD, count_classifier_rows, run_cli, run_main, save_tiny_adapter,
                       save_tiny_gpt2)
 from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters
-from batches import Split
-from distil import KDLoss, kd_loss
+from textdata.batches import Split
+from training.distillation import KDLoss, kd_loss
 from train_utils import predict_logits, train_epoch
 from model import EOT
 
@@ -60,7 +60,7 @@ def test_padding_has_no_effect_on_the_student(cell):
 
 
 def test_tiny_student_matches_a_tiny_teacher(tiny_gpt_dir, tokenizer, cola_dir):
-    from data import load_cola
+    from textdata.readers import load_cola
     sentences, labels = load_cola(cola_dir)["train"]
     tokens = [tokenizer.encode_ordinary(s) for s in sentences[:32]]
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path, monkeypatch, capf
 
 
 def test_the_student_without_kd_is_an_rnn_run_that_differs_by_kd_alone(tmp_path, monkeypatch):
-    from distil import latest_matching_rnn_run, rnn_log
+    from training.distillation import latest_matching_rnn_run, rnn_log
     monkeypatch.chdir(tmp_path)
     parser = run.build_parser()
     kd = {"args": vars(parser.parse_args(["distil"])), "data": "d"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import run
-from checkpoints import save_student
+from training.checkpoints import save_student
 from conftest import (ROOT, assert_same_weights, in_epoch, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2,
                       start_run)
 from model import DistilRNN, RNNConfig

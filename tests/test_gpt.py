@@ -6,12 +6,12 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopPLogitsWarper)
 
 from conftest import run_cli, run_main, save_tiny_gpt2
-import commands
-from cpu_decoding import PackedBF16Linear, PackedLinear, packed_class, prepare_for_generation
-from devices import has_fast_bf16
-from generation import Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
+from cli import commands
+from decoding.packed_weights import PackedBF16Linear, PackedLinear, packed_class, prepare_for_generation
+from runtime.devices import has_fast_bf16
+from decoding.sampling import Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
 from model import BPE_TOKENS, GPT, GPTConfig, ModelError
-from quantize import Int8Linear, quantize_int8
+from decoding.int8_linears import Int8Linear, quantize_int8
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_cli_gen_hub_id_offline_is_one_clear_line(tmp_path):
 
 
 def test_streaming_stops_at_end_of_text_only_when_asked(tokenizer, capsys):
-    from generation import print_stream
+    from decoding.sampling import print_stream
     ids = tokenizer.encode_ordinary(" one") + [50256] + tokenizer.encode_ordinary(" two")
     print_stream(tokenizer, "Count:", iter(ids), eos_id=50256, stream=True)
     assert capsys.readouterr().out == "Count: one\n"

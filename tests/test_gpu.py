@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_once_and_on_two_ranks, tiny_lora_classifier
-from batches import load_splits
-from cpu_decoding import prepare_for_generation
-from data import DataSpec
-from generation import Sampler
+from textdata.batches import load_splits
+from decoding.packed_weights import prepare_for_generation
+from textdata.readers import DataSpec
+from decoding.sampling import Sampler
 from model import GPT, cast_frozen_linears
 from train_utils import TrainConfig, cross_entropy, fit
 

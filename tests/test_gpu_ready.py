@@ -11,15 +11,15 @@ import types
 import pytest
 import torch
 
-import commands
+from cli import commands
 import run
 import train_utils
 import utils
-import data
-import devices
+from textdata import readers as data
+from runtime import devices
 from conftest import ROOT, tiny_lora_classifier
 from model import GPTClassifier
-from batches import Split, load_splits
+from textdata.batches import Split, load_splits
 from train_utils import cross_entropy, train_epoch
 
 GPUS = {"t4": ("Tesla T4", 7, 5), "a100": ("NVIDIA A100-SXM4-40GB", 8, 0)}
@@ -85,7 +85,7 @@ def test_a_gpu_index_past_the_machines_is_one_line(monkeypatch):
 
 
 def test_side_by_side_slots_take_the_visible_gpus_in_turn(monkeypatch):
-    import tune
+    from cli import grid_sweep as tune
     fake_gpu(monkeypatch, "a100")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

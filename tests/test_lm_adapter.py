@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-import checkpoints
+from training import checkpoints
 from conftest import PAD_BATCH, padded, run_main, save_tiny_adapter
 
 PROMPT = "The quick brown fox"

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-import checkpoints
-from batches import IGNORE, collate
+from training import checkpoints
+from textdata.batches import IGNORE, collate
 from conftest import randomize_adapter, run_main
-from lm_data import completion_example, load_lm_splits, lm_split, text_blocks
-from lm_loss import NextToken, next_token_loss
+from textdata.lm_examples import completion_example, load_lm_splits, lm_split, text_blocks
+from training.lm_objective import NextToken, next_token_loss
 from model import GPT, inject_lora, mark_only_lora_as_trainable
 
 CPU = torch.device("cpu")
@@ -144,7 +144,7 @@ def test_pairs_longer_than_the_block_are_left_out_and_said(tokenizer, tmp_path):
     rows = "".join(f'{{"mr": "{p}", "ref": "{c}"}}\n' for p, c in PAIRS)
     (folder / "train.jsonl").write_text(rows)
     (folder / "validation.jsonl").write_text(rows)
-    from data import DataSpec
+    from textdata.readers import DataSpec
     splits = load_lm_splits(DataSpec(dataset=str(folder)), tokenizer, block_size=17, prompt_column="mr",
                             completion_column="ref")
     assert len(splits["train"]) == 2 and all(len(x) <= 17 for x in splits["train"].tokens)
@@ -178,7 +178,7 @@ def test_an_lm_run_resumes_after_its_last_epoch(tiny_gpt_dir, tmp_path, monkeypa
     run = [*LM_RUN, "--gpt_variant", tiny_gpt_dir]
     whole = run_main(*run, "--epochs", 2, "--model_path", "whole", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert whole.returncode == 0 and not (tmp_path / "whole.resume.pt").exists()  # finished: no state left behind
-    import runlog
+    from training import runlog
     monkeypatch.setattr(runlog.RunWatch, "epoch", stop_after(runlog.RunWatch.epoch, epoch=1))
     stopped = run_main(*run, "--epochs", 2, "--model_path", "cut", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert stopped.returncode == 130 and (tmp_path / "cut.resume.pt").exists(), stopped.stderr

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import PAD_BATCH, padded, randomize_adapter, run_cli, run_main
-from checkpoints import load_adapter_weights, read_adapter_config, save_adapter
+from training.checkpoints import load_adapter_weights, read_adapter_config, save_adapter
 from model import GPTClassifier, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, unmerge_lora
-from batches import Split
+from textdata.batches import Split
 from train_utils import cross_entropy, train_epoch
 
 
@@ -132,7 +132,7 @@ def test_adapter_round_trip_into_our_model(classifier, tiny_gpt_dir, tmp_path):
 
 
 def test_a_tiny_model_overfits_32_sentences(classifier, tokenizer, cola_dir):
-    from data import load_cola
+    from textdata.readers import load_cola
     sentences, labels = load_cola(cola_dir)["train"]
     split = Split([tokenizer.encode_ordinary(s) for s in sentences[:32]], torch.tensor(labels[:32]))
     model = mark_only_lora_as_trainable(inject_lora(classifier, rank=8, alpha=16))
@@ -171,7 +171,7 @@ def test_cli_lora_end_to_end(tiny_gpt_dir, tmp_path):
 
 
 def test_micro_batches_give_the_same_step_as_the_whole_batch(classifier, tokenizer, cola_dir):
-    from data import load_cola
+    from textdata.readers import load_cola
     sentences, labels = load_cola(cola_dir)["train"]
     split = Split([tokenizer.encode_ordinary(s) for s in sentences[:48]], torch.tensor(labels[:48]))
     model = mark_only_lora_as_trainable(inject_lora(classifier, 4, 4))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import checks
-from checkpoints import save_student
+from cli import checks
+from training.checkpoints import save_student
 from conftest import run_main, save_tiny_adapter, save_tiny_gpt2
 from model import DistilRNN, RNNConfig
 

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 import run
 import utils
-import checkpoints
-import data
-import runlog
+from training import checkpoints
+from textdata import readers as data
+from training import runlog
 from conftest import ROOT, assert_same_weights, free_port, run_main, start_run
-from checkpoints import load_student
+from training.checkpoints import load_student
 
 TINY_RNN = ["--max_examples", "32", "--batch_size", "16", "--epochs", "1", "--rnn_hidden", "8"]
 
@@ -57,7 +57,8 @@ def test_user_files_survive_in_every_output_folder(tiny_gpt_dir, tmp_path, monke
 CRASH_MID_SAVE = """
 import os, sys
 sys.path.insert(0, {root!r})
-import torch, safetensors.torch, checkpoints
+import torch, safetensors.torch
+from training import checkpoints
 from model import DistilRNN, RNNConfig
 torch.manual_seed(1)
 old = DistilRNN(RNNConfig(hidden=8)).state_dict()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import run
-import checkpoints
+from training import checkpoints
 from conftest import COLA_DEV, PAD_BATCH, padded, run_cli, run_main
 from utils import UserError
 

@@ -12,7 +12,7 @@ import time
 import optuna
 import pytest
 
-import search
+from cli import optuna_search as search
 import train_utils
 from conftest import ROOT, run_main
 

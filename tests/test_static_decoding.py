@@ -7,9 +7,9 @@ from transformers import GPT2LMHeadModel
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from conftest import run_main
-from generation import Sampler, apply_repetition_penalty, draw, penalize_seen
+from decoding.sampling import Sampler, apply_repetition_penalty, draw, penalize_seen
 from model import GPT
-from static_decoding import StaticDecoder, cache_size
+from decoding.static_step import StaticDecoder, cache_size
 
 PROMPTS = [[464], [464, 2068, 7586, 21831], list(range(300, 317)), list(range(1000, 1040))]
 

@@ -4,7 +4,7 @@ import torch
 from scipy.stats import binomtest, bootstrap
 
 from conftest import COLA_DEV, COLA_DEV_ACCEPTABLE, COLA_OOD
-from metrics import bootstrap_mcc, matthews_corrcoef, mcnemar_exact, wilson_interval
+from training.metrics import bootstrap_mcc, matthews_corrcoef, mcnemar_exact, wilson_interval
 
 
 def test_wilson_textbook_case():

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import run
-from augment import MASK, Unigram, augment, augment_words, normalised
+from textdata.augmentation import MASK, Unigram, augment, augment_words, normalised
 from conftest import COLA_DEV, run_main, save_tiny_gpt2
-from data import load_cola
-from distil import kd_loss
-from metrics import expected_calibration_error, fit_temperature, nll
-from transfer import ENDS, sample_sentences, transfer_sentences
+from textdata.readers import load_cola
+from training.distillation import kd_loss
+from training.metrics import expected_calibration_error, fit_temperature, nll
+from textdata.transfer_set import ENDS, sample_sentences, transfer_sentences
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_transfer_set_labelled_once_through_the_cache_and_reported(adapter_dir, 
 
 
 def test_tune_sweeps_the_transfer_flags(adapter_dir, tmp_path, monkeypatch):
-    import tune
+    from cli import grid_sweep as tune
     monkeypatch.chdir(tmp_path)
     parser = run.build_parser()
     grid = ["augment=0,2", "transfer_gen=0,5", "p_mask=0.1,0.2", "p_ngram=0,0.25", "kd_loss=kl,mse"]

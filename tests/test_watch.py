@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checks
+from cli import checks
 import run
-import tune
+from cli import grid_sweep as tune
 import utils
-import devices
-import runlog
+from runtime import devices
+from training import runlog
 from conftest import ROOT, run_cli, run_main
 
 

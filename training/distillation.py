@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from batches import Split, data_fingerprint
-from checkpoints import load_lora_classifier, read_tensors
-from data import DataSpec, run_stem
-from distributed import everyone, on_main
-from metrics import ECE_BINS, calibration, majority_label, mcnemar_exact, scores
+from textdata.batches import Split, data_fingerprint
+from training.checkpoints import load_lora_classifier, read_tensors
+from textdata.readers import DataSpec, run_stem
+from runtime.distributed import everyone, on_main
+from training.metrics import ECE_BINS, calibration, majority_label, mcnemar_exact, scores
 from model import LABELS, cast_frozen_linears, count_parameters, variant_slug
-from report import PLOTS_DIR, format_table, plot_calibration, plot_summary, score_cells, score_headers
-from runlog import TUNING_DIR, read_jsonl
+from training.report import PLOTS_DIR, format_table, plot_calibration, plot_summary, score_cells, score_headers
+from training.runlog import TUNING_DIR, read_jsonl
 from train_utils import Classification, predict_logits
 from utils import UserError, atomic_path, file_sha256
 

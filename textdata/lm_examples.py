@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from batches import IGNORE, Split, Splits
-from data import (DATA_FILE_TYPES, DataSpec, TextData, checked_texts, load_dataset_dict, pick, split_names,
+from textdata.batches import IGNORE, Split, Splits
+from textdata.readers import (DATA_FILE_TYPES, DataSpec, TextData, checked_texts, load_dataset_dict, pick, split_names,
                   split_where, text_lines)
-from distributed import main_first
+from runtime.distributed import main_first
 from model import EOT
 from utils import UserError
 

@@ -5,27 +5,27 @@ from pathlib import Path
 
 import torch
 
-from batches import Split, load_splits
-from beam_search import BeamSettings, beam_search
-from checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, build_lm,
+from textdata.batches import Split, load_splits
+from decoding.beam_search import BeamSettings, beam_search
+from training.checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, build_lm,
                          gpt_weights, load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
-from completion_eval import DecodeSettings, evaluate_split
-from cpu_decoding import prepare_for_generation
-from data import DataSpec, encode, get_tokenizer, read_sentences
-from devices import compiled
-from distil import (UNLABELLED, KDLoss, check_teacher_data, print_distil_report, teacher_logits,
+from decoding.generation_eval import DecodeSettings, evaluate_split
+from decoding.packed_weights import prepare_for_generation
+from textdata.readers import DataSpec, encode, get_tokenizer, read_sentences
+from runtime.devices import compiled
+from training.distillation import (UNLABELLED, KDLoss, check_teacher_data, print_distil_report, teacher_logits,
                     transfer_teacher_logits)
-from generation import Sampler, print_samples, print_stream
-from lm_data import load_lm_splits
-from lm_loss import NextToken
+from decoding.sampling import Sampler, print_samples, print_stream
+from textdata.lm_examples import load_lm_splits
+from training.lm_objective import NextToken
 from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
-from quantize import quantize_int8
-from report import print_parameter_table, print_predictions
-from static_decoding import StaticDecoder
-from system_info import system_report
+from decoding.int8_linears import quantize_int8
+from training.report import print_parameter_table, print_predictions
+from decoding.static_step import StaticDecoder
+from cli.system_info import system_report
 from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_and_report
-from transfer import transfer_sentences
+from textdata.transfer_set import transfer_sentences
 from utils import UserError, seed_everything
 
 LM_BLOCK_SIZE = 256  # --task lm's default block, nanoGPT's fine-tuning size, a quarter of GPT-2's context

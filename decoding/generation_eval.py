@@ -12,15 +12,15 @@ from statistics import mean
 
 from tqdm import tqdm
 
-from beam_search import BeamSettings, beam_search
-from checkpoints import adapter_base, build_lm, gpt_weights, load_lora_lm
-from cpu_decoding import prepare_for_generation
-from data import DataSpec, get_tokenizer, run_stem
-from generation import Sampler
-from lm_data import prompt_tokens, read_lm_data
+from decoding.beam_search import BeamSettings, beam_search
+from training.checkpoints import adapter_base, build_lm, gpt_weights, load_lora_lm
+from decoding.packed_weights import prepare_for_generation
+from textdata.readers import DataSpec, get_tokenizer, run_stem
+from decoding.sampling import Sampler
+from textdata.lm_examples import prompt_tokens, read_lm_data
 from model import EOT, GPT
-from report import format_table
-from runlog import TUNING_DIR
+from training.report import format_table
+from training.runlog import TUNING_DIR
 from utils import UserError, atomic_files, seed_everything
 
 # The most prompts of one token length decoded in one batch. A step reads every weight once whatever the rows, so

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from data import DataSpec, load_text_data, run_stem
-from report import PLOTS_DIR, plot_search
-from runlog import TUNING_DIR, Pruned, read_jsonl, resume_state_path
+from textdata.readers import DataSpec, load_text_data, run_stem
+from training.report import PLOTS_DIR, plot_search
+from training.runlog import TUNING_DIR, Pruned, read_jsonl, resume_state_path
 from train_utils import Diverged, Interrupted
-from tune import (check_sweep_command, check_varied_flag, logged_run, mcnemar_lines, output_flag, planned_run,
+from cli.grid_sweep import (check_sweep_command, check_varied_flag, logged_run, mcnemar_lines, output_flag, planned_run,
                   run_side_by_side)
 from utils import UserError, safe_name, write_text
 

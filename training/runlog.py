@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from batches import data_fingerprint
-from data import run_stem
-from distributed import broadcast_from_main, is_main, on_main, rank, world_size
+from textdata.batches import data_fingerprint
+from textdata.readers import run_stem
+from runtime.distributed import broadcast_from_main, is_main, on_main, rank, world_size
 from model import count_parameters
-from report import draw_history
+from training.report import draw_history
 from utils import UserError, atomic_path, write_text
 
 

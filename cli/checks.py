@@ -4,12 +4,12 @@ import importlib.util
 import os
 from pathlib import Path
 
-import search
-from checkpoints import ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, folder_holds
-from data import DataSpec, cola_missing
+from cli import optuna_search as search
+from training.checkpoints import ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, folder_holds
+from textdata.readers import DataSpec, cola_missing
 from model import load_config, looks_like_path
-from report import PLOTS_DIR
-from runlog import TUNING_DIR, resume_state_path
+from training.report import PLOTS_DIR
+from training.runlog import TUNING_DIR, resume_state_path
 from utils import UserError, writable
 
 

@@ -6,10 +6,10 @@ import random
 
 from tqdm import tqdm
 
-from augment import augment, normalised
-from checkpoints import gpt_weights
-from cpu_decoding import prepare_for_generation
-from generation import Sampler
+from textdata.augmentation import augment, normalised
+from training.checkpoints import gpt_weights
+from decoding.packed_weights import prepare_for_generation
+from decoding.sampling import Sampler
 from model import EOT, GPT
 
 SAMPLES_PER_PROMPT = 8  # the samples one prompt decodes in one batch (gen's --num_samples machinery)

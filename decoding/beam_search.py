@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from generation import apply_repetition_penalty, ban_repeated_ngrams
+from decoding.sampling import apply_repetition_penalty, ban_repeated_ngrams
 from model import BPE_TOKENS
 
 NEG = -1.0e9  # transformers' "impossible" score: added, not assigned, so the order among such scores is the same

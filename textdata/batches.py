@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from data import encode, load_text_data
-from devices import to_device
-from distributed import main_first
+from textdata.readers import encode, load_text_data
+from runtime.devices import to_device
+from runtime.distributed import main_first
 from model import EOT
 
 

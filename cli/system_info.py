@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from data import COLA_SPLITS, default_cola_dir
-from devices import compute_dtype, default_micro_batch_tokens, has_fast_bf16
+from textdata.readers import COLA_SPLITS, default_cola_dir
+from runtime.devices import compute_dtype, default_micro_batch_tokens, has_fast_bf16
 
 
 def package_versions():

@@ -6,10 +6,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from batches import IGNORE, collate, micro_batches, sorted_batches
-from devices import autocast
-from distributed import all_reduce_sum, rank, world_size
-from report import format_table
+from textdata.batches import IGNORE, collate, micro_batches, sorted_batches
+from runtime.devices import autocast
+from runtime.distributed import all_reduce_sum, rank, world_size
+from training.report import format_table
 from train_utils import Classification
 
 EVAL_TOKENS = 2048  # padded tokens per forward pass when evaluating: bounds the (tokens, vocab) logits in memory

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distributed import main_first
+from runtime.distributed import main_first
 from model import (GPT, LABELS, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, fold_lora, inject_lora, lora_layers,
                    variant_slug)
 from utils import UserError, atomic_files, read_json, seed_everything

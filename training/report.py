@@ -4,8 +4,8 @@ import sys
 
 import torch
 
-from data import run_stem
-from metrics import ECE_BINS, majority_label, reliability_bins, scores, wilson_interval
+from textdata.readers import run_stem
+from training.metrics import ECE_BINS, majority_label, reliability_bins, scores, wilson_interval
 from model import LABELS, count_parameters
 from utils import UserError, atomic_path
 

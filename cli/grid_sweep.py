@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from data import DataSpec, load_text_data, run_stem
-from distil import latest_matching_rnn_run
-from metrics import mcnemar_exact
-from report import PLOTS_DIR, plot_grid
-from runlog import TUNING_DIR, read_jsonl, result_flags, resume_state_path
+from textdata.readers import DataSpec, load_text_data, run_stem
+from training.distillation import latest_matching_rnn_run
+from training.metrics import mcnemar_exact
+from training.report import PLOTS_DIR, plot_grid
+from training.runlog import TUNING_DIR, read_jsonl, result_flags, resume_state_path
 from train_utils import Interrupted
 from utils import Terminated, UserError, safe_name, write_text
 
 TUNABLE = ("LoRA", "rnn", "distil")
-RUN_PY = Path(__file__).resolve().with_name("run.py")
+RUN_PY = Path(__file__).resolve().parent.parent / "run.py"
 
 
 def output_flag(target):

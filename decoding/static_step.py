@@ -11,7 +11,7 @@ modules are used as they are: int8 and plain linears alike.
 import torch
 import torch.nn.functional as F
 
-from generation import draw, penalize_seen
+from decoding.sampling import draw, penalize_seen
 from model import BPE_TOKENS
 
 
