@@ -1,18 +1,18 @@
-"""What every file needs: the error users can fix, signals, seeding, atomic files, JSON reading, argparse number
-types."""
+"""What every file needs: the errors users can fix, where results go, signals, seeding, atomic files, JSON reading,
+argparse number types."""
 import argparse
 import contextlib
 import hashlib
 import json
 import math
 import os
+from pathlib import Path
 import random
 import re
 import signal
 import stat
 import tempfile
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +20,15 @@ import torch
 
 class UserError(Exception):
     """A failure the user can fix; run.py prints its message as one line and exits 1."""
+
+
+class UsageError(UserError):
+    """A command line that cannot run as given, found before anything is built or downloaded: exit 2."""
+    exit_code = 2
+
+
+TUNING_DIR = "tuning"  # run records, relative to where a run is started
+PLOTS_DIR = "plots"  # a run's plots, likewise
 
 
 class Terminated(KeyboardInterrupt):

@@ -1,205 +1,220 @@
-"""What each subcommand of run.py does: build the model, call the loop or the decoder, report."""
-import argparse
+"""What each subcommand of run.py does with its configuration (config.subcommands): build the model, call the loop
+or the decoder, report. Each hands the sections below it, never the whole configuration, except to the run's
+record, which holds it."""
 import os
 from pathlib import Path
 
 import torch
 
-from textdata.batches import Split, load_splits
-from decoding.beam_search import BeamSettings, beam_search
-from training.checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, build_lm,
-                         gpt_weights, load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
-from decoding.generation_eval import DecodeSettings, evaluate_split
+from cli.system_info import system_report
+from config.records import read_record
+from config.sections import DecodeSettings
+from decoding.beam_search import beam_search, beam_settings
+from decoding.generation_eval import evaluate_split
+from decoding.int8_linears import quantize_int8
 from decoding.packed_weights import prepare_for_generation
-from textdata.readers import DataSpec, encode, get_tokenizer, read_sentences
-from runtime.devices import compiled
-from training.distillation import (UNLABELLED, KDLoss, check_teacher_data, print_distil_report, teacher_logits,
-                    transfer_teacher_logits)
-from decoding.sampling import Sampler, print_samples, print_stream
-from textdata.lm_examples import load_lm_splits
-from training.lm_objective import NextToken
+from decoding.sampling import print_samples, print_stream, sampler_for
+from decoding.static_step import StaticDecoder
 from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
-from decoding.int8_linears import quantize_int8
-from training.report import print_parameter_table, print_predictions
-from decoding.static_step import StaticDecoder
-from cli.system_info import system_report
-from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_and_report
+from runtime.devices import compiled
+from textdata.batches import Split, load_splits
+from textdata.lm_examples import load_lm_splits
+from textdata.readers import encode, get_tokenizer, read_sentences
 from textdata.transfer_set import transfer_sentences
+from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_and_report
+from training.checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, build_lm,
+                                  gpt_weights, load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
+from training.distil_report import print_distil_report
+from training.kd_loss import UNLABELLED, KDLoss
+from training.lm_objective import NextToken
+from training.tables import print_parameter_table, print_predictions
+from training.teacher import check_teacher_data, teacher_logits, transfer_teacher_logits
 from utils import UserError, seed_everything
 
 LM_BLOCK_SIZE = 256  # --task lm's default block, nanoGPT's fine-tuning size, a quarter of GPT-2's context
 
 
-def build_student(args, splits=None):
-    """The student for the data's labels (CoLA's when no data is read: --epochs 0 prints its size only)."""
-    seed_everything(args.seed)
-    return DistilRNN(RNNConfig(hidden=args.rnn_hidden, layers=args.rnn_layers, cell=args.rnn_cell,
+def build_student(student, seed, splits=None):
+    """The student of shape `student` (config.sections.StudentSettings) for the data's labels (CoLA's when no data
+    is read: --epochs 0 prints its size only)."""
+    seed_everything(seed)
+    return DistilRNN(RNNConfig(hidden=student.rnn_hidden, layers=student.rnn_layers, cell=student.rnn_cell,
                                labels=splits.labels if splits else LABELS))
 
 
-def data_splits(args, tokenizer, block_size=None):
-    return load_splits(DataSpec.from_args(args), tokenizer, block_size=block_size, max_examples=args.max_examples,
-                       seed=args.seed)
+def data_splits(config, tokenizer, block_size=None):
+    return load_splits(config.data, tokenizer, block_size=block_size, max_examples=config.train.max_examples,
+                       seed=config.run.seed)
 
 
-def read_prompt(args, tokenizer):
+def read_prompt(config, tokenizer):
     """The prompt's text (--prompt or --prompt_file) and its token ids; an empty prompt starts at <|endoftext|>."""
-    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    prompt = Path(config.prompt_file).read_text(encoding="utf-8") if config.prompt_file else config.prompt
     return prompt, tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [tokenizer.eot_token]
 
 
-def cmd_gen(args, device, dtype):
+def cmd_gen(config, device, dtype):
     """All samples decode in one batch (see print_samples for how they are printed); --adapter decodes with a
     CAUSAL_LM adapter folded into its base; --dataset decodes and scores every prompt of its evaluation split."""
-    temperature = 0.0 if args.greedy else 1.0 if args.temperature is None else args.temperature
-    if args.dataset:
-        return evaluate_split(args, device, dtype, DecodeSettings(
-            args.max_new_tokens, temperature, args.top_k, args.top_p, args.repetition_penalty,
-            args.no_repeat_ngram_size, args.seed, beam_settings(args) if args.num_beams > 1 else None,
-            stop_at_eos=not args.ignore_eos))
+    decode, source, seed = config.decode, config.model, config.run.seed
+    if config.data.dataset:
+        return evaluate_split(config.data, config.pairs, source, config.adapter, decode, seed, device, dtype)
     tokenizer = get_tokenizer()
-    prompt, prompt_ids = read_prompt(args, tokenizer)
-    if args.adapter:
-        model = load_lora_lm(args.adapter, args.gpt_variant)
+    prompt, prompt_ids = read_prompt(config, tokenizer)
+    if config.adapter:
+        model = load_lora_lm(config.adapter, source.gpt_variant)
     else:
-        seed_everything(args.seed)  # --random_init draws its weights from the seed too
-        model = gpt_weights(GPT, args.gpt_variant, args.random_init)
-    model = prepare_for_generation(model, device, dtype, rows=max(args.num_samples, args.num_beams),
-                                   quantize=args.quantize, compile=args.compile)
-    eos = None if args.ignore_eos else tokenizer.eot_token
-    if args.num_beams > 1:
-        if len(prompt_ids) + args.max_new_tokens > model.config.block_size:
+        seed_everything(seed)  # --random_init draws its weights from the seed too
+        model = gpt_weights(GPT, source.gpt_variant, source.random_init)
+    model = prepare_for_generation(model, device, dtype, rows=max(config.num_samples, decode.num_beams),
+                                   quantize=source.quantize, compile=config.run.compile)
+    eos = None if decode.ignore_eos else tokenizer.eot_token
+    if decode.num_beams > 1:
+        if len(prompt_ids) + decode.max_new_tokens > model.config.block_size:
             raise UserError(f"beam search keeps the prompt ({len(prompt_ids)} tokens) and --max_new_tokens "
-                            f"{args.max_new_tokens} in the {model.config.block_size}-token context; ask for fewer")
-        return print_stream(tokenizer, prompt, iter(beam_search(model, prompt_ids, args.max_new_tokens,
-                                                                beam_settings(args), eos_id=eos)), eos, stream=False)
-    samplers = [Sampler(temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed + i,
-                        no_repeat_ngram_size=args.no_repeat_ngram_size) for i in range(args.num_samples)]
-    decoder = StaticDecoder(model) if args.compile else model  # --compile: one compiled graph per step
-    steps = decoder.generate_batch(prompt_ids, args.max_new_tokens, samplers, eos_id=eos)
-    print_samples(tokenizer, prompt, steps, len(samplers), eos_id=eos, stream=not args.no_stream)
+                            f"{decode.max_new_tokens} in the {model.config.block_size}-token context; ask for fewer")
+        return print_stream(tokenizer, prompt, iter(beam_search(model, prompt_ids, decode.max_new_tokens,
+                                                                beam_settings(decode), eos_id=eos)), eos, stream=False)
+    samplers = [sampler_for(decode, seed + i) for i in range(config.num_samples)]
+    decoder = StaticDecoder(model) if config.run.compile else model  # --compile: one compiled graph per step
+    steps = decoder.generate_batch(prompt_ids, decode.max_new_tokens, samplers, eos_id=eos)
+    print_samples(tokenizer, prompt, steps, len(samplers), eos_id=eos, stream=not config.no_stream)
 
 
-def beam_settings(args):
-    early = {None: False, "false": False, "true": True, "never": "never"}[args.early_stopping]
-    return BeamSettings(args.num_beams, 1.0 if args.length_penalty is None else args.length_penalty,
-                        args.no_repeat_ngram_size, early, args.repetition_penalty)
+def lora_model(config, labels, build):
+    """GPT-2 (`build`: a builder of training.checkpoints, or a meta-device one) with LoRA as config.lora says,
+    only LoRA, the LayerNorms and the head trainable."""
+    source, lora = config.model, config.lora
+    model = build(source.gpt_variant, source.random_init, config.run.seed, labels)
+    inject_lora(model, lora.LoRA_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_targets)
+    return mark_only_lora_as_trainable(model)
 
 
-def cmd_lora(args, device, dtype):
+def cmd_lora(config, device, dtype, trial=None):
     """LoRA on a classifier (--task classify) or on GPT-2's own head (--task lm): the same loop, another model,
     data and objective."""
-    lm = args.task == "lm"
-    if args.epochs == 0:  # only the parameter table: build on the meta device, no weights, no download
+    lm, source = config.lora.task == "lm", config.model
+    if config.train.epochs == 0:  # only the parameter table: build on the meta device, no weights, no download
         with torch.device("meta"):
-            model = (GPT if lm else GPTClassifier).from_random(args.gpt_variant)
-        return print_parameter_table(mark_only_lora_as_trainable(inject_lora(
-            model, args.LoRA_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)))
-    splits = lm_splits(args) if lm else data_splits(args, get_tokenizer(), load_config(args.gpt_variant).block_size)
-    model = (build_lm if lm else build_classifier)(args.gpt_variant, args.random_init, args.seed, splits.labels)
-    inject_lora(model, args.LoRA_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    mark_only_lora_as_trainable(model)
+            return print_parameter_table(lora_model(config, None, lambda variant, *_: (
+                GPT if lm else GPTClassifier).from_random(variant)))
+    splits = lm_splits(config) if lm else data_splits(config, get_tokenizer(),
+                                                       load_config(source.gpt_variant).block_size)
+    model = lora_model(config, splits.labels, build_lm if lm else build_classifier)
     print_parameter_table(model)
     cast_frozen_linears(model, dtype).to(device)
-    run_info = {"random_init": args.random_init, "seed": args.seed, "gpt_variant": args.gpt_variant,
+    run_info = {"random_init": source.random_init, "seed": config.run.seed, "gpt_variant": source.gpt_variant,
                 **splits.identity(), **({"task": "lm"} if lm else {})}
-    record = train_and_report("LoRA", model, NextToken() if lm else cross_entropy, splits, args, device, dtype,
-                              args.model_path, run_info)
-    if record is not None and lm and args.generate_eval:  # rank 0, once the adapter is on disk
-        print(f"\ndecoding the {splits.titles['dev']} prompts greedily (--generate_eval {args.generate_eval}):")
-        evaluate_split(argparse.Namespace(**vars(args), adapter=args.model_path, quantize=None), device, dtype,
-                       DecodeSettings(args.generate_eval, temperature=0.0, seed=args.seed))
+    record = train_and_report(model, NextToken() if lm else cross_entropy, splits, config, device=device,
+                              dtype=dtype, out_path=config.model_path, run_info=run_info, trial=trial)
+    if record is not None and lm and config.lm.generate_eval:  # rank 0, once the adapter is on disk
+        print(f"\ndecoding the {splits.titles['dev']} prompts greedily (--generate_eval {config.lm.generate_eval}):")
+        evaluate_split(config.data, config.pairs, source, config.model_path,
+                       DecodeSettings(max_new_tokens=config.lm.generate_eval, greedy=True), config.run.seed, device,
+                       dtype)
 
 
-def lm_splits(args):
+def lm_splits(config):
     """--task lm's splits: text blocks (or pairs) of --block_size tokens, by default 256 or the context if shorter."""
-    block_size = args.block_size or min(LM_BLOCK_SIZE, load_config(args.gpt_variant).block_size)
-    return load_lm_splits(DataSpec.from_args(args), get_tokenizer(), block_size=block_size,
-                          prompt_column=args.prompt_column, completion_column=args.completion_column,
-                          max_examples=args.max_examples, seed=args.seed)
+    block_size = config.lm.block_size or min(LM_BLOCK_SIZE, load_config(config.model.gpt_variant).block_size)
+    return load_lm_splits(config.data, get_tokenizer(), block_size=block_size,
+                          prompt_column=config.pairs.prompt_column, completion_column=config.pairs.completion_column,
+                          max_examples=config.train.max_examples, seed=config.run.seed)
 
 
-def cmd_rnn(args, device, dtype):
-    splits = data_splits(args, get_tokenizer()) if args.epochs else None
-    model = build_student(args, splits).to(device)
+def cmd_rnn(config, device, dtype, trial=None):
+    splits = data_splits(config, get_tokenizer()) if config.train.epochs else None
+    model = build_student(config.student, config.run.seed, splits).to(device)
     print_parameter_table(model)
-    if args.epochs:
-        train_and_report("rnn", model, cross_entropy, splits, args, device, dtype, args.model_path,
-                         {"seed": args.seed, "mode": args.mode})
+    if config.train.epochs:
+        train_and_report(model, cross_entropy, splits, config, device=device, dtype=dtype,
+                         out_path=config.model_path, run_info={"seed": config.run.seed, "mode": config.MODE},
+                         trial=trial)
 
 
-def cmd_distil(args, device, dtype):
-    if not (Path(args.model_path) / ADAPTER_CONFIG).exists():
-        raise UserError(f"no LoRA adapter at {args.model_path}: train the teacher first with "
-                        f"`python run.py LoRA --gpt_variant {args.gpt_variant or 'gpt2'}`, or pass --model_path")
-    _, info, variant = adapter_base(args.model_path, args.gpt_variant)
+def cmd_distil(config, device, dtype, trial=None):
+    adapter, batch_size = config.model_path, config.train.batch_size
+    if not (Path(adapter) / ADAPTER_CONFIG).exists():
+        raise UserError(f"no LoRA adapter at {adapter}: train the teacher first with `python run.py LoRA "
+                        f"--gpt_variant {config.model.gpt_variant or 'gpt2'}`, or pass --model_path")
+    _, info, variant = adapter_base(adapter, config.model.gpt_variant)
     tokenizer = get_tokenizer()
-    splits = data_splits(args, tokenizer, load_config(variant).block_size) if args.epochs else None
-    check_teacher_data(args.model_path, info, splits)
-    student = build_student(args, splits).to(device)
+    splits = data_splits(config, tokenizer, load_config(variant).block_size) if config.train.epochs else None
+    check_teacher_data(adapter, info, splits)
+    student = build_student(config.student, config.run.seed, splits).to(device)
     print_parameter_table(student)
-    if args.epochs == 0:
+    if config.train.epochs == 0:
         return
-    logits = teacher_logits(splits, args, variant, device, dtype)
+    logits = teacher_logits(splits, adapter, variant, batch_size=batch_size, device=device, dtype=dtype)
     for name, split in splits.items():
         split.teacher = logits[name]
-    train, transfer = with_transfer_set(splits, args, variant, tokenizer, device, dtype)
-    record = train_and_report("distil", student, KDLoss(args.temperature, args.alpha, args.kd_loss), splits, args,
-                              device, dtype, args.student_path, {"seed": args.seed, "mode": args.mode},
-                              extra={"teacher": args.model_path, "transfer": transfer}, train=train)
+    train, transfer = with_transfer_set(splits, config, variant, tokenizer, device, dtype)
+    kd = config.distil
+    record = train_and_report(student, KDLoss(kd.temperature, kd.alpha, kd.kd_loss), splits, config, device=device,
+                              dtype=dtype, out_path=config.student_path,
+                              run_info={"seed": config.run.seed, "mode": config.MODE},
+                              extra={"teacher": adapter, "transfer": transfer}, train=train, trial=trial)
     if record is not None:  # rank 0
-        print_distil_report(logits, splits, record)
+        print_distil_report(logits, splits, read_record(record))
 
 
-def with_transfer_set(splits, args, variant, tokenizer, device, dtype):
+def with_transfer_set(splits, config, variant, tokenizer, device, dtype):
     """The training split with the transfer set's sentences after it (label UNLABELLED, the teacher's logits), and
     what the report says of the set; the training split as it is, and None, without one."""
-    if not (args.augment or args.transfer_gen):
+    if not config.transfer.wanted:
         return splits["train"], None
     texts = {name: [tokenizer.decode(t) for t in split.tokens] for name, split in splits.items()}
-    sentences, about = transfer_sentences(args, texts.pop("train"), texts, variant, tokenizer, device, dtype)
+    sentences, about = transfer_sentences(config.transfer, config.run.seed, texts.pop("train"), texts, variant,
+                                          tokenizer, device, dtype)
     tokens = encode(tokenizer, sentences)
     if not tokens:
         print(f"note: the transfer set is empty ({about['source']}): training on the training set alone")
         return splits["train"], about
-    logits, about["teacher_cache_hit"] = transfer_teacher_logits(tokens, args, variant, device, dtype, splits.spec)
+    logits, about["teacher_cache_hit"] = transfer_teacher_logits(tokens, config.model_path, variant, splits.spec,
+                                                                 batch_size=config.train.batch_size, device=device,
+                                                                 dtype=dtype)
     about["teacher_labels"] = torch.bincount(logits.argmax(-1), minlength=len(splits.labels)).tolist()
     train = splits["train"]
     return Split(train.tokens + tokens, torch.cat([train.labels, torch.full((len(tokens),), UNLABELLED)]),
                  torch.cat([train.teacher, logits])), about
 
 
-def cmd_predict(args, device, dtype):
-    sentences, labels = read_sentences(args.sentence, args.input, DataSpec.from_args(args))
-    model = load_predictor(args.model_path, args.gpt_variant)
+def cmd_predict(config, device, dtype):
+    sentences, labels = read_sentences(config.sentence, config.input, config.data)
+    model = load_predictor(config.model_path, config.model.gpt_variant)
     block_size = model.config.block_size if isinstance(model, GPTClassifier) else None
-    if args.quantize == "int8" and not block_size:
-        raise UserError(f"--quantize int8 is for GPT-2 classifiers; {args.model_path} holds an RNN student")
-    if args.quantize == "int8":
+    if config.model.quantize == "int8" and not block_size:
+        raise UserError(f"--quantize int8 is for GPT-2 classifiers; {config.model_path} holds an RNN student")
+    if config.model.quantize == "int8":
         quantize_int8(model)
     elif block_size:
         cast_frozen_linears(model, dtype)
     # An empty line becomes <|endoftext|> alone; GPT-2 keeps the last block_size tokens, whose final one it reads.
     tokens = [(t or [EOT])[-block_size:] if block_size else (t or [EOT]) for t in encode(get_tokenizer(), sentences)]
-    logits = predict_logits(compiled(model.to(device), args.compile), tokens, batch_size=args.batch_size,
+    logits = predict_logits(compiled(model.to(device), config.run.compile), tokens, batch_size=config.batch_size,
                             device=device, dtype=dtype)
-    print_predictions(sentences, torch.softmax(logits, -1), model.labels, labels, args.format)
+    print_predictions(sentences, torch.softmax(logits, -1), model.labels, labels, config.format)
 
 
-def cmd_export(args, device, dtype):
-    base = adapter_base(args.model_path, args.gpt_variant)[2]
-    if os.path.isdir(base) and Path(base).resolve() == Path(args.out).resolve():
-        raise UserError(f"--out {args.out}: is the adapter's base model, which the export would replace; "
+def cmd_export(config, device, dtype):
+    variant = config.model.gpt_variant
+    base = adapter_base(config.model_path, variant)[2]
+    if os.path.isdir(base) and Path(base).resolve() == Path(config.out).resolve():
+        raise UserError(f"--out {config.out}: is the adapter's base model, which the export would replace; "
                         "choose another folder")
-    lm = adapter_task(args.model_path) == LM_TASK
-    model = (load_lora_lm if lm else load_lora_classifier)(args.model_path, args.gpt_variant)
-    save_checkpoint(args.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
+    lm = adapter_task(config.model_path) == LM_TASK
+    model = (load_lora_lm if lm else load_lora_classifier)(config.model_path, variant)
+    save_checkpoint(config.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
     kind, cls = ("language model", "GPT2LMHeadModel") if lm else ("classifier", "GPT2ForSequenceClassification")
-    print(f"merged {kind} written to {args.out}: {cls}.from_pretrained({args.out!r})")
+    print(f"merged {kind} written to {config.out}: {cls}.from_pretrained({config.out!r})")
 
 
-def cmd_info(args, device, dtype):
+def cmd_info(config, device, dtype):
     with torch.device("meta"):  # LoRA on gpt2's shapes, to size its default micro-batch: no weights, no download
         model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_random("gpt2"), 4, 4))
     print(system_report(device, activation_bytes_per_token(model)))
+
+
+COMMANDS = {"gen": cmd_gen, "LoRA": cmd_lora, "rnn": cmd_rnn, "distil": cmd_distil, "predict": cmd_predict,
+            "export": cmd_export, "info": cmd_info}

@@ -4,28 +4,32 @@ by its mean dev metric, and each epoch's dev metric goes to the trial so that th
 The study lives in a database (tuning/<name>.db, or --storage), which any number of workers share.
 
 Optuna is imported inside the functions that use it, so that the rest of run.py works without it."""
+from dataclasses import dataclass, field, replace
 import math
+from pathlib import Path
 import shlex
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from textdata.readers import DataSpec, load_text_data, run_stem
-from training.report import PLOTS_DIR, plot_search
-from training.runlog import TUNING_DIR, Pruned, read_jsonl, resume_state_path
+from cli.grid_sweep import (check_sweep_command, check_varied_flag, is_lm, logged_run, mcnemar_lines, output_flag,
+                            planned_run, run_side_by_side, sweep_base)
+from cli.parser import command_line
+from config.fields import build
+from config.records import read_records
+from config.subcommands import SUBCOMMANDS
+from textdata.readers import load_text_data, run_stem
 from train_utils import Diverged, Interrupted
-from cli.grid_sweep import (check_sweep_command, check_varied_flag, logged_run, mcnemar_lines, output_flag, planned_run,
-                  run_side_by_side)
-from utils import UserError, safe_name, write_text
+from training.plots import plot_search
+from training.resume_state import resume_state_path
+from training.run_watch import Pruned
+from utils import PLOTS_DIR, TUNING_DIR, UsageError, UserError, safe_name, write_text
 
 # --metric: the field of a run's record (and of each epoch's row) it reads, its name, and Optuna's direction.
 METRICS = {"acc": ("dev_acc", "dev accuracy", "maximize"), "mcc": ("dev_mcc", "dev MCC", "maximize"),
            "perplexity": ("dev_perplexity", "dev perplexity", "minimize")}
-DEFAULTS = {"trials": 20, "sampler": "tpe", "pruner": "median", "metric": None}  # metric: see search_plan
 KINDS = ("log", "float", "int", "cat")
 # A running trial records a heartbeat every HEARTBEAT_S seconds; one silent for GRACE_S is failed and queued
 # again (at most MAX_RETRY times), so a killed worker's trial goes to another worker.
@@ -54,14 +58,14 @@ class Dim:
         return repr(trial.suggest_float(flag, self.low, self.high, log=self.kind == "log"))
 
 
-def parse_dim(parser, item, kind, bounds):
+def parse_dim(item, kind, bounds):
     """The Dim of one --space entry `item` (flag=kind:bounds), or one line (exit 2) saying what is wrong."""
     if kind == "cat":
         choices = bounds.split(",") if bounds else []
         if not choices or "" in choices:
-            parser.error(f"--space {item}: expected cat:A,B,... (the choice list is empty, or holds an empty choice)")
+            raise UsageError(f"--space {item}: expected cat:A,B,... (the choice list is empty, or holds an empty choice)")
         if len(set(choices)) < len(choices):
-            parser.error(f"--space {item}: a choice is given twice")
+            raise UsageError(f"--space {item}: a choice is given twice")
         return Dim(kind, choices=choices)
     number = int if kind == "int" else float
     try:
@@ -69,15 +73,15 @@ def parse_dim(parser, item, kind, bounds):
     except ValueError:
         low = high = math.nan
     if not (math.isfinite(low) and math.isfinite(high)):
-        parser.error(f"--space {item}: expected {kind}:LOW:HIGH, two {'integers' if kind == 'int' else 'numbers'}")
+        raise UsageError(f"--space {item}: expected {kind}:LOW:HIGH, two {'integers' if kind == 'int' else 'numbers'}")
     if kind == "log" and min(low, high) <= 0:
-        parser.error(f"--space {item}: a log range needs bounds above 0")
+        raise UsageError(f"--space {item}: a log range needs bounds above 0")
     if low >= high:
-        parser.error(f"--space {item}: the low bound {low} must be below the high bound {high}")
+        raise UsageError(f"--space {item}: the low bound {low} must be below the high bound {high}")
     return Dim(kind, low, high)
 
 
-def parse_space(parser, target, items):
+def parse_space(target, items):
     """{flag: Dim} from --space's entries; what the grid refuses to vary (tune.check_varied_flag) is refused too."""
     space = {}
     for item in items:
@@ -85,54 +89,59 @@ def parse_space(parser, target, items):
         flag = flag.lstrip("-")
         kind, _, bounds = spec.partition(":")
         if not flag or kind not in KINDS:
-            parser.error(f"--space {item}: expected flag=kind:..., the kind one of {', '.join(KINDS)} "
+            raise UsageError(f"--space {item}: expected flag=kind:..., the kind one of {', '.join(KINDS)} "
                          "(e.g. lr=log:1e-4:3e-3, rnn_cell=cat:rnn,gru)")
-        check_varied_flag(parser, "--space", item, flag, target, space)
-        space[flag] = parse_dim(parser, item, kind, bounds)
+        check_varied_flag("--space", item, flag, target, space)
+        space[flag] = parse_dim(item, kind, bounds)
     return space
 
 
 @dataclass
 class SearchPlan:
-    """A checked search: tune's flags, the flags passed to every run, the study's name, its space, where the runs
-    are logged and where the study is stored."""
-    parser: object
-    args: object
+    """A checked search: tune's configuration (its metric filled in), the flag values every run shares (`base`: see
+    grid_sweep.sweep_base) and the command line they came from, the study's name, its space, the runs' dataset and
+    whether they train a language model, where the runs are logged and where the study is stored."""
+    tune: object
+    base: dict
     rest: list
     name: str
     space: dict
+    spec: object
+    lm: bool
     log: str
     storage: str
 
     def identity(self):
         """What makes two commands the same study: a worker whose command differs is refused."""
-        a = self.args
+        a = self.tune
         return {"mode": a.target, "space": list(a.space), "seeds": list(a.seeds), "metric": a.metric,
                 "flags": list(self.rest)}
 
 
-def search_plan(parser, args, rest):
+def search_plan(parser, tune, rest):
     """The SearchPlan of `tune --search optuna`, every flag checked before anything runs: each end of each
-    range (and each choice) is parsed and checked by the subcommand's own `check`, as a trial's run will be."""
-    check_sweep_command(parser, args, rest)
-    space = parse_space(parser, args.target, args.space)
-    base = parser.parse_args([args.target, *rest])
-    lm = getattr(base, "task", None) == "lm"
-    args.metric = args.metric or ("perplexity" if lm else "acc")
-    if args.metric == "perplexity" and not lm:
-        parser.error(f"--metric perplexity: {args.target} runs record no perplexity (a language-model run does: "
-                     "LoRA --task lm); use --metric acc or mcc")
-    if args.metric == "mcc" and lm:
-        parser.error("--metric mcc: a language model's runs record no MCC; use --metric perplexity (the default "
-                     "for --task lm) or acc (its token accuracy)")
-    spec = DataSpec.from_args(base)
-    name = safe_name(args.name or "_".join([run_stem(args.target, spec), "search", *space]))
+    range (and each choice) makes a run's configuration, validated as a trial's run will be."""
+    check_sweep_command(tune, rest)
+    space = parse_space(tune.target, tune.space)
+    base = sweep_base(parser, tune, rest)
+    first_run = build(SUBCOMMANDS[tune.target], base)
+    lm = is_lm(first_run)
+    tune = replace(tune, metric=tune.metric or ("perplexity" if lm else "acc"))
+    if tune.metric == "perplexity" and not lm:
+        raise UsageError(f"--metric perplexity: {tune.target} runs record no perplexity (a language-model run does: "
+                         "LoRA --task lm); use --metric acc or mcc")
+    if tune.metric == "mcc" and lm:
+        raise UsageError("--metric mcc: a language model's runs record no MCC; use --metric perplexity (the default "
+                         "for --task lm) or acc (its token accuracy)")
+    spec = first_run.data
+    name = safe_name(tune.name or "_".join([run_stem(tune.target, spec), "search", *space]))
     first = {flag: dim.ends()[0] for flag, dim in space.items()}
     for flag, dim in space.items():
         for value in dim.ends():
-            planned_run(parser, args, rest, name, first | {flag: value}, args.seeds[0])
-    storage = args.storage or f"sqlite:///{TUNING_DIR}/{name}.db"
-    return SearchPlan(parser, args, rest, name, space, f"{TUNING_DIR}/{run_stem(args.target, spec)}.jsonl", storage)
+            planned_run(tune, base, name, first | {flag: value}, tune.seeds[0])
+    storage = tune.storage or f"sqlite:///{TUNING_DIR}/{name}.db"
+    return SearchPlan(tune, base, rest, name, space, spec, lm, f"{TUNING_DIR}/{run_stem(tune.target, spec)}.jsonl",
+                      storage)
 
 
 def is_database(url):
@@ -167,11 +176,11 @@ def create_or_load(plan, attempts=3):
     """The study, created if it is new. Workers started together (a job array) may collide creating the same
     tables or study, and the one that loses finds them made when it tries again."""
     import optuna
-    pruner = optuna.pruners.MedianPruner() if plan.args.pruner == "median" else optuna.pruners.NopPruner()
+    pruner = optuna.pruners.MedianPruner() if plan.tune.pruner == "median" else optuna.pruners.NopPruner()
     for attempt in range(1, attempts + 1):
         try:
             return optuna.create_study(study_name=plan.name, storage=open_storage(plan.storage), pruner=pruner,
-                                       direction=METRICS[plan.args.metric][2], load_if_exists=True)
+                                       direction=METRICS[plan.tune.metric][2], load_if_exists=True)
         except Exception as e:  # also an unknown database kind, a server that does not answer, a file not writable
             if attempt == attempts:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
@@ -197,24 +206,22 @@ def open_study(plan):
     return study
 
 
-def optimize(args, plan, execute, argv):
+def optimize(tune, plan, execute, argv):
     """Work on the study until it has --trials finished trials, then summarize it. With --parallel N, N workers
     (processes of this same command, one GPU each when there are GPUs) share it. Stopped by Ctrl-C or SIGTERM, it
     says which command continues the study: `argv`, the sweep's own command line."""
     study = open_study(plan)  # creates it once, before any worker starts
-    if args.parallel > 1:
-        run_side_by_side([(f"worker {k}", {"argv": worker_argv(plan)}) for k in range(1, args.parallel + 1)],
-                         args.parallel, Path(TUNING_DIR) / f"{plan.name}-logs")
+    if tune.parallel > 1:
+        run_side_by_side([(f"worker {k}", worker_argv(plan)) for k in range(1, tune.parallel + 1)],
+                         tune.parallel, Path(TUNING_DIR) / f"{plan.name}-logs")
     else:
         work(study, plan, execute, argv)
     summarize_search(study, plan)
 
 
 def worker_argv(plan):
-    a = plan.args
-    return ["tune", a.target, "--search", "optuna", "--space", *a.space, "--trials", str(a.trials), "--sampler",
-            a.sampler, "--pruner", a.pruner, "--metric", a.metric, "--seeds", *map(str, a.seeds), "--name",
-            plan.name, "--storage", plan.storage, *(["--debug"] if a.debug else []), *plan.rest]
+    worker = replace(plan.tune, parallel=1, name=plan.name, storage=plan.storage)
+    return [*command_line(worker), *plan.rest]
 
 
 class Surplus(Exception):
@@ -253,9 +260,9 @@ def needs_a_trial(study, plan):
         trials = study.get_trials(deepcopy=False)
         done = sum(t.state in (state.COMPLETE, state.PRUNED) for t in trials)
         running = [t.number for t in trials if t.state == state.RUNNING]
-        if done >= plan.args.trials:
+        if done >= plan.tune.trials:
             return False
-        if any(t.state == state.WAITING for t in trials) or done + len(running) < plan.args.trials:
+        if any(t.state == state.WAITING for t in trials) or done + len(running) < plan.tune.trials:
             return True
         if not is_database(plan.storage):  # a journal has no heartbeat: a trial left running cannot be told dead
             print(f"trials {running} are running elsewhere: nothing left to start here")
@@ -273,20 +280,20 @@ def objective(trial, plan, execute, asked):
     asked["trial"] = trial
     state = optuna.trial.TrialState
     ahead = trial.study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING))
-    if sum(t.number < trial.number for t in ahead) >= plan.args.trials:
+    if sum(t.number < trial.number for t in ahead) >= plan.tune.trials:
         trial.set_user_attr("surplus", True)
-        print(f"trial {trial.number}: not run, the trials before it make up --trials {plan.args.trials}")
-        raise Surplus(f"trial {trial.number}: the study has its {plan.args.trials} trials")
-    trial.study.sampler = (optuna.samplers.RandomSampler(seed=trial.number) if plan.args.sampler == "random" else
+        print(f"trial {trial.number}: not run, the trials before it make up --trials {plan.tune.trials}")
+        raise Surplus(f"trial {trial.number}: the study has its {plan.tune.trials} trials")
+    trial.study.sampler = (optuna.samplers.RandomSampler(seed=trial.number) if plan.tune.sampler == "random" else
                            optuna.samplers.TPESampler(seed=trial.number, constant_liar=True))
     config = {flag: dim.suggest(trial, flag) for flag, dim in plan.space.items()}
-    key, title, _ = METRICS[plan.args.metric]
+    key, title, _ = METRICS[plan.tune.metric]
     try:
-        records = [seed_run(trial, plan, config, i, seed, execute) for i, seed in enumerate(plan.args.seeds)]
+        records = [seed_run(trial, plan, config, i, seed, execute) for i, seed in enumerate(plan.tune.seeds)]
     except Diverged as e:
         print(f"trial {trial.number}: failed ({e})")
         raise
-    trial.set_user_attr("runs", [{"seed": r["args"]["seed"], "run_id": r["run_id"],
+    trial.set_user_attr("runs", [{"seed": r.config.run.seed, "run_id": r["run_id"],
                                   **{k: r[k] for k in ("dev_acc", "dev_mcc", key) if k in r}} for r in records])
     score = statistics.mean(r[key] for r in records)
     print(f"trial {trial.number}: mean {title} {score:.4f} over {len(records)} seed{'s' * (len(records) > 1)}")
@@ -299,7 +306,7 @@ class TrialHook:
 
     def __init__(self, trial, plan, offset):
         self.trial, self.plan, self.offset = trial, plan, offset
-        self.key = METRICS[plan.args.metric][0]
+        self.key = METRICS[plan.tune.metric][0]
 
     def fields(self):
         return {"study": self.plan.name, "trial": self.trial.number}
@@ -314,10 +321,10 @@ def seed_run(trial, plan, config, index, seed, execute):
     """One seed's run of a trial, or its record when a run with the same flags is logged (a trial run again
     after its worker stopped). Returns the finished run's record."""
     import optuna
-    run = planned_run(plan.parser, plan.args, plan.rest, plan.name, config, seed)
-    hook = TrialHook(trial, plan, index * run["args"].epochs)
+    run = planned_run(plan.tune, plan.base, plan.name, config, seed)
+    hook = TrialHook(trial, plan, index * run["run"].train.epochs)
     label = f"trial {trial.number}: {', '.join(f'{k}={v}' for k, v in config.items())} seed={seed}"
-    record = logged_run(run, read_jsonl(plan.log))
+    record = logged_run(run, read_records(plan.log))
     try:
         if record:
             print(f"[{label}]: already in {plan.log}, skipped")
@@ -325,14 +332,13 @@ def seed_run(trial, plan, config, index, seed, execute):
                 raise Pruned(f"pruned after epoch {record['history'][-1]['epoch']}")
             return record
         print(f"\n[{label}]")
-        run["args"].trial = hook
-        execute(run["args"])
+        execute(run["run"], trial=hook)
     except Pruned as e:
         print(f"trial {trial.number}: {e} of seed {seed}")
-        out = getattr(run["args"], output_flag(plan.args.target)[2:])
+        out = getattr(run["run"], output_flag(plan.tune.target))
         resume_state_path(out).unlink(missing_ok=True)  # a pruned run is never continued
         raise optuna.TrialPruned(str(e)) from None
-    return logged_run(run, read_jsonl(plan.log))
+    return logged_run(run, read_records(plan.log))
 
 
 def trial_text(params):
@@ -361,7 +367,7 @@ def summary_rows(ranked, lm):
 def best_runs(best, plan):
     """The records of the best trial's runs, or None when they are not all in this machine's log (a worker
     elsewhere logs its runs there)."""
-    records = {r["run_id"]: r for r in read_jsonl(plan.log) if r.get("finished")}
+    records = {r["run_id"]: r for r in read_records(plan.log) if r.finished}
     runs = [records.get(r["run_id"]) for r in best.user_attrs["runs"]]
     return None if None in runs else runs
 
@@ -382,7 +388,7 @@ def best_runs_lines(best, plan, spec):
     labels = torch.tensor(load_text_data(spec).splits["dev"][1])
     return ["McNemar's exact test of the best configuration against the baseline, per seed (sentences right only "
             "with the best / only with the baseline; a small p says the difference is unlikely to be chance):", "",
-            *mcnemar_lines({"runs": runs}, plan.args.target, labels)]
+            *mcnemar_lines({"runs": runs}, plan.tune.target, labels)]
 
 
 def importances(study):
@@ -407,17 +413,16 @@ def summarize_search(study, plan):
     complete = [t for t in trials if t.state == state.COMPLETE]
     if not complete:
         raise UserError(f"study {plan.name}: no complete trial; see the messages above")
-    key, title, direction = METRICS[plan.args.metric]
+    key, title, direction = METRICS[plan.tune.metric]
     ranked = sorted(complete, key=lambda t: t.value, reverse=direction == "maximize")
     best = study.best_trial
-    base = plan.parser.parse_args([plan.args.target, *plan.rest])
-    spec, lm = DataSpec.from_args(base), getattr(base, "task", None) == "lm"
+    spec, lm = plan.spec, plan.lm
     on = "" if spec.is_cola else f" on {spec.name}"
     pruned = sum(t.state == state.PRUNED for t in trials)
     failed = sum(t.state == state.FAIL and not t.user_attrs.get("surplus") for t in trials)
-    lines = [f"# Search `{plan.name}` ({plan.args.target}{on}, Optuna)", "",
+    lines = [f"# Search `{plan.name}` ({plan.tune.target}{on}, Optuna)", "",
              f"{len(complete)} complete trials, {pruned} pruned, {failed} failed (study in `{shown(plan.storage)}`). "
-             f"A trial is one configuration run with seeds {list(plan.args.seeds)}, scored by its "
+             f"A trial is one configuration run with seeds {list(plan.tune.seeds)}, scored by its "
              f"mean {title} ({'higher' if direction == 'maximize' else 'lower'} is better); mean ± standard "
              f"deviation over seeds. The {min(TOP, len(ranked))} best:", "",
              *summary_rows(ranked, lm), "",

@@ -1,13 +1,13 @@
 """`run.py info`: what a bug report needs (versions, hardware, what --dtype auto picks, where the data is)."""
 import contextlib
 import os
-import sys
 from pathlib import Path
+import sys
 
 import torch
 
-from textdata.readers import COLA_SPLITS, default_cola_dir
 from runtime.devices import compute_dtype, default_micro_batch_tokens, has_fast_bf16
+from textdata.readers import COLA_SPLITS, default_cola_dir
 
 
 def package_versions():

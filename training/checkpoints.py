@@ -1,19 +1,18 @@
 """Models on disk: safetensors checkpoints written as save_pretrained writes them, PEFT's LoRA adapter format in
 and out, and the student's checkpoint."""
+from dataclasses import asdict
 import json
 import math
-import sys
-from dataclasses import asdict
 from pathlib import Path
+import sys
 
 import torch
 import torch.nn as nn
 
-from runtime.distributed import main_first
 from model import (GPT, LABELS, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, fold_lora, inject_lora, lora_layers,
                    variant_slug)
+from runtime.distributed import main_first
 from utils import UserError, atomic_files, read_json, seed_everything
-
 
 RUN_INFO = "run_info.json"  # how the run that wrote a checkpoint was configured (ignored by PEFT)
 

@@ -6,11 +6,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from textdata.batches import IGNORE, collate, micro_batches, sorted_batches
 from runtime.devices import autocast
 from runtime.distributed import all_reduce_sum, rank, world_size
-from training.report import format_table
-from train_utils import Classification
+from textdata.batches import IGNORE, collate, micro_batches, sorted_batches
+from training.objective import Objective
+from training.tables import format_table
 
 EVAL_TOKENS = 2048  # padded tokens per forward pass when evaluating: bounds the (tokens, vocab) logits in memory
 
@@ -27,7 +27,7 @@ def perplexity(loss):
     return math.exp(loss) if loss < 709 else math.inf
 
 
-class NextToken(Classification):
+class NextToken(Objective):
     """A language model's objective: the mean next-token loss over the target tokens (a padded or prompt position
     has none); an epoch records dev perplexity and token accuracy, and the best epoch has the lowest dev loss, so
     the lowest perplexity."""
