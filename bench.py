@@ -14,29 +14,29 @@ and the peer alternately (A B A B ...) after a warm-up and reports medians and t
 import argparse
 import json
 import os
+from pathlib import Path
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from textdata.augmentation import augment
-from textdata.batches import Split, bucketed_batches, collate, sorted_batches
 from decoding.packed_weights import prepare_for_generation
-from textdata.readers import default_cola_dir, encode, get_tokenizer, load_cola
-from runtime.devices import compute_dtype, default_micro_batch_tokens, loss_scaler
-from training.distillation import UNLABELLED, KDLoss
 from decoding.sampling import Sampler
-from textdata.lm_examples import lm_split, text_blocks
-from training.lm_objective import NextToken
+from decoding.static_step import StaticDecoder
 from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
-from decoding.static_step import StaticDecoder
+from runtime.devices import compute_dtype, default_micro_batch_tokens, loss_scaler
+from textdata.augmentation import augment
+from textdata.batches import Split, bucketed_batches, collate, sorted_batches
+from textdata.lm_examples import lm_split, text_blocks
+from textdata.readers import default_cola_dir, encode, get_tokenizer, load_cola
 from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_epoch
+from training.kd_loss import UNLABELLED, KDLoss
+from training.lm_objective import NextToken
 from utils import write_text
 
 CPU = torch.device("cpu")
@@ -513,21 +513,21 @@ def case(title, ours, peer, times, target, limit=None, speedup=True):
 
 
 def print_table(rows):
-    from training.report import format_table
+    from training.tables import format_table
     headers = ["case", "ours (median)", "peer (median)", "ratio", "target", "met", "of machine limit"]
     print(format_table(headers, [[r["case"], r["ours"], r["peer"], r["ratio"], r["target"],
                                   "yes" if r["met"] else "NO", r.get("of_limit", "-")] for r in rows]))
 
 
-def cuda_main(split, reps, args):
-    row = cuda_mfu(split, args.variant, reps)
+def cuda_main(split, reps, variant, quick, json_path):
+    row = cuda_mfu(split, variant, reps)
     print(f"{row['case']}: {row['seconds']:.2f}s, {row['achieved_gflops']:,.0f} of a measured "
           f"{row['peak_gflops']:,.0f} GFLOP/s matmul peak: MFU {row['mfu']:.1%}")
-    rows = list(cuda_generation_cases(reps, 16 if args.quick else 384))
+    rows = list(cuda_generation_cases(reps, 16 if quick else 384))
     print_table(rows)
     print("\n".join(f"{r['case']}: {r['tokens_per_s']} tokens/s" for r in rows))
-    if args.json:
-        write_text(args.json, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": [row, *rows]}, indent=2))
+    if json_path:
+        write_text(json_path, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": [row, *rows]}, indent=2))
 
 
 def cola_sample(data_dir, n):
@@ -555,7 +555,7 @@ def main():
     reps = 2 if args.quick else args.reps
     sentences, split = cola_sample(args.data_dir, 64 if args.quick else 2048)
     if args.device == "cuda":
-        return cuda_main(split, reps, args)
+        return cuda_main(split, reps, args.variant, args.quick, args.json)
     new_tokens = 16 if args.quick else 384
     cases = {"lora": lambda: lora_cases(split, reps), "lora_bf16": lambda: [lora_bf16_case(split, reps)],
              "gen": lambda: generation_cases(reps, new_tokens),

@@ -3,17 +3,16 @@ and the DistilRNN student. Needs torch alone (safetensors and huggingface_hub on
 
 Module and parameter names follow Hugging Face's GPT-2 (transformer.h.0.attn.c_attn, ...), so checkpoints and
 PEFT adapters map onto this model name for name."""
+from dataclasses import dataclass, fields
 import json
 import math
 import os
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
-
 
 
 def attention(q, k, v, causal):

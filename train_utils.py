@@ -1,36 +1,37 @@
 """The one training loop and evaluation every mode uses.
 
-A mode (LoRA, rnn, distil, LoRA --task lm) supplies a model and an objective (`Classification` here, distil.KDLoss,
-lm_loss.NextToken): how the model is called, its loss, what counts as correct, how a split is evaluated and what
-its epochs record; nothing else differs."""
+A mode (LoRA, rnn, distil, LoRA --task lm) supplies a model and an objective (training.objective.Objective:
+`Classification` here, training.kd_loss.KDLoss, training.lm_objective.NextToken): how the model is called, its
+loss, what counts as correct, how a split is evaluated and what its epochs record; nothing else differs."""
 import contextlib
+from dataclasses import dataclass
 import math
+from pathlib import Path
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from config.fields import deciding_values
+from runtime.devices import autocast, compiled, default_micro_batch_tokens, loss_scaler
+from runtime.distributed import (all_reduce_sum, for_all_ranks, is_main, on_main, rank, rank_share, rng_states,
+                                 world_size)
 from textdata.batches import Split, bucketed_batches, collate, micro_batches, sorted_batches, split_fingerprints
 from training.checkpoints import save_trained
-from runtime.devices import autocast, compiled, default_micro_batch_tokens, loss_scaler
-from runtime.distributed import all_reduce_sum, for_all_ranks, is_main, on_main, rank, rank_share, rng_states, world_size
 from training.metrics import calibration, final_scores, majority_accuracy, matthews_corrcoef
-from training.report import print_run_summary
-from training.runlog import RunWatch, load_run_state, result_flags, resume_state_path, save_run_state, trainable_state
+from training.objective import Objective
+from training.resume_state import load_run_state, resume_state_path, save_run_state, trainable_state
+from training.run_watch import RunWatch
+from training.tables import print_run_summary
 from utils import Terminated, UserError, interrupt_exit_code
 
 
-class Classification:
+class Classification(Objective):
     """What a classifier trains for: cross-entropy on the labels (LoRA and the no-KD student); the best epoch has
-    the highest dev accuracy. Its methods are every objective's interface: `outputs` calls the model on a padded
-    batch, the call is the loss (the mean over the piece's units: see batches.Split.units), `counts` says what was
-    right, `evaluate` scores a split (its "score": higher is better), `epoch_fields` is what an epoch records of it;
-    `baseline` and `conclude` are the run's reference and final scores (see train_and_report)."""
+    the highest dev accuracy."""
 
     def outputs(self, model, ids, lengths):
         return model(ids, lengths)
@@ -68,14 +69,6 @@ class Classification:
         s["calibration"] = calibrate(model, splits, final["dev"]["logits"], batch_size, device, dtype)
         s["record"] = classification_record(final, s, splits.evaluated)
         return final, s
-
-    def final_evaluations(self, model, splits, run, **on):
-        """{split: evaluation} of the best epoch on dev (done after that epoch, whose weights are restored) and on
-        the second evaluation split, when there is one."""
-        final = {"dev": run["best_dev"]}
-        if "ood" in splits:
-            final["ood"] = self.evaluate(model, splits["ood"], **on)
-        return final
 
     def print_summary(self, mode, run, epochs, s, splits):
         print_run_summary(mode, run["best_epoch"], epochs, s, splits)
@@ -356,13 +349,14 @@ def stopping_keeps_state(when, saved, state_path):
         raise Diverged(f"{e} ({kept})") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """How `fit` trains: Adam at `lr` for `epochs` over batches of `batch_size` sentences drawn from `seed`, on
     `device` in `dtype` (autocast below fp32), gradients clipped to norm `clip` (None: not clipped), each batch cut
     into pieces of at most `micro_batch_tokens` padded tokens (None: whole batches). After every epoch the run's
     state goes to `state_path` (None: nowhere), from which `resume` continues a run saved with the same
-    `run_flags` on the same data; `compile` runs the model through torch.compile."""
+    `run_flags` (of a `config_class` configuration) on the same data; `compile` runs the model through
+    torch.compile."""
     epochs: int
     batch_size: int
     lr: float
@@ -375,6 +369,7 @@ class TrainConfig:
     resume: bool = False
     run_flags: dict = None
     compile: bool = False
+    config_class: type = None
 
 
 def fit(model, loss_fn, data, config, watch=None):
@@ -395,7 +390,7 @@ def fit(model, loss_fn, data, config, watch=None):
            "best_state": None, "best_dev": None}
     prints = split_fingerprints(data)
     if c.resume:
-        run = load_run_state(c.state_path, model, optimizer, scaler, generator, c.run_flags, prints)
+        run = load_run_state(c.state_path, model, optimizer, scaler, generator, c.run_flags, prints, c.config_class)
         tqdm.write(f"resuming after epoch {run['epoch']} from {c.state_path}")
     saved = run["epoch"] if c.state_path else 0  # the last epoch whose state is on disk
     for epoch in range(run["epoch"] + 1, c.epochs + 1):
@@ -448,40 +443,45 @@ def save_state_everywhere(path, run, model, optimizer, scaler, generator, run_fl
     on_main(lambda: save_run_state(path, run, model, optimizer, scaler, generator, run_flags, rng, prints))
 
 
-def train_config(args, model, device, dtype, out_path):
-    """The TrainConfig of a subcommand's flags; the state between epochs goes beside `out_path`."""
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device, dtype=dtype,
-                       seed=args.seed, clip=getattr(args, "clip", None),
-                       micro_batch_tokens=args.micro_batch_tokens or default_micro_batch_tokens(
+def train_config(config, model, device, dtype, out_path):
+    """The TrainConfig of a training subcommand's configuration (its train and run sections); the state between
+    epochs goes beside `out_path`, saved with the values that decide the run's result."""
+    train, options = config.train, config.run
+    return TrainConfig(epochs=train.epochs, batch_size=train.batch_size, lr=train.lr, device=device, dtype=dtype,
+                       seed=options.seed, clip=train.clip,
+                       micro_batch_tokens=train.micro_batch_tokens or default_micro_batch_tokens(
                            device, activation_bytes_per_token(model)),
-                       state_path=resume_state_path(out_path), resume=args.resume, run_flags=result_flags(args),
-                       compile=args.compile)
+                       state_path=resume_state_path(out_path), resume=options.resume,
+                       run_flags=deciding_values(config, resuming=True), compile=options.compile,
+                       config_class=type(config))
 
 
-def train_and_report(mode, model, loss_fn, splits, args, device, dtype, out_path, run_info, extra=None, train=None):
-    """One run, start to finish: train with the shared loop (plots and the run's unfinished record after every
-    epoch) on splits['train'], or on `train` when given (distil's training set with its transfer sentences),
-    evaluate the best epoch on each evaluation split, calibrate it and print the summary; then rank 0 alone writes
-    the model (to `out_path`, with `run_info`), then the finished record, and removes the --resume state. Returns the
+def train_and_report(model, objective, splits, config, *, device, dtype, out_path, run_info, extra=None, train=None,
+                     trial=None):
+    """One run of a training subcommand's `config`, start to finish: train with the shared loop (plots and the
+    run's unfinished record after every epoch) on splits['train'], or on `train` when given (distil's training set
+    with its transfer sentences), evaluate the best epoch on each evaluation split, calibrate it and print the
+    summary; then rank 0 alone writes the model (to `out_path`, with `run_info`), then the finished record (with
+    `extra`), and removes the --resume state. A search's `trial` watches the epochs (see RunWatch). Returns the
     run's record (None on other ranks)."""
-    start, config = time.time(), train_config(args, model, device, dtype, out_path)
-    on = dict(batch_size=args.batch_size, device=device, dtype=dtype)
-    watch = RunWatch(mode, args, device, dtype, splits, loss_fn.baseline(model, splits, **on))
+    start, loop = time.time(), train_config(config, model, device, dtype, out_path)
+    on = dict(batch_size=loop.batch_size, device=device, dtype=dtype)
+    watch = RunWatch(config, device, dtype, splits, objective.baseline(model, splits, **on), trial)
     try:
-        run = fit(model, loss_fn, splits if train is None else {"train": train, "dev": splits["dev"]}, config, watch)
+        run = fit(model, objective, splits if train is None else {"train": train, "dev": splits["dev"]}, loop, watch)
     finally:
         watch.close()
-    final, s = loss_fn.conclude(model, splits, run, **on)
-    loss_fn.print_summary(mode, run, args.epochs, s, splits)
+    final, s = objective.conclude(model, splits, run, **on)
+    objective.print_summary(config.MODE, run, loop.epochs, s, splits)
 
     def write_results():
         try:  # the model first: a record that says finished always has its model
             save_trained(model, out_path, run_info)
         except UserError as e:
-            raise UserError(f"{e}; the run's state is kept in {config.state_path}: once there is room, rerun the "
+            raise UserError(f"{e}; the run's state is kept in {loop.state_path}: once there is room, rerun the "
                             "same command with --resume to save it") from None
         record = watch.finish(run, model, s, time.time() - start, extra)
-        config.state_path.unlink(missing_ok=True)
+        loop.state_path.unlink(missing_ok=True)
         return record
 
     return on_main(write_results)

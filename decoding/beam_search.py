@@ -26,6 +26,15 @@ class BeamSettings:
     repetition_penalty: float = 1.0
 
 
+def beam_settings(decode):
+    """The BeamSettings of gen's decoding flags (config.sections.DecodeSettings), or None without beams."""
+    if decode.num_beams == 1:
+        return None
+    early = {None: False, "false": False, "true": True, "never": "never"}[decode.early_stopping]
+    return BeamSettings(decode.num_beams, 1.0 if decode.length_penalty is None else decode.length_penalty,
+                        decode.no_repeat_ngram_size, early, decode.repetition_penalty)
+
+
 def next_log_probs(logits, contexts, settings):
     """log_softmax of each beam's logits (rows, vocab), then the repetition penalty and the n-gram ban."""
     log_probs = F.log_softmax(logits, dim=-1)

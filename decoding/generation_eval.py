@@ -5,46 +5,26 @@ A prompt's references are all the completions the split pairs it with (E2E has s
 representation), in the order they first appear. Each distinct prompt is decoded once, from the very tokens a
 completion follows in training (lm_data.prompt_tokens: the prompt, then the separator, tokenized apart).
 """
+from dataclasses import asdict
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import mean
 
 from tqdm import tqdm
 
-from decoding.beam_search import BeamSettings, beam_search
-from training.checkpoints import adapter_base, build_lm, gpt_weights, load_lora_lm
+from decoding.beam_search import beam_search, beam_settings
 from decoding.packed_weights import prepare_for_generation
-from textdata.readers import DataSpec, get_tokenizer, run_stem
-from decoding.sampling import Sampler
-from textdata.lm_examples import prompt_tokens, read_lm_data
+from decoding.sampling import sampler_for
 from model import EOT, GPT
-from training.report import format_table
-from training.runlog import TUNING_DIR
-from utils import UserError, atomic_files, seed_everything
+from textdata.lm_examples import prompt_tokens, read_lm_data
+from textdata.readers import get_tokenizer, run_stem
+from training.checkpoints import adapter_base, build_lm, gpt_weights, load_lora_lm
+from training.tables import format_table
+from utils import TUNING_DIR, UserError, atomic_files, seed_everything
 
 # The most prompts of one token length decoded in one batch. A step reads every weight once whatever the rows, so
 # rows share that cost; the KV cache grows with them (gpt2-medium, 32 rows of 160 positions: about 1 GB in fp32).
 BATCH_ROWS = 32
-
-
-@dataclass
-class DecodeSettings:
-    """How every prompt is decoded: beam search when `beams` is set, else sampling (temperature 0: greedy) with
-    prompt i's sampler seeded with seed + i, so a prompt's output does not depend on the prompts batched with it."""
-    max_new_tokens: int = 100
-    temperature: float = 0.0
-    top_k: int = None
-    top_p: float = None
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    seed: int = 0
-    beams: BeamSettings = None
-    stop_at_eos: bool = True  # False (gen --ignore_eos): every output runs max_new_tokens
-
-    def sampler(self, i):
-        return Sampler(self.temperature, self.top_k, self.top_p, self.repetition_penalty, seed=self.seed + i,
-                       no_repeat_ngram_size=self.no_repeat_ngram_size)
 
 
 def group_references(prompts, completions):
@@ -84,19 +64,22 @@ def length_batches(prompt_ids, rows=BATCH_ROWS):
     return [same[k:k + rows] for n in sorted(by_length) for same in [by_length[n]] for k in range(0, len(same), rows)]
 
 
-def decode_all(model, prompt_ids, settings, desc):
-    """Each prompt's output token ids (up to, not including, <|endoftext|>): beam search one prompt at a time (its
-    beams are the batch), or sampling with the prompts of one length in one batch."""
+def decode_all(model, prompt_ids, settings, desc, seed=0):
+    """Each prompt's output token ids (up to, not including, <|endoftext|>), decoded as `settings`
+    (config.sections.DecodeSettings) say: beam search one prompt at a time (its beams are the batch), or sampling
+    with the prompts of one length in one batch, prompt i's sampler seeded with seed + i, so that a prompt's output
+    does not depend on the prompts batched with it."""
     eos = EOT if settings.stop_at_eos else None
+    beams = beam_settings(settings)
     outputs = [None] * len(prompt_ids)
-    batches = [[i] for i in range(len(prompt_ids))] if settings.beams else length_batches(prompt_ids)
+    batches = [[i] for i in range(len(prompt_ids))] if beams else length_batches(prompt_ids)
     with tqdm(total=len(prompt_ids), desc=desc, leave=False, disable=None) as bar:
         for batch in batches:
-            if settings.beams:
-                found = [beam_search(model, prompt_ids[batch[0]], settings.max_new_tokens, settings.beams, eos)]
+            if beams:
+                found = [beam_search(model, prompt_ids[batch[0]], settings.max_new_tokens, beams, eos)]
             else:
-                found = decode_batch(model, [prompt_ids[i] for i in batch], [settings.sampler(i) for i in batch],
-                                     settings.max_new_tokens, eos)
+                found = decode_batch(model, [prompt_ids[i] for i in batch],
+                                     [sampler_for(settings, seed + i) for i in batch], settings.max_new_tokens, eos)
             for i, ids in zip(batch, found):
                 outputs[i] = [t for t in ids if t != eos]
             bar.update(len(batch))
@@ -113,7 +96,7 @@ def decode_batch(model, prompts, samplers, max_new_tokens, eos):
     return rows
 
 
-def evaluate_generation(model, base_model, pairs, settings, tokenizer, out_path, about=None):
+def evaluate_generation(model, base_model, pairs, settings, tokenizer, out_path, about=None, seed=0):
     """Decode every distinct prompt of `pairs` (prompts, completions) with `model` and, unless it is None,
     `base_model` (both ready to decode: eval mode, on their device), score both, write one JSON line per prompt to
     `out_path` (prompt, output[, base_output], references) and the scores, settings and `about` beside it (.json).
@@ -124,16 +107,16 @@ def evaluate_generation(model, base_model, pairs, settings, tokenizer, out_path,
         raise UserError("the evaluation split holds no prompt -> completion pairs to decode")
     ids = [prompt_tokens(tokenizer, p) for p in prompts]
     check_context(model, ids, settings)
-    texts = {"output": decode_texts(model, ids, settings, tokenizer, "decoding")}
+    texts = {"output": decode_texts(model, ids, settings, tokenizer, "decoding", seed)}
     if base_model is not None:
-        texts["base_output"] = decode_texts(base_model, ids, settings, tokenizer, "decoding with the base model")
+        texts["base_output"] = decode_texts(base_model, ids, settings, tokenizer, "decoding with the base model", seed)
     scores = {"prompts": len(prompts), "references": sum(len(r) for r in refs)}
     for key, outputs in texts.items():
         prefix = "base_" if key == "base_output" else ""
         scores |= {prefix + "bleu": corpus_bleu(outputs, refs), prefix + "rougeL": rouge_l(outputs, refs)}
     lines = [{"prompt": p, **{key: outputs[i] for key, outputs in texts.items()}, "references": refs[i]}
              for i, p in enumerate(prompts)]
-    record = {**(about or {}), "settings": asdict(settings), **scores}
+    record = {**(about or {}), "settings": asdict(settings) | {"seed": seed}, **scores}
     out_path = Path(out_path)
     with atomic_files(out_path.parent, [out_path.name, out_path.with_suffix(".json").name]) as tmp:
         Path(tmp[out_path.name]).write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
@@ -142,41 +125,40 @@ def evaluate_generation(model, base_model, pairs, settings, tokenizer, out_path,
     return scores
 
 
-def decode_texts(model, prompt_ids, settings, tokenizer, desc):
-    return [tokenizer.decode(ids) for ids in decode_all(model, prompt_ids, settings, desc)]
+def decode_texts(model, prompt_ids, settings, tokenizer, desc, seed):
+    return [tokenizer.decode(ids) for ids in decode_all(model, prompt_ids, settings, desc, seed)]
 
 
 def check_context(model, prompt_ids, settings):
     """Beam search keeps prompt and output in the context (sampling slides its window past it)."""
     longest = max(len(ids) for ids in prompt_ids)
-    if settings.beams and longest + settings.max_new_tokens > model.config.block_size:
+    if settings.num_beams > 1 and longest + settings.max_new_tokens > model.config.block_size:
         raise UserError(f"beam search keeps the prompt and --max_new_tokens {settings.max_new_tokens} in the "
                         f"{model.config.block_size}-token context, and the longest prompt (with the separator) has "
                         f"{longest} tokens; ask for fewer")
 
 
-def evaluate_split(args, device, dtype, settings):
-    """`gen --dataset`: the evaluation split's prompts decoded with the model gen would decode with (the adapter
-    merged into its base, else --gpt_variant) and, with an adapter, its base as the baseline, built as
-    load_lora_model builds it; the scores printed, the outputs written to tuning/gen-<dataset>.jsonl."""
-    spec = DataSpec.from_args(args)
-    pairs = read_lm_data(spec, args.prompt_column, args.completion_column)["dev"]
-    rows = settings.beams.num_beams if settings.beams else 1
-    names = {"output": f"adapter {args.adapter}" if args.adapter else args.gpt_variant}
-    if args.adapter:
-        model = load_lora_lm(args.adapter, args.gpt_variant)
-        _, info, variant = adapter_base(args.adapter, args.gpt_variant)
+def evaluate_split(spec, pairs, source, adapter, settings, seed, device, dtype):
+    """`gen --dataset`: the evaluation split of `spec` (its `pairs` columns: config.sections.PairColumns) decoded as
+    `settings` say, with the model gen would decode with (the `adapter` merged into its base, else the `source`
+    model: config.sections.ModelSource) and, with an adapter, its base as the baseline, built as load_lora_model
+    builds it; the scores printed, the outputs written to tuning/gen-<dataset>.jsonl."""
+    prompts = read_lm_data(spec, pairs.prompt_column, pairs.completion_column)["dev"]
+    names = {"output": f"adapter {adapter}" if adapter else source.gpt_variant}
+    if adapter:
+        model = load_lora_lm(adapter, source.gpt_variant)
+        _, info, variant = adapter_base(adapter, source.gpt_variant)
         base = build_lm(variant, info.get("random_init", False), info.get("seed", 0))  # as load_lora_model builds it
         names["base_output"] = f"base {variant}"
     else:
-        seed_everything(args.seed)  # --random_init draws its weights from the seed
-        model, base = gpt_weights(GPT, args.gpt_variant, args.random_init), None
-    model, base = [None if m is None else prepare_for_generation(m, device, dtype, rows=rows, quantize=args.quantize)
-                   for m in (model, base)]
+        seed_everything(seed)  # --random_init draws its weights from the seed
+        model, base = gpt_weights(GPT, source.gpt_variant, source.random_init), None
+    model, base = [None if m is None else prepare_for_generation(m, device, dtype, rows=settings.num_beams,
+                                                                 quantize=source.quantize) for m in (model, base)]
     out_path = Path(TUNING_DIR) / f"{run_stem('gen', spec)}.jsonl"
-    about = {"dataset": spec.name, "eval_split": spec.eval_split, "prompt_column": args.prompt_column,
-             "completion_column": args.completion_column, "adapter": args.adapter, "models": names}
-    scores = evaluate_generation(model, base, pairs, settings, get_tokenizer(), out_path, about)
+    about = {"dataset": spec.name, "eval_split": spec.eval_split, "prompt_column": pairs.prompt_column,
+             "completion_column": pairs.completion_column, "adapter": adapter, "models": names}
+    scores = evaluate_generation(model, base, prompts, settings, get_tokenizer(), out_path, about, seed)
     print_scores(scores, names, spec, out_path)
     return scores
 

@@ -5,8 +5,8 @@ import os
 import torch
 import torch.nn as nn
 
-from runtime.devices import has_fast_bf16
 from decoding.int8_linears import quantize_int8
+from runtime.devices import has_fast_bf16
 
 
 class PackedLinear(nn.Module):

@@ -32,6 +32,12 @@ class Sampler:
         return int(draw(logits, u.to(logits.device), self.temperature, self.top_k, self.top_p))
 
 
+def sampler_for(decode, seed):
+    """The Sampler of gen's decoding flags (config.sections.DecodeSettings), drawing from `seed`."""
+    return Sampler(decode.sampling_temperature, decode.top_k, decode.top_p, decode.repetition_penalty, seed=seed,
+                   no_repeat_ngram_size=decode.no_repeat_ngram_size)
+
+
 def draw(logits, u, temperature, top_k=None, top_p=None):
     """The token that the uniform `u` in [0, 1) picks from softmax(logits / temperature) cut to the top-k, then the
     top-p nucleus: the first token whose cumulative probability passes u. `logits` (..., vocab), `u` one per row

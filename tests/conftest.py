@@ -4,9 +4,9 @@ Offline (CI) the tokenizer and CoLA come from ../shared/data (or the variables .
 internet and no ../shared they are downloaded by the program's own code paths.
 """
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +186,7 @@ def run_once_and_on_two_ranks(args, folder):
 def assert_same_run(single, ddp, mode, weights):
     """A run in folder `single` and its torchrun twin in `ddp` reached the same weights, metrics and plots."""
     import json
+
     from safetensors.torch import load_file
     a, b = load_file(single / weights), load_file(ddp / weights)
     assert a.keys() == b.keys()
@@ -238,3 +239,18 @@ def in_epoch(monkeypatch, epoch, fault):
         return real(model, split, loss_fn, optimizer, **kwargs)
 
     monkeypatch.setattr(train_utils, "train_epoch", train_epoch)
+
+
+def peft_lm_adapter(gpt_dir, folder, seed=0, **lora):
+    """A CAUSAL_LM adapter saved by PEFT itself, with random (as if trained) weights; returns PEFT's model too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(seed)
+    base = GPT2LMHeadModel.from_pretrained(gpt_dir)
+    model = get_peft_model(base, LoraConfig(fan_in_fan_out=True, task_type="CAUSAL_LM", **lora))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder)
+    return model.eval()

@@ -5,8 +5,8 @@ import torch
 from transformers import GPT2LMHeadModel
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from decoding.beam_search import BeamSettings, beam_search
 from conftest import run_main, save_tiny_gpt2
+from decoding.beam_search import BeamSettings, beam_search
 from decoding.sampling import Sampler, ban_repeated_ngrams
 from model import GPT
 

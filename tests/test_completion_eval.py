@@ -4,17 +4,17 @@ decodes each distinct prompt as transformers + PEFT do, with the adapter and wit
 import json
 
 import pytest
+from rouge_score.rouge_scorer import RougeScorer
 import sacrebleu
 import torch
-from rouge_score.rouge_scorer import RougeScorer
 from transformers import GPT2LMHeadModel
 
-from decoding.generation_eval import DecodeSettings, corpus_bleu, decode_all, group_references, length_batches, rouge_l
-from conftest import run_main
+from config.sections import DecodeSettings
+from conftest import peft_lm_adapter, run_main
+from decoding.generation_eval import corpus_bleu, decode_all, group_references, length_batches, rouge_l
 from decoding.sampling import Sampler
-from textdata.lm_examples import prompt_tokens
 from model import EOT, GPT
-from test_lm_adapter import peft_lm_adapter
+from textdata.lm_examples import prompt_tokens
 
 # Three prompts' outputs and references: two references, one, three.
 OUTPUTS = ["The Eagle is a cheap coffee shop near Burger King.",
@@ -65,7 +65,7 @@ def test_prompts_batched_by_length_decode_as_each_alone(tiny_gpt_dir, tokenizer,
     batches = length_batches(ids)
     assert any(len(b) > 1 for b in batches) and len(batches) > 1  # some prompts share a batch, some do not
     assert sorted(i for b in batches for i in b) == list(range(len(ids)))
-    settings = DecodeSettings(max_new_tokens=12, temperature=temperature, top_k=50, seed=3)
+    settings = DecodeSettings(max_new_tokens=12, temperature=temperature, top_k=50)
     alone = []
     for i, prompt in enumerate(ids):
         sampler = Sampler(temperature, 50, seed=3 + i)
@@ -75,7 +75,7 @@ def test_prompts_batched_by_length_decode_as_each_alone(tiny_gpt_dir, tokenizer,
                 break
             tokens.append(t)
         alone.append(tokens)
-    assert decode_all(model, ids, settings, "decoding") == alone
+    assert decode_all(model, ids, settings, "decoding", seed=3) == alone
     assert len({tuple(a) for a in alone}) > 1
 
 

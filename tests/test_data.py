@@ -1,12 +1,12 @@
 """CoLA parsing on the real files, malformed files, batching, and the metrics against scikit-learn."""
 import pytest
-import torch
 from sklearn.metrics import matthews_corrcoef as sk_mcc
+import torch
 
 from conftest import COLA_DEV, COLA_DEV_ACCEPTABLE, COLA_OOD, COLA_TRAIN
 from textdata.batches import bucketed_batches, sorted_batches
-from training.metrics import majority_label, matthews_corrcoef
 from textdata.readers import load_cola, read_cola_tsv
+from training.metrics import majority_label, matthews_corrcoef
 from utils import UserError
 
 

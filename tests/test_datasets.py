@@ -6,17 +6,18 @@ import json
 import random
 
 import pytest
+from sklearn.metrics import f1_score
+from sklearn.metrics import matthews_corrcoef as sk_mcc
 import torch
-from sklearn.metrics import f1_score, matthews_corrcoef as sk_mcc
 
-import run
-from training import checkpoints
 from conftest import PAD_BATCH, padded, run_cli, run_main
 from model import GPTClassifier
+import run
 from textdata.batches import Split
-from training.metrics import bootstrap, macro_f1, macro_f1_rows, matthews_corrcoef
-from train_utils import cross_entropy, predict_logits, train_epoch
 from textdata.readers import DataSpec, encode, load_text_data, read_sentences
+from train_utils import cross_entropy, predict_logits, train_epoch
+from training import checkpoints
+from training.metrics import bootstrap, macro_f1, macro_f1_rows, matthews_corrcoef
 from utils import UserError
 
 TOPICS = {"sport": ["goal", "match", "team", "coach", "league"], "tech": ["chip", "code", "robot", "laptop", "server"],

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import run
 from conftest import (COLA_DEV, COLA_HELDOUT, COLA_OOD, count_classifier_rows, run_cli, run_main, save_tiny_adapter,
                       save_tiny_gpt2)
-from model import DistilRNN, GPTClassifier, RNNConfig, count_parameters
+from model import EOT, DistilRNN, GPTClassifier, RNNConfig, count_parameters
+import run
 from textdata.batches import Split
-from training.distillation import KDLoss, kd_loss
 from train_utils import predict_logits, train_epoch
-from model import EOT
+from training.kd_loss import KDLoss, kd_loss
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
@@ -116,17 +115,19 @@ def test_cli_rnn_then_distil_end_to_end(adapter_dir, tmp_path, monkeypatch, capf
     assert f"McNemar's exact test, student with KD vs student without KD on the {COLA_DEV} dev sentences" in report
     assert (tmp_path / "plots" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kd = json.loads((tmp_path / "tuning" / "distil.jsonl").read_text().splitlines()[-1])
-    assert len(kd["dev_preds"]) == COLA_DEV and kd["args"]["temperature"] == 2.0
+    assert len(kd["dev_preds"]) == COLA_DEV and kd["config"]["distil"]["temperature"] == 2.0
     assert (tmp_path / "models" / "distil-rnn" / "model.safetensors").exists()
     assert (tmp_path / "models" / "rnn" / "config.json").exists()
 
 
 def test_the_student_without_kd_is_an_rnn_run_that_differs_by_kd_alone(tmp_path, monkeypatch):
-    from training.distillation import latest_matching_rnn_run, rnn_log
+    from cli.parser import config_of
+    from config.records import config_fields, read_record
+    from training.distil_report import latest_matching_rnn_run, rnn_log
     monkeypatch.chdir(tmp_path)
     parser = run.build_parser()
-    kd = {"args": vars(parser.parse_args(["distil"])), "data": "d"}
-    rnn_runs = [{"args": vars(parser.parse_args(["rnn", *extra])), "data": "d", "id": i}
+    kd = read_record(config_fields(config_of(parser.parse_args(["distil"]))) | {"data": "d"})
+    rnn_runs = [config_fields(config_of(parser.parse_args(["rnn", *extra]))) | {"data": "d", "id": i}
                 for i, extra in enumerate([[], ["--lr", "0.01"], ["--epochs", "1"], ["--rnn_hidden", "8"]])]
     (tmp_path / "tuning").mkdir()
     Path(rnn_log(kd)).write_text("".join(json.dumps(r, default=str) + "\n" for r in rnn_runs))

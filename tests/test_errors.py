@@ -1,19 +1,19 @@
 """What happens when a user types something wrong, or something goes wrong mid-run: one line on stderr, the
 right exit code, nothing half-written. Every row of README's "What happens when…" table is a case here."""
 import json
+from pathlib import Path
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-import run
-from training.checkpoints import save_student
 from conftest import (ROOT, assert_same_weights, in_epoch, run_cli, run_main, save_tiny_adapter, save_tiny_gpt2,
                       start_run)
 from model import DistilRNN, RNNConfig
+import run
+from training.checkpoints import save_student
 
 # (what the user did, the command after `python run.py`, exit code, the start of the stderr line)
 CASES = [
@@ -300,10 +300,10 @@ def test_docs_errors_shows_every_case():
 
 
 def test_unexpected_failure_is_one_line_with_a_hint(monkeypatch, capsys):
-    def broken(args, device, dtype):
+    def broken(config, device, dtype):
         raise RuntimeError("something deep broke\nwith detail")
 
-    monkeypatch.setattr(run, "cmd_gen", broken)
+    monkeypatch.setitem(run.COMMANDS, "gen", broken)
     assert run.main(["gen"]) == 1
     err = capsys.readouterr().err
     assert err == "error: unexpected RuntimeError: something deep broke (rerun with --debug for the traceback)\n"

@@ -2,16 +2,15 @@
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-from conftest import run_cli, run_main, save_tiny_gpt2
 from cli import commands
+from conftest import run_cli, run_main, save_tiny_gpt2
+from decoding.int8_linears import Int8Linear, quantize_int8
 from decoding.packed_weights import PackedBF16Linear, PackedLinear, packed_class, prepare_for_generation
-from runtime.devices import has_fast_bf16
 from decoding.sampling import Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
 from model import BPE_TOKENS, GPT, GPTConfig, ModelError
-from decoding.int8_linears import Int8Linear, quantize_int8
+from runtime.devices import has_fast_bf16
 
 
 @pytest.fixture(scope="module")

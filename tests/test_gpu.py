@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_once_and_on_two_ranks, tiny_lora_classifier
-from textdata.batches import load_splits
 from decoding.packed_weights import prepare_for_generation
-from textdata.readers import DataSpec
 from decoding.sampling import Sampler
 from model import GPT, cast_frozen_linears
+from textdata.batches import load_splits
+from textdata.readers import DataSpec
 from train_utils import TrainConfig, cross_entropy, fit
 
 pytestmark = pytest.mark.gpu

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from cli import commands
-import run
-import train_utils
-import utils
-from textdata import readers as data
-from runtime import devices
 from conftest import ROOT, tiny_lora_classifier
 from model import GPTClassifier
+import run
+from runtime import devices
+from textdata import readers as data
 from textdata.batches import Split, load_splits
+import train_utils
 from train_utils import cross_entropy, train_epoch
+import utils
 
 GPUS = {"t4": ("Tesla T4", 7, 5), "a100": ("NVIDIA A100-SXM4-40GB", 8, 0)}
 CPU_CHOICE = torch.bfloat16 if devices.has_fast_bf16(torch.device("cpu")) else torch.float32

@@ -7,24 +7,10 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from conftest import PAD_BATCH, padded, peft_lm_adapter, run_main, save_tiny_adapter
 from training import checkpoints
-from conftest import PAD_BATCH, padded, run_main, save_tiny_adapter
 
 PROMPT = "The quick brown fox"
-
-
-def peft_lm_adapter(gpt_dir, folder, seed=0, **lora):
-    """A CAUSAL_LM adapter saved by PEFT itself, with random (as if trained) weights; returns PEFT's model too."""
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(seed)
-    base = GPT2LMHeadModel.from_pretrained(gpt_dir)
-    model = get_peft_model(base, LoraConfig(fan_in_fan_out=True, task_type="CAUSAL_LM", **lora))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    model.save_pretrained(folder)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from training import checkpoints
-from textdata.batches import IGNORE, collate
 from conftest import randomize_adapter, run_main
-from textdata.lm_examples import completion_example, load_lm_splits, lm_split, text_blocks
-from training.lm_objective import NextToken, next_token_loss
 from model import GPT, inject_lora, mark_only_lora_as_trainable
+from textdata.batches import IGNORE, collate
+from textdata.lm_examples import completion_example, lm_split, load_lm_splits, text_blocks
+from training import checkpoints
+from training.lm_objective import NextToken, next_token_loss
 
 CPU = torch.device("cpu")
 WORDS = "the cat dog sat on mat log and ran to a big small red".split()
@@ -178,8 +178,8 @@ def test_an_lm_run_resumes_after_its_last_epoch(tiny_gpt_dir, tmp_path, monkeypa
     run = [*LM_RUN, "--gpt_variant", tiny_gpt_dir]
     whole = run_main(*run, "--epochs", 2, "--model_path", "whole", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert whole.returncode == 0 and not (tmp_path / "whole.resume.pt").exists()  # finished: no state left behind
-    from training import runlog
-    monkeypatch.setattr(runlog.RunWatch, "epoch", stop_after(runlog.RunWatch.epoch, epoch=1))
+    from training import run_watch
+    monkeypatch.setattr(run_watch.RunWatch, "epoch", stop_after(run_watch.RunWatch.epoch, epoch=1))
     stopped = run_main(*run, "--epochs", 2, "--model_path", "cut", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert stopped.returncode == 130 and (tmp_path / "cut.resume.pt").exists(), stopped.stderr
     monkeypatch.undo()
@@ -187,7 +187,7 @@ def test_an_lm_run_resumes_after_its_last_epoch(tiny_gpt_dir, tmp_path, monkeypa
                        capfd=capfd)
     assert resumed.returncode == 0 and "resuming after epoch 1" in resumed.stdout + resumed.stderr, resumed.stderr
     records = [json.loads(line) for line in (tmp_path / "tuning" / "LoRA-words.jsonl").read_text().splitlines()]
-    cut, straight = records[-1], next(r for r in records if r["args"]["model_path"] == "whole")
+    cut, straight = records[-1], next(r for r in records if r["config"]["model_path"] == "whole")
     assert [h["dev_loss"] for h in cut["history"]] == [h["dev_loss"] for h in straight["history"]]
 
 
@@ -209,7 +209,7 @@ def test_tune_sweeps_lm_runs_by_dev_perplexity(tiny_gpt_dir, tmp_path, monkeypat
     summary = (tmp_path / "tuning" / "lm.md").read_text()
     records = [json.loads(line) for line in (tmp_path / "tuning" / "LoRA-words.jsonl").read_text().splitlines()]
     best = min(records, key=lambda r: r["dev_perplexity"])
-    assert f"Best by mean dev perplexity: **lr={best['args']['lr']}**" in summary
+    assert f"Best by mean dev perplexity: **lr={best['config']['train']['lr']}**" in summary
     assert f"untrained: {best['baseline_dev_perplexity']:.2f} dev perplexity" in summary
     assert (tmp_path / "plots" / "tune_lm.png").exists()
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import PAD_BATCH, padded, randomize_adapter, run_cli, run_main
-from training.checkpoints import load_adapter_weights, read_adapter_config, save_adapter
 from model import GPTClassifier, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, unmerge_lora
 from textdata.batches import Split
 from train_utils import cross_entropy, train_epoch
+from training.checkpoints import load_adapter_weights, read_adapter_config, save_adapter
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_cli_lora_end_to_end(tiny_gpt_dir, tmp_path):
     assert len(lines) == 2
     record = json.loads(lines[1])
     assert len(record["history"]) == 2 and 1 <= record["best_epoch"] <= 2
-    assert record["args"]["LoRA_rank"] == 4 and record["dtype"] in ("float32", "bfloat16")
+    assert record["config"]["lora"]["LoRA_rank"] == 4 and record["dtype"] in ("float32", "bfloat16")
     assert "majority baseline" in result.stdout and "MCC" in result.stdout
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 

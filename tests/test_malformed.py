@@ -2,15 +2,15 @@
 malformed input ends in one line that names what to fix, never in `unexpected <Exception>`; the inputs that are
 fine as they are (a test file without labels, a parquet input, a read-only CoLA folder) just work."""
 import json
-import shutil
 from pathlib import Path
+import shutil
 
 import pytest
 
-from cli import checks
-from training.checkpoints import save_student
+from config import checks
 from conftest import run_main, save_tiny_adapter, save_tiny_gpt2
 from model import DistilRNN, RNNConfig
+from training.checkpoints import save_student
 
 TRAIN = ["--max_examples", 8, "--epochs", 1, "--rnn_hidden", 8, "--device", "cpu"]
 GOOD_CSV = "sentence,label\nA goal.,sport\nSoup.,food\nA match.,sport\nBread.,food\n"

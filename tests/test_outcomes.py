@@ -11,8 +11,8 @@ import time
 import safetensors.torch
 import torch
 
-import train_utils
 from conftest import in_epoch, run_cli, run_main, start_run
+import train_utils
 from utils import Terminated
 
 SMALL = ["--max_examples", 32, "--rnn_hidden", 16, "--batch_size", 16, "--device", "cpu"]
@@ -154,7 +154,7 @@ def test_a_sweep_stopped_midway_prints_the_command_that_continues_it(tmp_path, m
     assert continued.returncode == 0, continued.stderr
     assert continued.stdout.count("resuming after epoch 1") == 1
     done = [r for r in records(tmp_path) if r["finished"]]
-    assert sorted(r["args"]["seed"] for r in done) == [1, 2]
+    assert sorted(r["config"]["run"]["seed"] for r in done) == [1, 2]
     assert all([h["epoch"] for h in r["history"]] == [1, 2] for r in done)
 
 
@@ -176,5 +176,5 @@ def test_sigterm_to_a_parallel_sweep_names_the_command_that_continues_it(tmp_pat
     logs = [p.read_text() for p in (tmp_path / "tuning" / "par-logs").iterdir()]
     assert any("resuming after epoch" in log for log in logs)  # at least the run whose state was seen
     done = [r for r in records(tmp_path) if r["finished"]]
-    assert sorted(r["args"]["seed"] for r in done) == [1, 2]
+    assert sorted(r["config"]["run"]["seed"] for r in done) == [1, 2]
     assert not list(tmp_path.glob("models/tune/par/*.resume.pt"))

@@ -3,23 +3,23 @@ umask gives; SIGTERM stops a run like Ctrl-C; a failure on rank 0 stops the othe
 import argparse
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
+import torch
 
-import run
-import utils
-from training import checkpoints
-from textdata import readers as data
-from training import runlog
+from config import records as runlog
 from conftest import ROOT, assert_same_weights, free_port, run_main, start_run
+import run
+from textdata import readers as data
+from training import checkpoints
 from training.checkpoints import load_student
+import utils
 
 TINY_RNN = ["--max_examples", "32", "--batch_size", "16", "--epochs", "1", "--rnn_hidden", "8"]
 

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
+from conftest import COLA_DEV, PAD_BATCH, padded, run_cli, run_main
 import run
 from training import checkpoints
-from conftest import COLA_DEV, PAD_BATCH, padded, run_cli, run_main
 from utils import UserError
 
 

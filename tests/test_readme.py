@@ -5,8 +5,8 @@ import shlex
 
 import pytest
 
-import run
 from conftest import ROOT, run_main, save_tiny_gpt2
+import run
 
 CHEAP = {"gen": ["--max_new_tokens", "4"], "LoRA": ["--max_examples", "32", "--epochs", "1"],
          "rnn": ["--max_examples", "32", "--epochs", "1", "--rnn_hidden", "16"],

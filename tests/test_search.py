@@ -13,8 +13,8 @@ import optuna
 import pytest
 
 from cli import optuna_search as search
-import train_utils
 from conftest import ROOT, run_main
+import train_utils
 
 SEARCH = ["tune", "rnn", "--search", "optuna", "--sampler", "random", "--max_examples", 32, "--rnn_hidden", 16,
           "--dtype", "float32"]
@@ -36,12 +36,12 @@ def test_a_seeded_search_runs_every_trial_once_per_seed_and_a_rerun_runs_none(tm
     assert first.returncode == 0, first.stderr
     runs, trials = records(tmp_path), load_study(tmp_path, "s").trials
     assert [t.state for t in trials] == [STATE.COMPLETE] * 4
-    assert sorted((r["trial"], r["args"]["seed"]) for r in runs) == [(k, s) for k in range(4) for s in (0, 1)]
+    assert sorted((r["trial"], r["config"]["run"]["seed"]) for r in runs) == [(k, s) for k in range(4) for s in (0, 1)]
     for t in trials:  # trial k draws what Optuna's RandomSampler seeded with k draws first
         oracle = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=t.number)).ask()
         assert t.params["lr"] == oracle.suggest_float("lr", 1e-4, 3e-3, log=True)
         mine = [r for r in runs if r["trial"] == t.number]
-        assert all(r["finished"] and r["args"]["lr"] == t.params["lr"] for r in mine)
+        assert all(r["finished"] and r["config"]["train"]["lr"] == t.params["lr"] for r in mine)
         assert t.value == pytest.approx(statistics.mean(r["dev_acc"] for r in mine))
     best = load_study(tmp_path, "s").best_trial
     summary = (tmp_path / "tuning" / "s.md").read_text()

@@ -8,8 +8,8 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from conftest import run_main
 from decoding.sampling import Sampler, apply_repetition_penalty, draw, penalize_seen
-from model import GPT
 from decoding.static_step import StaticDecoder, cache_size
+from model import GPT
 
 PROMPTS = [[464], [464, 2068, 7586, 21831], list(range(300, 317)), list(range(1000, 1040))]
 

@@ -1,7 +1,7 @@
 """Intervals and the paired test against textbook cases and SciPy."""
 import pytest
-import torch
 from scipy.stats import binomtest, bootstrap
+import torch
 
 from conftest import COLA_DEV, COLA_DEV_ACCEPTABLE, COLA_OOD
 from training.metrics import bootstrap_mcc, matthews_corrcoef, mcnemar_exact, wilson_interval

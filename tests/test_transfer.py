@@ -4,19 +4,19 @@ against torch.nn.functional; the teacher's cache of the set; ECE against scikit-
 report's rows."""
 import json
 import random
-from argparse import Namespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import run
-from textdata.augmentation import MASK, Unigram, augment, augment_words, normalised
 from conftest import COLA_DEV, run_main, save_tiny_gpt2
+import run
+from config.sections import TransferSettings
+from textdata.augmentation import MASK, Unigram, augment, augment_words, normalised
 from textdata.readers import load_cola
-from training.distillation import kd_loss
-from training.metrics import expected_calibration_error, fit_temperature, nll
 from textdata.transfer_set import ENDS, sample_sentences, transfer_sentences
+from training.kd_loss import kd_loss
+from training.metrics import expected_calibration_error, fit_temperature, nll
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,11 @@ def test_no_output_equals_its_source_nor_another_output(cola_train):
 
 
 def test_a_planted_dev_sentence_is_dropped_and_counted(cola_train):
-    args = Namespace(augment=1, p_mask=0.1, p_replace=0.1, p_ngram=0.25, transfer_gen=0, seed=0)
-    clean, _ = transfer_sentences(args, cola_train[:500], {"dev": []}, None, None, None, None)
+    settings = TransferSettings(augment=1, p_mask=0.1, p_replace=0.1, p_ngram=0.25, transfer_gen=0)
+    clean, _ = transfer_sentences(settings, 0, cola_train[:500], {"dev": []}, None, None, None, None)
     planted = "  " + clean[7].upper().replace(" ", "   ") + " "  # the same sentence, but for case and spaces
-    out, about = transfer_sentences(args, cola_train[:500], {"dev": [planted], "ood": []}, None, None, None, None)
+    out, about = transfer_sentences(settings, 0, cola_train[:500], {"dev": [planted], "ood": []}, None, None, None,
+                                    None)
     assert clean[7] not in out and len(out) == len(clean) - 1
     assert about["leaked"] == {"dev": 1, "ood": 0} and about["size"] == len(out)
 
@@ -93,8 +94,8 @@ def test_loss_on_transfer_and_original_rows_is_the_hand_computed_one():
 
 
 def test_ece_is_scikit_learns_calibration_curve_weighted():
-    from sklearn.calibration import calibration_curve
     import numpy as np
+    from sklearn.calibration import calibration_curve
     g = torch.Generator().manual_seed(3)
     for n_classes in (2, 3):
         probs = (torch.randn(400, n_classes, generator=g) * 1.5).softmax(-1).double()
@@ -192,7 +193,8 @@ def test_tune_sweeps_the_transfer_flags(adapter_dir, tmp_path, monkeypatch):
     grid = ["augment=0,2", "transfer_gen=0,5", "p_mask=0.1,0.2", "p_ngram=0,0.25", "kd_loss=kl,mse"]
     args, rest = parser.parse_known_args(["tune", "distil", "--seeds", "1", "--grid", *grid, "--model_path",
                                           str(adapter_dir)])
-    _, _, plan = tune.tune_plan(parser, args, rest)
+    from cli.parser import config_of
+    _, _, plan = tune.tune_plan(parser, config_of(args), rest)
     assert len(plan) == 32
-    assert {(p["args"].augment, p["args"].kd_loss, p["args"].p_ngram) for p in plan} == {
+    assert {(p["run"].transfer.augment, p["run"].distil.kd_loss, p["run"].transfer.p_ngram) for p in plan} == {
         (a, k, n) for a in (0, 2) for k in ("kl", "mse") for n in (0.0, 0.25)}

@@ -13,7 +13,7 @@ def test_sweep_writes_every_run_the_summary_and_the_plot_and_reruns_nothing(tmp_
     first = run_cli(*SWEEP, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     runs = [json.loads(line) for line in (tmp_path / "tuning" / "rnn.jsonl").read_text().splitlines()]
-    assert sorted((r["args"]["lr"], r["args"]["seed"]) for r in runs) == [(0.001, 1), (0.001, 2), (0.003, 1),
+    assert sorted((r["config"]["train"]["lr"], r["config"]["run"]["seed"]) for r in runs) == [(0.001, 1), (0.001, 2), (0.003, 1),
                                                                           (0.003, 2)]
     summary = (tmp_path / "tuning" / "small.md").read_text()
     assert "| lr=0.001 | 2 |" in summary and "| lr=0.003 | 2 |" in summary and "Best by mean dev accuracy" in summary

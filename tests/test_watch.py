@@ -8,24 +8,25 @@ import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
+import torch
 
-from cli import checks
-import run
 from cli import grid_sweep as tune
-import utils
-from runtime import devices
-from training import runlog
+from cli.parser import config_of
+from config import checks
+from config import records as runlog
+from config.fields import deciding_values
 from conftest import ROOT, run_cli, run_main
+import run
+from runtime import devices
+import utils
 
 
 def planned(argv):
     """A run's arguments as `tune` plans them: parsed and checked."""
-    parser = run.build_parser()
-    args = parser.parse_args(argv)
-    args.check(parser, args)
-    return {"args": args}
+    config = config_of(run.build_parser().parse_args(argv))
+    config.validate()
+    return {"run": config}
 
 
 def test_a_killed_run_leaves_its_epochs_plotted_and_logged_unfinished_and_resume_finishes_the_record(
@@ -53,13 +54,13 @@ def test_a_killed_run_leaves_its_epochs_plotted_and_logged_unfinished_and_resume
         with Image.open(tmp_path / "plots" / name) as image:
             image.verify()
     monkeypatch.chdir(tmp_path)
-    assert tune.logged_run(planned(argv), runlog.read_jsonl(log)) is None  # a sweep would run it again
+    assert tune.logged_run(planned(argv), runlog.read_records(log)) is None  # a sweep would run it again
     resumed = run_main(*argv, "--resume", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert resumed.returncode == 0, resumed.stderr
     [final] = runlog.read_jsonl(log)  # the same record, finished
     assert final["run_id"] == record["run_id"] and final["finished"] is True
     assert [h["epoch"] for h in final["history"]] == [1, 2, 3]
-    assert tune.logged_run(planned(argv), runlog.read_jsonl(log)) == final
+    assert tune.logged_run(planned(argv), runlog.read_records(log))["run_id"] == final["run_id"]
 
 
 def test_tensorboard_holds_the_step_losses_and_the_printed_epoch_metrics(tmp_path):
@@ -92,7 +93,7 @@ def test_where_a_run_reports_does_not_change_what_it_is():
     parser = run.build_parser()
 
     def config(*argv):
-        return runlog.result_flags(parser.parse_args(["rnn", *argv]))
+        return deciding_values(config_of(parser.parse_args(["rnn", *argv])))
 
     assert config() == config("--tensorboard", "runs/x", "--device", "cpu", "--micro_batch_tokens", "64")
     assert config() != config("--lr", "0.1")
@@ -153,6 +154,7 @@ def test_the_assignments_command_line_runs_unchanged(tiny_gpt_dir, tmp_path, mon
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     [record] = runlog.read_jsonl(tmp_path / "a" / "tuning" / "LoRA.jsonl")
-    assert record["args"]["seed"] == 12345
-    args = run.build_parser().parse_args(run.assignment_argv(["rnn", "54321", "--hidden_dim", "32", "--gpu_id", "1"]))
+    assert record["config"]["run"]["seed"] == 12345
+    from cli.parser import assignment_argv
+    args = run.build_parser().parse_args(assignment_argv(["rnn", "54321", "--hidden_dim", "32", "--gpu_id", "1"]))
     assert (args.seed, args.rnn_hidden, args.device) == (54321, 32, "cuda:1")

@@ -7,8 +7,8 @@ replaced by a draw from the training corpus' unigram distribution (a word other 
 shown as MASK, "___": GPT-2's vocabulary has no mask token, "___" is the blank of fill-in-the-blank text that
 GPT-2 read in pre-training, it is one token with or without its leading space, and teacher and student read the
 same text. (<|endoftext|> is GPT-2's document boundary, not a missing word.)"""
-import random
 from collections import Counter
+import random
 
 from tqdm import tqdm
 

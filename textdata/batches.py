@@ -1,14 +1,13 @@
 """Tokenized splits and how they are cut into batches: padding, length buckets, micro-batches."""
-import hashlib
 from dataclasses import dataclass
+import hashlib
 
 import torch
 
-from textdata.readers import encode, load_text_data
+from model import EOT
 from runtime.devices import to_device
 from runtime.distributed import main_first
-from model import EOT
-
+from textdata.readers import encode, load_text_data
 
 IGNORE = -100  # a position without a target: PyTorch's ignore_index, transformers' label for "no loss here"
 

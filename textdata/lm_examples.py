@@ -5,11 +5,11 @@ from pathlib import Path
 
 import torch
 
+from model import EOT
+from runtime.distributed import main_first
 from textdata.batches import IGNORE, Split, Splits
 from textdata.readers import (DATA_FILE_TYPES, DataSpec, TextData, checked_texts, load_dataset_dict, pick, split_names,
-                  split_where, text_lines)
-from runtime.distributed import main_first
-from model import EOT
+                              split_where, text_lines)
 from utils import UserError
 
 # Between a prompt and its completion: a newline, one token (198) whatever surrounds it, since the two are tokenized
@@ -99,8 +99,6 @@ def read_columns(spec, columns):
     role ("text", or "prompt" and "completion") to (the flag's value, its flag, default names)."""
     dd = load_dataset_dict(spec)
     names = split_names(spec, dd)
-    if names["dev"] is None:
-        raise DataError(f"{spec.name}: no validation or dev split; pass --eval_split (there are: {', '.join(dd)})")
     out = {}
     for key, split in names.items():
         if split is None:

@@ -2,19 +2,19 @@
 load, and the sentences `predict` is given."""
 import contextlib
 import csv
+from dataclasses import dataclass, field, fields
 import io
 import os
+from pathlib import Path
 import sys
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from tqdm import tqdm
 
+from config.fields import flag
 from model import LABELS
 from utils import UserError, atomic_path, safe_name
-
 
 COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 
@@ -133,20 +133,21 @@ COLA_TITLES = {"dev": "in-domain dev", "ood": "out-of-domain"}
 class DataSpec:
     """Which data a run reads: `cola` (the raw TSVs in data_dir), a Hugging Face hub id, or a local folder; the
     columns and splits default to the usual names."""
-    dataset: str = "cola"
-    dataset_config: str = None
-    data_dir: str = None
-    text_column: str = None
-    label_column: str = None
-    train_split: str = "train"
-    eval_split: str = None
-    test_split: str = None
+    dataset: str = flag("cola", "cola (raw TSVs in --data_dir), a Hugging Face dataset id, or a folder: "
+                        "train/validation[/test] csv, tsv, json, jsonl, parquet, or save_to_disk's (gen: the prompt -> "
+                        "completion pairs whose evaluation split it decodes and scores, BLEU and ROUGE-L)")
+    dataset_config: str = flag(None, "the hub dataset's configuration, e.g. sst2")
+    data_dir: str = flag(None, "folder of the raw CoLA TSVs (downloaded there when missing; default $COLA_DATA_DIR "
+                         "when set, else data/cola)")
+    text_column: str = flag(None, "default: sentence, else text")
+    label_column: str = flag(None, "default: label, else labels")
+    train_split: str = flag("train", "the split trained on")
+    eval_split: str = flag(None, "the evaluation split (default: validation, else dev)")
+    test_split: str = flag(None, "the second evaluation, if labelled (default: test)")
 
-    @classmethod
-    def from_args(cls, args):
-        """From parsed flags, or the flags a run logged (a dict; runs from before --dataset are CoLA's)."""
-        values = args if isinstance(args, dict) else vars(args)
-        return cls(**{f.name: values[f.name] for f in fields(cls) if values.get(f.name) is not None})
+    def __post_init__(self):
+        if self.data_dir is None and self.dataset == "cola":
+            object.__setattr__(self, "data_dir", default_cola_dir())
 
     @property
     def is_cola(self):
@@ -331,10 +332,13 @@ def label_ids(values, feature, names):
 
 def split_names(spec, dd):
     """{'train', 'dev', 'ood'}: the name in `dd` of the split each role reads, by its flag or the usual names (None
-    for an evaluation split the dataset lacks)."""
-    return {"train": pick(list(dd), spec.train_split, (), "split", "train_split"),
-            "dev": pick(list(dd), spec.eval_split, ("validation", "dev"), "split", "eval_split"),
-            "ood": pick(list(dd), spec.test_split, ("test",), "split", "test_split")}
+    for a second evaluation split the dataset lacks); a dataset with no evaluation split is refused."""
+    names = {"train": pick(list(dd), spec.train_split, (), "split", "train_split"),
+             "dev": pick(list(dd), spec.eval_split, ("validation", "dev"), "split", "eval_split"),
+             "ood": pick(list(dd), spec.test_split, ("test",), "split", "test_split")}
+    if names["dev"] is None:
+        raise UserError(f"{spec.name}: no validation or dev split; pass --eval_split (there are: {', '.join(dd)})")
+    return names
 
 
 def load_text_data(spec):
@@ -345,8 +349,6 @@ def load_text_data(spec):
         return TextData(load_cola(spec.data_dir or default_cola_dir()), LABELS, COLA_TITLES)
     dd = load_dataset_dict(spec)
     names = split_names(spec, dd)
-    if names["dev"] is None:
-        raise UserError(f"{spec.name}: no validation or dev split; pass --eval_split (there are: {', '.join(dd)})")
     parts = {k: dd[v] for k, v in names.items() if v is not None}
     columns = list(parts["train"].column_names)
     text = pick(columns, spec.text_column, TEXT_COLUMNS, "column", "text_column")

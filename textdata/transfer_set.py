@@ -6,11 +6,11 @@ import random
 
 from tqdm import tqdm
 
-from textdata.augmentation import augment, normalised
-from training.checkpoints import gpt_weights
 from decoding.packed_weights import prepare_for_generation
 from decoding.sampling import Sampler
 from model import EOT, GPT
+from textdata.augmentation import augment, normalised
+from training.checkpoints import gpt_weights
 
 SAMPLES_PER_PROMPT = 8  # the samples one prompt decodes in one batch (gen's --num_samples machinery)
 SENTENCE_TOKENS = 48  # a sample with no sentence end within this many new tokens is dropped
@@ -79,18 +79,19 @@ def sample_sentences(variant, sentences, n, *, seed, tokenizer, device, dtype):
     return out, drawn
 
 
-def transfer_sentences(args, train, heldout, variant, tokenizer, device, dtype):
-    """The transfer set's sentences and what it is: its source, and how many drawn sentences were dropped as
-    duplicates and as equal to a sentence of each of `heldout` ({name: sentences}: dev, ood, heldout)."""
-    out, sources, dropped = [], [], 0
-    if args.augment:
-        made, dropped = augment(train, args.augment, p_mask=args.p_mask, p_replace=args.p_replace,
-                                p_ngram=args.p_ngram, seed=args.seed)
+def transfer_sentences(settings, seed, train, heldout, variant, tokenizer, device, dtype):
+    """The transfer set's sentences as `settings` (config.sections.TransferSettings) ask, drawn from `seed`, and
+    what it is: its source, and how many drawn sentences were dropped as duplicates and as equal to a sentence of
+    each of `heldout` ({name: sentences}: dev, ood, heldout)."""
+    s, out, sources, dropped = settings, [], [], 0
+    if s.augment:
+        made, dropped = augment(train, s.augment, p_mask=s.p_mask, p_replace=s.p_replace, p_ngram=s.p_ngram,
+                                seed=seed)
         out += made
-        sources.append(f"{args.augment} per training sentence by Tang et al.'s rules (p_mask {args.p_mask}, "
-                       f"p_replace {args.p_replace} from the unigram distribution, p_ngram {args.p_ngram})")
-    if args.transfer_gen:
-        made, drawn = sample_sentences(variant, train, args.transfer_gen, seed=args.seed, tokenizer=tokenizer,
+        sources.append(f"{s.augment} per training sentence by Tang et al.'s rules (p_mask {s.p_mask}, "
+                       f"p_replace {s.p_replace} from the unigram distribution, p_ngram {s.p_ngram})")
+    if s.transfer_gen:
+        made, drawn = sample_sentences(variant, train, s.transfer_gen, seed=seed, tokenizer=tokenizer,
                                        device=device, dtype=dtype)
         dropped += drawn - len(made)
         known = {normalised(s) for s in out}
