@@ -88,18 +88,3 @@ def deciding_values(config, *, resuming=False):
     and (`resuming`: without --epochs) a resumed run must have those of the run it continues."""
     kept = (True,) if resuming else (True, RESUMABLE)
     return plain({f.name: value for _, f, value in section_fields(config) if f.metadata.get("decides", True) in kept})
-
-
-def with_values(config, values):
-    """A copy of `config` with the flag fields named in `values` ({field name: value}) replaced, inside whichever
-    section holds each; names it does not have are left out."""
-    changes = {}
-    for f in dataclasses.fields(config):
-        if is_section(f):
-            section = getattr(config, f.name)
-            mine = {g.name: values[g.name] for g in dataclasses.fields(section) if g.name in values}
-            if mine:
-                changes[f.name] = dataclasses.replace(section, **mine)
-        elif f.name in values:
-            changes[f.name] = values[f.name]
-    return dataclasses.replace(config, **changes)

@@ -89,10 +89,6 @@ class PairColumns:
     completion_column: str = flag(None, "the completions' column of the pairs (LoRA --task lm: the targets; gen "
                                   "--dataset: the references)")
 
-    @property
-    def given(self):
-        return self.prompt_column is not None or self.completion_column is not None
-
 
 @dataclass(frozen=True)
 class LMSettings:

@@ -4,7 +4,7 @@ A subcommand's default for a section is a section instance (LoRA trains 10 epoch
 the fields of its sections that are no flags of it (their values stay the default instance's). A default that
 follows another flag is filled in as the configuration is made (__post_init__); `validate` runs every check of the
 flags against each other and against the files they name, before anything is built or downloaded. Nothing changes
-a configuration once it is made: `dataclasses.replace` (or config.fields.with_values) makes variants."""
+a configuration once it is made: `dataclasses.replace` makes variants."""
 from dataclasses import dataclass, replace
 import importlib.util
 import os
