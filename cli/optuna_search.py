@@ -139,13 +139,21 @@ def search_plan(parser, tune, rest):
     for flag, dim in space.items():
         for value in dim.ends():
             planned_run(tune, base, name, first | {flag: value}, tune.seeds[0])
-    storage = tune.storage or f"sqlite:///{TUNING_DIR}/{name}.db"
+    database = Path(TUNING_DIR, f"{name}.db")
+    if not tune.storage and database.exists() and not database.is_file():
+        raise UsageError(f"{database}: not a file, where the study {name} keeps its trials (its database); move it "
+                         "away, or give another --name or a --storage")
+    storage = tune.storage or f"sqlite:///{database}"
     return SearchPlan(tune, base, rest, name, space, spec, lm, f"{TUNING_DIR}/{run_stem(tune.target, spec)}.jsonl",
                       storage)
 
 
 def is_database(url):
     return "://" in url
+
+
+def is_server(url):
+    return is_database(url) and not url.startswith("sqlite")
 
 
 def shown(url):
@@ -184,8 +192,8 @@ def create_or_load(plan, attempts=3):
         except Exception as e:  # also an unknown database kind, a server that does not answer, a file not writable
             if attempt == attempts:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
-                raise UserError(f"--storage {shown(plan.storage)}: cannot open the study ({type(e).__name__}: "
-                                f"{reason})") from None
+                where = f"--storage {shown(plan.storage)}" if plan.tune.storage else f"the study's {plan.storage}"
+                raise UserError(f"{where}: cannot open the study ({type(e).__name__}: {reason})") from None
             time.sleep(attempt)
 
 
@@ -194,7 +202,8 @@ def open_study(plan):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our lines say what happens to each trial
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    Path(TUNING_DIR).mkdir(exist_ok=True)
+    if not is_server(plan.storage):  # a study on a database server writes nothing here until its first trial
+        Path(TUNING_DIR).mkdir(exist_ok=True)
     study = create_or_load(plan)
     held, wanted = study.user_attrs.get("sweep"), plan.identity()
     if held is None:
@@ -420,8 +429,10 @@ def summarize_search(study, plan):
     on = "" if spec.is_cola else f" on {spec.name}"
     pruned = sum(t.state == state.PRUNED for t in trials)
     failed = sum(t.state == state.FAIL and not t.user_attrs.get("surplus") for t in trials)
+    retried = sum("failed_trial" in t.system_attrs or "retry_of" in t.user_attrs for t in trials)
     lines = [f"# Search `{plan.name}` ({plan.tune.target}{on}, Optuna)", "",
-             f"{len(complete)} complete trials, {pruned} pruned, {failed} failed (study in `{shown(plan.storage)}`). "
+             f"{len(complete)} complete trials, {pruned} pruned, {failed} failed, {retried} retried (a trial whose "
+             f"worker stopped runs again; study in `{shown(plan.storage)}`). "
              f"A trial is one configuration run with seeds {list(plan.tune.seeds)}, scored by its "
              f"mean {title} ({'higher' if direction == 'maximize' else 'lower'} is better); mean ± standard "
              f"deviation over seeds. The {min(TOP, len(ranked))} best:", "",

@@ -9,6 +9,9 @@ from utils import (UsageError, fraction, non_negative_float, non_negative_int, n
                    seed_int)
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
+TOP_K = 50
+KD_TEMPERATURE = 2.0
+TRANSFER_RATES = {"p_mask": 0.1, "p_replace": 0.1, "p_ngram": 0.25}  # --augment's defaults
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,16 @@ class StudentSettings:
 @dataclass(frozen=True)
 class DistilSettings:
     """The KD loss: alpha * soft + (1 - alpha) * CE on labelled sentences, the soft term alone on transfer ones."""
-    temperature: float = flag(2.0, "softmax temperature T of the KD loss", type=positive_float)
+    temperature: float = flag(None, f"--kd_loss kl: softmax temperature T of the KD loss (default: {KD_TEMPERATURE})",
+                              type=positive_float)
     alpha: float = flag(0.5, "weight of the soft (KL) part; 1-alpha on labels", type=fraction)
     kd_loss: str = flag("kl", "the soft term: Hinton's KL at --temperature, or Tang et al.'s squared distance between "
                         "the logits (no temperature)", choices=["kl", "mse"])
+
+    def validate(self):
+        if self.kd_loss == "mse" and self.temperature is not None:
+            raise UsageError(f"--temperature {self.temperature} is the KL loss' temperature: --kd_loss mse compares "
+                             "the logits themselves, it would be ignored")
 
 
 @dataclass(frozen=True)
@@ -123,17 +132,28 @@ class TransferSettings:
     """The transfer set: sentences beyond the training set that the teacher alone labels."""
     augment: int = flag(0, "add this many sentences per training sentence, made by Tang et al.'s rules, to the "
                         "transfer set the teacher labels", type=non_negative_int)
-    p_mask: float = flag(0.1, "--augment: chance a word is masked (as ___)", type=fraction)
-    p_replace: float = flag(0.1, "--augment: chance a word not masked is replaced by a draw from the training corpus' "
-                            "unigram distribution", type=fraction)
-    p_ngram: float = flag(0.25, "--augment: chance a sentence is then cut to a random n-gram, n in 1..5",
-                          type=fraction)
+    p_mask: float = flag(None, f"--augment: chance a word is masked (as ___) (default: {TRANSFER_RATES['p_mask']})",
+                         type=fraction)
+    p_replace: float = flag(None, "--augment: chance a word not masked is replaced by a draw from the training "
+                            f"corpus' unigram distribution (default: {TRANSFER_RATES['p_replace']})", type=fraction)
+    p_ngram: float = flag(None, "--augment: chance a sentence is then cut to a random n-gram, n in 1..5 (default: "
+                          f"{TRANSFER_RATES['p_ngram']})", type=fraction)
     transfer_gen: int = flag(0, "add this many sentences sampled from the teacher's GPT-2 base, prompted with 1-3 first "
                              "words of training sentences, to the transfer set", type=non_negative_int)
 
     @property
     def wanted(self):
         return bool(self.augment or self.transfer_gen)
+
+    def with_rates(self):
+        """This section with each --augment rate not given set to its default (augmentation uses them all)."""
+        return replace(self, **{k: v for k, v in TRANSFER_RATES.items() if getattr(self, k) is None})
+
+    def validate(self):
+        given = next((f for f in TRANSFER_RATES if getattr(self, f) is not None), None)
+        if given and not self.augment:
+            raise UsageError(f"--{given} {getattr(self, given)} is a rate of --augment's rules: give --augment N "
+                             "too (without it no sentence is augmented)")
 
 
 @dataclass(frozen=True)
@@ -142,7 +162,7 @@ class DecodeSettings:
     search with transformers' semantics."""
     max_new_tokens: int = flag(100, "tokens to generate per sample", type=positive_int)
     temperature: float = flag(None, "0 means greedy (default: 1)", type=non_negative_float)
-    top_k: int = flag(50, "sample among the k most likely tokens", type=positive_int)
+    top_k: int = flag(None, "sample among the k most likely tokens (default: 50)", type=positive_int)
     top_p: float = flag(None, "nucleus sampling: keep the most likely tokens up to this probability mass",
                         type=number_in(float, 0, 1, low_open=True))
     repetition_penalty: float = flag(1.0, "CTRL's penalty; 1 is none", type=positive_float)
@@ -153,7 +173,7 @@ class DecodeSettings:
     num_beams: int = flag(1, "beam search with this many beams (transformers' semantics); 1: sample or --greedy",
                           type=positive_int)
     length_penalty: float = flag(None, "beam search: a hypothesis scores its log-probability / length ** this; > 0 "
-                                 "favours longer ones (default: 1)", type=float)
+                                 "favours longer ones (default: 1)", type=number_in(float))
     early_stopping: str = flag(None, "beam search: true stops once num_beams hypotheses end, false (default) when none "
                                "can still win by transformers' estimate, never when none can win at the longest "
                                "length", nargs="?", const="true", choices=["true", "false", "never"])
@@ -163,19 +183,28 @@ class DecodeSettings:
         return 0.0 if self.greedy else 1.0 if self.temperature is None else self.temperature
 
     @property
+    def sampling_top_k(self):
+        return TOP_K if self.top_k is None else self.top_k
+
+    @property
     def stop_at_eos(self):
         return not self.ignore_eos
 
     def validate(self, num_samples=1):
         """--greedy and beams pick the most likely tokens, so no sampling flag applies; beam flags need beams."""
-        ignored = [f for f in ("temperature", "top_p") if self.greedy and getattr(self, f) is not None]
+        sampling_flags = ("temperature", "top_k", "top_p")
+        ignored = [f for f in sampling_flags if self.greedy and getattr(self, f) is not None]
         if ignored:
             raise UsageError(f"--greedy takes the most likely token: --{ignored[0]} would be ignored")
         beam_only = [f for f in ("length_penalty", "early_stopping") if getattr(self, f) is not None]
         if self.num_beams == 1 and beam_only:
             raise UsageError(f"--{beam_only[0]} is a beam-search setting: give --num_beams 2 or more")
-        sampling = [f for f in ("temperature", "top_p") if getattr(self, f) is not None]
+        sampling = [f for f in sampling_flags if getattr(self, f) is not None]
         if self.num_beams > 1 and (sampling or num_samples > 1):
             what = f"--{sampling[0]}" if sampling else "--num_samples"
             raise UsageError(f"--num_beams {self.num_beams} returns the most likely hypothesis: {what} would be "
                              "ignored")
+        if self.sampling_temperature == 0 and num_samples > 1:
+            what = "--greedy" if self.greedy else "--temperature 0"
+            raise UsageError(f"{what} decodes the same tokens from every seed: --num_samples {num_samples} would "
+                             "print one sample that many times")

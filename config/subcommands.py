@@ -5,7 +5,7 @@ the fields of its sections that are no flags of it (their values stay the defaul
 follows another flag is filled in as the configuration is made (__post_init__); `validate` runs every check of the
 flags against each other and against the files they name, before anything is built or downloaded. Nothing changes
 a configuration once it is made: `dataclasses.replace` makes variants."""
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 import importlib.util
 import os
 from pathlib import Path
@@ -15,11 +15,12 @@ from config.checks import (check_adapter_task, check_block_size, check_data_spec
                            check_output_folder, check_output_kind, check_results_writable, check_training_outputs,
                            check_utf8_file, check_variant)
 from config.fields import flag, flat_values
-from config.sections import (DecodeSettings, DistilSettings, LMSettings, LoRASettings, ModelSource, PairColumns,
-                             RunOptions, StudentSettings, TrainSettings, TransferSettings)
+from config.sections import (KD_TEMPERATURE, DecodeSettings, DistilSettings, LMSettings, LoRASettings, ModelSource,
+                             PairColumns, RunOptions, StudentSettings, TrainSettings, TransferSettings)
 from model import variant_slug
+from textdata.lm_examples import text_files
 from textdata.readers import DataSpec
-from training.checkpoints import ADAPTER_CONFIG, LM_TASK
+from training.checkpoints import ADAPTER_CONFIG, LM_TASK, folder_holds
 from utils import UsageError, positive_int, seed_int
 
 GEN_PROMPT = "Hello, I'm a language model,"
@@ -146,6 +147,11 @@ class LoRAConfig:
         if bool(self.pairs.prompt_column) != bool(self.pairs.completion_column):
             raise UsageError(f"--{'prompt' if self.pairs.completion_column else 'completion'}_column is needed too: "
                              "pairs have a prompt and a completion")
+        if self.data.text_column and (self.pairs.prompt_column or text_files(self.data)):
+            source = ("prompt -> completion pairs" if self.pairs.prompt_column else
+                      f"the text file(s) {self.data.dataset}")
+            raise UsageError(f"--text_column {self.data.text_column}: --task lm trains on {source}; it would be "
+                             "ignored")
         if self.lm.generate_eval and not self.pairs.prompt_column:
             raise UsageError("--generate_eval decodes prompts: it needs prompt -> completion pairs (--prompt_column "
                              "and --completion_column)")
@@ -191,8 +197,14 @@ class DistilConfig:
     def __post_init__(self):
         fill(self, model_path=f"models/LoRA-{variant_slug(self.model.gpt_variant or 'gpt2')}")
         object.__setattr__(self, "train", self.train.with_defaults(batch_size=BATCH_SIZE, lr=LR))
+        if self.distil.kd_loss == "kl" and self.distil.temperature is None:  # each default where it applies
+            object.__setattr__(self, "distil", replace(self.distil, temperature=KD_TEMPERATURE))
+        if self.transfer.augment:
+            object.__setattr__(self, "transfer", self.transfer.with_rates())
 
     def validate(self):
+        self.distil.validate()
+        self.transfer.validate()
         check_variant(self.model.gpt_variant)
         check_training_outputs("student_path", self.student_path, "a student checkpoint", self.data,
                                self.run.tensorboard)
@@ -216,10 +228,25 @@ class PredictConfig:
     batch_size: int = flag(128, "sentences per forward pass", type=positive_int)
 
     def validate(self):
+        self.validate_source()
         check_variant(self.model.gpt_variant)
         check_exists("input", self.input)
         check_exists("model_path", self.model_path, folder=True)
         check_adapter_task("model_path", self.model_path, "SEQ_CLS")
+        if self.model.gpt_variant and folder_holds(self.model_path) == "a student checkpoint":
+            raise UsageError(f"--gpt_variant {self.model.gpt_variant}: --model_path {self.model_path} holds an RNN "
+                             "student, which has no GPT-2 base: it would be ignored")
+
+    def validate_source(self):
+        """--sentence reads no file and no dataset, --input no dataset: the flags that say how to read them apply
+        to none."""
+        data_flags = [f.name for f in fields(DataSpec) if f.name != "data_dir"]
+        unused = data_flags if self.sentence else [f for f in data_flags if f not in ("text_column", "label_column")]
+        values = flat_values(self)
+        given = next((f for f in unused if values[f] != getattr(DataSpec(), f)), None)
+        if (self.sentence or self.input) and given:
+            source = "--sentence classifies the sentences given" if self.sentence else "--input classifies its file"
+            raise UsageError(f"--{given} {values[given]}: {source}, it would be ignored")
 
 
 @dataclass(frozen=True)

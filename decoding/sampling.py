@@ -34,8 +34,8 @@ class Sampler:
 
 def sampler_for(decode, seed):
     """The Sampler of gen's decoding flags (config.sections.DecodeSettings), drawing from `seed`."""
-    return Sampler(decode.sampling_temperature, decode.top_k, decode.top_p, decode.repetition_penalty, seed=seed,
-                   no_repeat_ngram_size=decode.no_repeat_ngram_size)
+    return Sampler(decode.sampling_temperature, decode.sampling_top_k, decode.top_p, decode.repetition_penalty,
+                   seed=seed, no_repeat_ngram_size=decode.no_repeat_ngram_size)
 
 
 def draw(logits, u, temperature, top_k=None, top_p=None):

@@ -199,6 +199,43 @@ CASES = [
      "error: rank-zero/adapter_config.json: r must be a positive integer, found 0"),
     ("a student config with 0 layers", "predict --model_path no-layers --sentence Hi.", 1,
      "error: no-layers/config.json: layers must be a positive integer, found 0"),
+    ("a text file of spaces and blank lines", "LoRA --task lm --gpt_variant tiny-gpt2 --dataset blank.txt", 2,
+     "error: --dataset blank.txt: holds no text, only spaces and blank lines"),
+    ("an empty text file", "LoRA --task lm --gpt_variant tiny-gpt2 --dataset empty.txt", 2,
+     "error: --dataset empty.txt: empty"),
+    ("every pair longer than the block", "LoRA --task lm --gpt_variant tiny-gpt2 --dataset long-pairs --prompt_column "
+     "mr --completion_column ref --block_size 16", 2,
+     "error: long-pairs: all 2 pairs of the train split are longer than --block_size 16 tokens (the shortest has "
+     "32); give a larger --block_size"),
+    ("a NaN length penalty", "gen --num_beams 2 --length_penalty nan", 2,
+     "error: argument --length_penalty: must be a finite number (float32's largest is 3.4e+38), got nan"),
+    ("an augmentation rate without --augment", "distil --p_mask 0.5", 2,
+     "error: --p_mask 0.5 is a rate of --augment's rules: give --augment N too (without it no sentence is augmented)"),
+    ("a folder where the study's database goes", "tune rnn --search optuna --space lr=log:1e-4:1e-3 --name clash", 2,
+     "error: tuning/clash.db: not a file, where the study clash keeps its trials (its database); move it away, or "
+     "give another --name or a --storage"),
+    ("greedy with a top-k", "gen --greedy --top_k 5", 2,
+     "error: --greedy takes the most likely token: --top_k would be ignored"),
+    ("beams with a top-k", "gen --num_beams 2 --top_k 5", 2,
+     "error: --num_beams 2 returns the most likely hypothesis: --top_k would be ignored"),
+    ("greedy with several samples", "gen --greedy --num_samples 2", 2,
+     "error: --greedy decodes the same tokens from every seed: --num_samples 2 would print one sample that many "
+     "times"),
+    ("a KD temperature with the squared-distance loss", "distil --kd_loss mse --temperature 3", 2,
+     "error: --temperature 3.0 is the KL loss' temperature: --kd_loss mse compares the logits themselves, it would "
+     "be ignored"),
+    ("a text column with pairs", "LoRA --task lm --dataset pairs --prompt_column mr --completion_column ref "
+     "--text_column mr", 2, "error: --text_column mr: --task lm trains on prompt -> completion pairs; it would be "
+     "ignored"),
+    ("a text column with a text file", "LoRA --task lm --dataset notes.txt --text_column body", 2,
+     "error: --text_column body: --task lm trains on the text file(s) notes.txt; it would be ignored"),
+    ("a data flag with --sentence", "predict --model_path no-layers --sentence Hi. --text_column body", 2,
+     "error: --text_column body: --sentence classifies the sentences given, it would be ignored"),
+    ("a dataset with --input", "predict --model_path no-layers --input notes.txt --dataset topics", 2,
+     "error: --dataset topics: --input classifies its file, it would be ignored"),
+    ("a GPT-2 variant for a student", "predict --model_path no-layers --sentence Hi. --gpt_variant tiny-gpt2", 2,
+     "error: --gpt_variant tiny-gpt2: --model_path no-layers holds an RNN student, which has no GPT-2 base: it would "
+     "be ignored"),
     ("a parquet input that is not parquet", "predict --model_path no-layers --input broken.parquet", 1,
      "error: --input broken.parquet: cannot read it (Parquet magic bytes not found in footer. Either the file is "
      "corrupted or this is not a parquet file.)"),
@@ -241,6 +278,9 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
         for n, data in good.items():
             (d / folder / n).write_bytes(content if n == name else data)
     (d / "broken.parquet").write_bytes(b"PAR1 not a parquet file")
+    (d / "blank.txt").write_text("   \n\n \t \n" * 20)
+    (d / "empty.txt").write_text("")
+    (d / "tuning" / "clash.db").mkdir(parents=True)
     config = d / "rank-zero" / "adapter_config.json"
     shutil.copytree(d / "adapter-tiny", d / "rank-zero")
     config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 0}))
@@ -255,6 +295,8 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
               "one-class": ("train.csv", "sentence,label\nA goal.,a\nSoup.,a\n"),
               "empty-text": ("train.csv", "sentence,label\nA goal.,sport\n,food\n"),
               "pairs": ("train.csv", "mr,ref\nname[Aromi],Aromi is a pub.\nname[B],B is a cafe.\n"),
+              "long-pairs": ("train.csv", "mr,ref\n" + "name[The Eagle] eatType[coffee shop] near[Burger King],The "
+                             "Eagle is a coffee shop near Burger King by the river.\n" * 2),
               "empty-ref": ("train.csv", "mr,ref\nname[A],A is a pub.\nname[B],\n"),
               "number-text": ("train.jsonl", '{"sentence": 5, "label": "a"}\n{"sentence": 6, "label": "b"}\n')}
     for folder, (name, content) in tables.items():

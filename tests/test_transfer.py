@@ -190,11 +190,11 @@ def test_tune_sweeps_the_transfer_flags(adapter_dir, tmp_path, monkeypatch):
     from cli import grid_sweep as tune
     monkeypatch.chdir(tmp_path)
     parser = run.build_parser()
-    grid = ["augment=0,2", "transfer_gen=0,5", "p_mask=0.1,0.2", "p_ngram=0,0.25", "kd_loss=kl,mse"]
+    grid = ["augment=1,2", "transfer_gen=0,5", "p_mask=0.1,0.2", "p_ngram=0,0.25", "kd_loss=kl,mse"]
     args, rest = parser.parse_known_args(["tune", "distil", "--seeds", "1", "--grid", *grid, "--model_path",
                                           str(adapter_dir)])
     from cli.parser import config_of
     _, _, plan = tune.tune_plan(parser, config_of(args), rest)
     assert len(plan) == 32
     assert {(p["run"].transfer.augment, p["run"].distil.kd_loss, p["run"].transfer.p_ngram) for p in plan} == {
-        (a, k, n) for a in (0, 2) for k in ("kl", "mse") for n in (0.0, 0.25)}
+        (a, k, n) for a in (1, 2) for k in ("kl", "mse") for n in (0.0, 0.25)}

@@ -61,19 +61,30 @@ def read_text_files(path):
     """{split: [document]} of a .txt file (cut at the line nearest 90% into train and validation) or of a folder
     of train.txt, validation.txt (or dev.txt) and test.txt, each file one document."""
     if path.is_file():
-        text = read_utf8(path)
-        lines = text_lines(text)
-        cut = max(1, round(TRAIN_FRACTION * len(lines)))
+        lines = text_lines(read_utf8(path))
+        if not any(line.strip() for line in lines):
+            raise DataError(f"--dataset {path}: {'holds no text, only spaces and blank lines' if lines else 'empty'}")
         if len(lines) < 2:
             raise DataError(f"--dataset {path}: one line only; a single text file is split into train and "
                             "validation at a line (or give a folder of train.txt and validation.txt)")
-        return {"train": ["\n".join(lines[:cut]) + "\n"], "dev": ["\n".join(lines[cut:]) + "\n"]}
+        cut = min(len(lines) - 1, max(1, round(TRAIN_FRACTION * len(lines))))  # a line at least in each part
+        parts = {"train": lines[:cut], "dev": lines[cut:]}
+        blank = next((key for key, part in parts.items() if not any(line.strip() for line in part)), None)
+        if blank:
+            where = f"lines 1-{cut}" if blank == "train" else f"lines {cut + 1}-{len(lines)}"
+            raise DataError(f"--dataset {path}: its {LM_TITLES.get(blank, blank)} part ({where}, the file is cut at "
+                            f"{TRAIN_FRACTION:.0%}) holds no text, only spaces and blank lines")
+        return {key: ["\n".join(part) + "\n"] for key, part in parts.items()}
     files = {p.stem: p for p in sorted(path.glob("*.txt"))}
     found = {key: next((files[n] for n in names if n in files), None) for key, names in SPLIT_NAMES.items()}
     missing = [key for key in ("train", "dev") if found[key] is None]
     if missing:
         raise DataError(f"--dataset {path}: no {' or '.join(n + '.txt' for n in SPLIT_NAMES[missing[0]])}")
-    return {key: [read_utf8(p)] for key, p in found.items() if p is not None}
+    texts = {key: read_utf8(p) for key, p in found.items() if p is not None}
+    blank = next((key for key, text in texts.items() if not text.strip()), None)
+    if blank:
+        raise DataError(f"{found[blank]}: {'holds no text, only spaces and blank lines' if texts[blank] else 'empty'}")
+    return {key: [text] for key, text in texts.items()}
 
 
 def read_utf8(path):
@@ -141,6 +152,11 @@ def load_lm_splits(spec: DataSpec, tokenizer, *, block_size, prompt_column=None,
         if prompt_column:
             examples = [completion_example(tokenizer, p, c) for p, c in zip(*texts)]
             kept = [e for e in examples if len(e[0]) <= block_size]
+            if examples and not kept:
+                shortest = min(len(x) for x, _ in examples)
+                raise DataError(f"{spec.name}: all {len(examples)} pairs of the {LM_TITLES.get(key, key)} split are "
+                                f"longer than --block_size {block_size} tokens (the shortest has {shortest}); give a "
+                                "larger --block_size")
             if len(kept) < len(examples):
                 splits.notes.append(f"{len(examples) - len(kept)} pairs of {key} longer than --block_size "
                                     f"{block_size} tokens left out")
