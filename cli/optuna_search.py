@@ -17,6 +17,7 @@ import torch
 from cli.grid_sweep import (check_sweep_command, check_varied_flag, is_lm, logged_run, mcnemar_lines, output_flag,
                             planned_run, run_side_by_side, sweep_base)
 from cli.parser import command_line
+from config.checks import shown_storage
 from config.fields import build
 from config.records import read_records
 from config.subcommands import SUBCOMMANDS
@@ -34,6 +35,7 @@ KINDS = ("log", "float", "int", "cat")
 # A running trial records a heartbeat every HEARTBEAT_S seconds; one silent for GRACE_S is failed and queued
 # again (at most MAX_RETRY times), so a killed worker's trial goes to another worker.
 HEARTBEAT_S, GRACE_S, MAX_RETRY = 10, 60, 3
+POLL_S = 2  # a worker waiting for trials that run elsewhere looks at the study this often (one query)
 TOP = 10  # trials listed in the summary
 
 
@@ -158,13 +160,7 @@ def is_server(url):
 
 def shown(url):
     """The storage URL as it is printed and written in the summary: a database password hidden."""
-    if not is_database(url):
-        return url
-    from sqlalchemy.engine import make_url  # Optuna's database layer
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy reads: nothing it could hide
-        return url
+    return shown_storage(url) if is_database(url) else url
 
 
 def open_storage(url):
@@ -279,7 +275,7 @@ def needs_a_trial(study, plan):
         if not waited:
             print(f"waiting for trials {running}, running elsewhere (one whose worker stopped runs again here)")
             waited = True
-        time.sleep(HEARTBEAT_S)
+        time.sleep(POLL_S)
 
 
 def objective(trial, plan, execute, asked):

@@ -128,3 +128,35 @@ def check_generator(adapter, variant):
 def hub_cached(name):
     from huggingface_hub import try_to_load_from_cache
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+# The pip package of each database driver SQLAlchemy imports (PostgreSQL's default, psycopg 3, from SQLAlchemy 2.1).
+DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL"}
+
+
+def shown_storage(url):
+    """A database URL as it is printed: its password hidden (text SQLAlchemy cannot read holds none it could hide)."""
+    from sqlalchemy.engine import make_url  # Optuna's database layer
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def check_storage(url):
+    """--storage URL, a database: SQLAlchemy must know its kind and have its driver. Whether the server answers is
+    known when the study is opened."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except NoSuchModuleError:  # an ArgumentError too
+        raise UsageError(f"--storage {shown_storage(url)}: SQLAlchemy knows no database {url.split(':')[0]!r}") \
+            from None
+    except ArgumentError:
+        raise UsageError(f"--storage {url}: not a database URL (e.g. postgresql://user:password@host/database)") \
+            from None
+    except ImportError as e:
+        package = DRIVERS.get(e.name, e.name)
+        raise UsageError(f"--storage {shown_storage(url)}: needs its driver, the Python module {e.name}: pip install "
+                         f"'{package}'") from None

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from config.checks import (check_adapter_task, check_block_size, check_data_spec, check_exists, check_generator,
-                           check_output_folder, check_output_kind, check_results_writable, check_training_outputs,
-                           check_utf8_file, check_variant)
+                           check_output_folder, check_output_kind, check_results_writable, check_storage,
+                           check_training_outputs, check_utf8_file, check_variant)
 from config.fields import flag, flat_values
 from config.sections import (KD_TEMPERATURE, DecodeSettings, DistilSettings, LMSettings, LoRASettings, ModelSource,
                              PairColumns, RunOptions, StudentSettings, TrainSettings, TransferSettings)
@@ -333,6 +333,8 @@ class TuneConfig:
             raise UsageError("--grid is for --search grid; --search optuna draws configurations from --space")
         if not self.space:
             raise UsageError("--search optuna needs --space, e.g. --space lr=log:1e-4:3e-3")
+        if self.storage and "://" in self.storage:
+            check_storage(self.storage)
         if os.environ.get("WORLD_SIZE", "1") != "1":
             raise UsageError("--search optuna runs its trials one process each: start workers side by side "
                              "(--parallel) or as separate jobs, not under torchrun")

@@ -254,3 +254,21 @@ def peft_lm_adapter(gpt_dir, folder, seed=0, **lora):
                 p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(folder)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server (tests/postgres_server.py) for the session; skipped where PostgreSQL's programs
+    or its Python driver are not installed; failed there under POSTGRES_TESTS=required (.ci/run installs both)."""
+    import importlib.util
+
+    from postgres_server import PostgresServer, postgres_bin
+    bin_dir = postgres_bin()
+    if bin_dir is None or importlib.util.find_spec("psycopg") is None:
+        why = "PostgreSQL is not installed (Debian: apt-get install postgresql; pip install 'psycopg[binary]')"
+        if os.environ.get("POSTGRES_TESTS") == "required":  # CI
+            pytest.fail(why)
+        pytest.skip(why)
+    server = PostgresServer(bin_dir, free_port()).start()
+    yield server
+    server.stop()

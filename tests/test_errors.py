@@ -214,6 +214,12 @@ CASES = [
     ("a folder where the study's database goes", "tune rnn --search optuna --space lr=log:1e-4:1e-3 --name clash", 2,
      "error: tuning/clash.db: not a file, where the study clash keeps its trials (its database); move it away, or "
      "give another --name or a --storage"),
+    ("a database kind SQLAlchemy does not know",
+     "tune rnn --search optuna --space lr=log:1e-4:1e-3 --storage nosuchdb://me:pw@host/db", 2,
+     "error: --storage nosuchdb://me:***@host/db: SQLAlchemy knows no database 'nosuchdb'"),
+    ("a database whose driver is not installed",
+     "tune rnn --search optuna --space lr=log:1e-4:1e-3 --storage mysql://me:pw@host/db", 2,
+     "error: --storage mysql://me:***@host/db: needs its driver, the Python module MySQLdb: pip install 'mysqlclient'"),
     ("greedy with a top-k", "gen --greedy --top_k 5", 2,
      "error: --greedy takes the most likely token: --top_k would be ignored"),
     ("beams with a top-k", "gen --num_beams 2 --top_k 5", 2,
