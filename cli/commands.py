@@ -184,8 +184,6 @@ def cmd_predict(config, device, dtype):
     sentences, labels = read_sentences(config.sentence, config.input, config.data)
     model = load_predictor(config.model_path, config.model.gpt_variant)
     block_size = model.config.block_size if isinstance(model, GPTClassifier) else None
-    if config.model.quantize == "int8" and not block_size:
-        raise UserError(f"--quantize int8 is for GPT-2 classifiers; {config.model_path} holds an RNN student")
     if config.model.quantize == "int8":
         quantize_int8(model)
     elif block_size:

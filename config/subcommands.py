@@ -20,7 +20,7 @@ from config.sections import (KD_TEMPERATURE, DecodeSettings, DistilSettings, LMS
 from model import variant_slug
 from textdata.lm_examples import text_files
 from textdata.readers import DataSpec
-from training.checkpoints import ADAPTER_CONFIG, LM_TASK, folder_holds
+from training.checkpoints import ADAPTER_CONFIG, LM_TASK, STUDENT_CONFIG
 from utils import UsageError, positive_int, seed_int
 
 GEN_PROMPT = "Hello, I'm a language model,"
@@ -147,15 +147,27 @@ class LoRAConfig:
         if bool(self.pairs.prompt_column) != bool(self.pairs.completion_column):
             raise UsageError(f"--{'prompt' if self.pairs.completion_column else 'completion'}_column is needed too: "
                              "pairs have a prompt and a completion")
-        if self.data.text_column and (self.pairs.prompt_column or text_files(self.data)):
-            source = ("prompt -> completion pairs" if self.pairs.prompt_column else
-                      f"the text file(s) {self.data.dataset}")
-            raise UsageError(f"--text_column {self.data.text_column}: --task lm trains on {source}; it would be "
-                             "ignored")
+        self.validate_lm_source()
         if self.lm.generate_eval and not self.pairs.prompt_column:
             raise UsageError("--generate_eval decodes prompts: it needs prompt -> completion pairs (--prompt_column "
                              "and --completion_column)")
         check_block_size(self.lm.block_size, self.model.gpt_variant)
+
+
+    def validate_lm_source(self):
+        """Pairs are read from their two columns, .txt files whole: the flags that pick a column, a split or a
+        configuration apply to neither."""
+        if self.pairs.prompt_column:
+            source, unused = "prompt -> completion pairs", ("text_column",)
+        elif text_files(self.data):
+            source = f"the text file(s) {self.data.dataset}"
+            unused = ("text_column", "dataset_config", "train_split", "eval_split", "test_split")
+        else:
+            return
+        given = next((f for f in unused if getattr(self.data, f) != getattr(DataSpec(), f)), None)
+        if given:
+            raise UsageError(f"--{given} {getattr(self.data, given)}: --task lm trains on {source}; it would be "
+                             "ignored")
 
 
 STUDENT_TRAINING = TrainSettings(epochs=5, clip=1.0)
@@ -233,9 +245,12 @@ class PredictConfig:
         check_exists("input", self.input)
         check_exists("model_path", self.model_path, folder=True)
         check_adapter_task("model_path", self.model_path, "SEQ_CLS")
-        if self.model.gpt_variant and folder_holds(self.model_path) == "a student checkpoint":
-            raise UsageError(f"--gpt_variant {self.model.gpt_variant}: --model_path {self.model_path} holds an RNN "
-                             "student, which has no GPT-2 base: it would be ignored")
+        gpt_only = [f for f in ("gpt_variant", "quantize") if getattr(self.model, f)]
+        folder = Path(self.model_path)
+        student = not (folder / ADAPTER_CONFIG).is_file() and (folder / STUDENT_CONFIG).is_file()  # as predict reads it
+        if gpt_only and student:
+            raise UsageError(f"--{gpt_only[0]} {getattr(self.model, gpt_only[0])}: --model_path {self.model_path} "
+                             "holds an RNN student, not a GPT-2 classifier: it would be ignored")
 
     def validate_source(self):
         """--sentence reads no file and no dataset, --input no dataset: the flags that say how to read them apply

@@ -240,8 +240,13 @@ CASES = [
     ("a dataset with --input", "predict --model_path no-layers --input notes.txt --dataset topics", 2,
      "error: --dataset topics: --input classifies its file, it would be ignored"),
     ("a GPT-2 variant for a student", "predict --model_path no-layers --sentence Hi. --gpt_variant tiny-gpt2", 2,
-     "error: --gpt_variant tiny-gpt2: --model_path no-layers holds an RNN student, which has no GPT-2 base: it would "
-     "be ignored"),
+     "error: --gpt_variant tiny-gpt2: --model_path no-layers holds an RNN student, not a GPT-2 classifier: it "
+     "would be ignored"),
+    ("int8 for a student", "predict --model_path no-layers --sentence Hi. --quantize int8", 2,
+     "error: --quantize int8: --model_path no-layers holds an RNN student, not a GPT-2 classifier: it would be "
+     "ignored"),
+    ("a split of a text file", "LoRA --task lm --dataset notes.txt --eval_split dev", 2,
+     "error: --eval_split dev: --task lm trains on the text file(s) notes.txt; it would be ignored"),
     ("a parquet input that is not parquet", "predict --model_path no-layers --input broken.parquet", 1,
      "error: --input broken.parquet: cannot read it (Parquet magic bytes not found in footer. Either the file is "
      "corrupted or this is not a parquet file.)"),
