@@ -153,7 +153,6 @@ class LoRAConfig:
                              "and --completion_column)")
         check_block_size(self.lm.block_size, self.model.gpt_variant)
 
-
     def validate_lm_source(self):
         """Pairs are read from their two columns, .txt files whole: the flags that pick a column, a split or a
         configuration apply to neither."""

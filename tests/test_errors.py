@@ -201,6 +201,9 @@ CASES = [
      "error: no-layers/config.json: layers must be a positive integer, found 0"),
     ("a text file of spaces and blank lines", "LoRA --task lm --gpt_variant tiny-gpt2 --dataset blank.txt", 2,
      "error: --dataset blank.txt: holds no text, only spaces and blank lines"),
+    ("a text file whose validation part is blank", "LoRA --task lm --gpt_variant tiny-gpt2 --dataset tail-blank.txt",
+     2, "error: --dataset tail-blank.txt: its validation part (line 10: the file is cut at 90%) holds no text, only "
+     "spaces and blank lines"),
     ("an empty text file", "LoRA --task lm --gpt_variant tiny-gpt2 --dataset empty.txt", 2,
      "error: --dataset empty.txt: empty"),
     ("every pair longer than the block", "LoRA --task lm --gpt_variant tiny-gpt2 --dataset long-pairs --prompt_column "
@@ -291,6 +294,7 @@ def workdir(tmp_path_factory, cola_dir, tiny_gpt_dir):
     (d / "broken.parquet").write_bytes(b"PAR1 not a parquet file")
     (d / "blank.txt").write_text("   \n\n \t \n" * 20)
     (d / "empty.txt").write_text("")
+    (d / "tail-blank.txt").write_text("Some text.\n" + "\n" * 8 + "  \n")
     (d / "tuning" / "clash.db").mkdir(parents=True)
     config = d / "rank-zero" / "adapter_config.json"
     shutil.copytree(d / "adapter-tiny", d / "rank-zero")

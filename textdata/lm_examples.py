@@ -61,30 +61,39 @@ def read_text_files(path):
     """{split: [document]} of a .txt file (cut at the line nearest 90% into train and validation) or of a folder
     of train.txt, validation.txt (or dev.txt) and test.txt, each file one document."""
     if path.is_file():
-        lines = text_lines(read_utf8(path))
-        if not any(line.strip() for line in lines):
-            raise DataError(f"--dataset {path}: {'holds no text, only spaces and blank lines' if lines else 'empty'}")
+        text = read_utf8(path)
+        if no_text(text):
+            raise DataError(f"--dataset {path}: {no_text(text)}")
+        lines = text_lines(text)
         if len(lines) < 2:
             raise DataError(f"--dataset {path}: one line only; a single text file is split into train and "
                             "validation at a line (or give a folder of train.txt and validation.txt)")
         cut = min(len(lines) - 1, max(1, round(TRAIN_FRACTION * len(lines))))  # a line at least in each part
-        parts = {"train": lines[:cut], "dev": lines[cut:]}
-        blank = next((key for key, part in parts.items() if not any(line.strip() for line in part)), None)
+        parts = {"train": "\n".join(lines[:cut]) + "\n", "dev": "\n".join(lines[cut:]) + "\n"}
+        blank = next((key for key, part in parts.items() if no_text(part)), None)
         if blank:
-            where = f"lines 1-{cut}" if blank == "train" else f"lines {cut + 1}-{len(lines)}"
-            raise DataError(f"--dataset {path}: its {LM_TITLES.get(blank, blank)} part ({where}, the file is cut at "
-                            f"{TRAIN_FRACTION:.0%}) holds no text, only spaces and blank lines")
-        return {key: ["\n".join(part) + "\n"] for key, part in parts.items()}
+            first, last = (1, cut) if blank == "train" else (cut + 1, len(lines))
+            where = f"line {first}" if first == last else f"lines {first}-{last}"
+            raise DataError(f"--dataset {path}: its {LM_TITLES.get(blank, blank)} part ({where}: the file is cut at "
+                            f"{TRAIN_FRACTION:.0%}) {no_text(parts[blank])}")
+        return {key: [part] for key, part in parts.items()}
     files = {p.stem: p for p in sorted(path.glob("*.txt"))}
     found = {key: next((files[n] for n in names if n in files), None) for key, names in SPLIT_NAMES.items()}
     missing = [key for key in ("train", "dev") if found[key] is None]
     if missing:
         raise DataError(f"--dataset {path}: no {' or '.join(n + '.txt' for n in SPLIT_NAMES[missing[0]])}")
     texts = {key: read_utf8(p) for key, p in found.items() if p is not None}
-    blank = next((key for key, text in texts.items() if not text.strip()), None)
+    blank = next((key for key, text in texts.items() if no_text(text)), None)
     if blank:
-        raise DataError(f"{found[blank]}: {'holds no text, only spaces and blank lines' if texts[blank] else 'empty'}")
+        raise DataError(f"{found[blank]}: {no_text(texts[blank])}")
     return {key: [text] for key, text in texts.items()}
+
+
+def no_text(text):
+    """What is wrong with a text to train a language model on that holds nothing to learn, or None."""
+    if not text:
+        return "empty"
+    return None if text.strip() else "holds no text, only spaces and blank lines"
 
 
 def read_utf8(path):
