@@ -15,6 +15,11 @@ SCHEMA = 2  # 1: the flags as a flat "args" object (before the typed configurati
 # What a flag meant in records written before it existed (schema 1): the dataset was CoLA, the task
 # classification, the KD loss Hinton's KL.
 BEFORE_THE_FLAG = {"dataset": "cola", "task": "classify", "kd_loss": "kl"}
+# Flags left unset (None) where they apply to nothing, which records written before hold there with their default,
+# read as unset so that such a run compares equal to the same run made now: per subcommand, {flag: (the flag it
+# applies with, that flag's values where it does not apply)}.
+APPLIED_TO_NOTHING = {"distil": {"temperature": ("kd_loss", ("mse",)),
+                                 **{rate: ("augment", (0,)) for rate in ("p_mask", "p_replace", "p_ngram")}}}
 
 
 def write_jsonl_record(path, record, key=None):
@@ -100,6 +105,8 @@ def read_record(line):
         values = BEFORE_THE_FLAG | line.get("args", {})
     else:
         values = flat(line["config"], cls)
+    unused = APPLIED_TO_NOTHING.get(cls.MODE, {})
+    values = {k: None if k in unused and values.get(unused[k][0]) in unused[k][1] else v for k, v in values.items()}
     results = {k: v for k, v in line.items() if k not in ("schema", "args", "config", "finished")}
     results.setdefault("dev_probs", None)  # runs logged before calibration have no probabilities
     results.setdefault("calibration", None)

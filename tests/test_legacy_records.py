@@ -66,3 +66,17 @@ def test_distil_finds_its_legacy_rnn_run(legacy, monkeypatch, capfd):
                       capfd=capfd)
     assert result.returncode == 0, result.stderr
     assert "student without KD" in result.stdout and "vs student without KD" in result.stdout
+
+
+def test_a_sweep_skips_the_legacy_distil_run_whose_rates_applied_to_nothing(legacy, monkeypatch, capfd):
+    """The legacy record holds --p_mask 0.1 (its default then) for a run without --augment, which now leaves the
+    rates unset: the same run all the same. The record is made the sweep's run (its student folder)."""
+    log = legacy / "tuning" / "distil.jsonl"
+    line = json.loads(log.read_text())
+    line["args"]["student_path"] = "models/tune/distil_alpha-0.5/alpha_0.5_seed0"
+    log.write_text(json.dumps(line) + "\n")
+    result = run_main("tune", "distil", "--seeds", 0, "--grid", "alpha=0.5", "--epochs", 1, "--max_examples", 64,
+                      "--rnn_hidden", 8, "--data_dir", "cola", "--model_path", "models/LoRA-tiny-gpt2", cwd=legacy,
+                      monkeypatch=monkeypatch, capfd=capfd)
+    assert result.returncode == 0, result.stderr
+    assert "alpha=0.5 seed=0: already in tuning/distil.jsonl, skipped" in result.stdout
