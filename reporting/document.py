@@ -112,7 +112,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; line-heigh
 main { max-width: 52rem; margin: 0 auto; padding: 1rem; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.3rem; border-bottom: 1px solid #ccc; } h3 { font-size: 1.05rem; }
 table { border-collapse: collapse; display: block; overflow-x: auto; margin: 0.5rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; white-space: nowrap; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; }
+td:first-child { white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 pre { background: #f4f4f4; padding: 0.5rem; overflow-x: auto; white-space: pre-wrap; word-break: break-word; }
 code { background: #f4f4f4; padding: 0 0.2rem; word-break: break-word; }

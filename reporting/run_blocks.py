@@ -111,4 +111,5 @@ def provenance_blocks(record, run_id):
 
 
 def local_path(name):
-    return name is not None and (os.path.isabs(name) or name.startswith(".") or os.path.isdir(name))
+    """True for a model or dataset named by a path on this machine rather than a Hub id (the Hub's YAML takes ids)."""
+    return name is not None and (os.path.isabs(name) or name.startswith(".") or os.path.exists(name))

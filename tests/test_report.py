@@ -31,8 +31,8 @@ def stop_after_first_epoch(monkeypatch):
 
 @pytest.fixture(scope="module")
 def runs(tiny_gpt_dir, tmp_path_factory):
-    """A folder of runs as a student leaves it: gen, LoRA, export, two rnn runs and one stopped mid-way, distil, a
-    log line cut short; then the report of it."""
+    """A folder of runs as a student leaves it: gen, LoRA, export, two rnn runs, distil, a sweep, an rnn run stopped
+    mid-way, a log line cut short; then the report of it."""
     folder = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
@@ -42,7 +42,8 @@ def runs(tiny_gpt_dir, tmp_path_factory):
                     ["export", "--model_path", "models/lora", "--out", "models/merged"],
                     ["rnn", *TINY_RNN, "--model_path", "models/rnn"],
                     ["rnn", *TINY_RNN, "--seed", "1", "--model_path", "models/rnn1"],
-                    ["distil", *TINY_RNN, "--model_path", "models/lora", "--student_path", "models/distil"]]
+                    ["distil", *TINY_RNN, "--model_path", "models/lora", "--student_path", "models/distil"],
+                    ["tune", "rnn", "--seeds", "3", "--grid", "lr=0.002", "--name", "rates", *TINY_RNN]]
         for argv in commands:
             assert run.main(argv) == 0, argv
         stop_after_first_epoch(mp)
@@ -123,6 +124,14 @@ def test_every_number_in_the_report_is_its_records_in_both_formats(runs):
     assert [e for e in expected if e not in html_text] == []
 
 
+def test_each_sweep_summary_is_in_the_report(runs):
+    summary = (runs / "tuning" / "rates.md").read_text()
+    row = next(line for line in summary.splitlines() if line.startswith("| lr=0.002"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    for text in both(runs):
+        assert "Sweep" in text and "rates" in text and all(cell in text for cell in cells)
+
+
 def test_a_run_still_training_is_listed_but_never_reported_as_a_result(runs):
     rnns = records(runs, "rnn")
     finished = [r for r in rnns if r.finished]
@@ -182,7 +191,6 @@ def test_bad_input_is_named_and_the_output_folder_keeps_its_files(runs, tmp_path
     md, html_text = both(runs)
     for text in (md, html_text):
         assert re.search(r"tuning/rnn\.jsonl:\d+`?: not a JSON record, skipped", text)
-        assert re.search(r"No finished `?tune`? run yet: `?python run.py tune", text)  # and how to make one
     assert (runs / "report" / "notes.txt").read_text() == "mine\n"
     copy = shutil.copytree(runs, tmp_path / "runs", ignore=shutil.ignore_patterns("models"))
     (copy / "plots" / "summary.png").unlink()
@@ -191,11 +199,20 @@ def test_bad_input_is_named_and_the_output_folder_keeps_its_files(runs, tmp_path
     assert "(image missing: `plots/summary.png` is gone)" in md and "(image missing: plots/summary.png is gone)" in html_text
 
 
-def test_an_empty_runs_folder_gives_a_report_that_says_what_to_run(tmp_path, monkeypatch, capfd):
+def test_a_section_with_no_run_says_so_and_what_makes_one(tmp_path, monkeypatch, capfd):
     assert run_main("report", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd).returncode == 0
     md = (tmp_path / "report" / "report.md").read_text()
-    for command in ("python run.py gen", "python run.py LoRA", "python run.py distil", "python run.py tune"):
-        assert command in md
+    for mode in ("gen", "LoRA", "distil", "tune"):
+        assert re.search(rf"No finished `{mode}` run yet: `python run.py {mode}[^`]*` makes one", md), mode
+
+
+def test_gen_no_record_leaves_no_record(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
+    argv = ["gen", "--gpt_variant", tiny_gpt_dir, "--max_new_tokens", "3"]
+    assert run_main(*argv, "--no_record", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd).returncode == 0
+    assert not (tmp_path / "tuning" / "gen.jsonl").exists()
+    printed = run_main(*argv, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd).stdout
+    record, = records(tmp_path, "gen")
+    assert printed.strip() == (record["prompt"] + record["samples"][0]).strip() and record["tokens_per_s"] > 0
 
 
 def test_the_model_card_gives_back_the_runs_dev_scores_and_survives_export(runs):
