@@ -41,11 +41,11 @@ def card_data(record, model_name):
     variant = config.model.gpt_variant if lora else None
     dataset_id, _ = hub_dataset(config.data)
     tags = (["lora", "gpt2", "causal-lm" if is_lm(record) else "text-classification"] if lora else
-            ["knowledge-distillation" if config.MODE == "distil" else "rnn", "rnn", "text-classification"])
+            ["rnn", "text-classification", *(["knowledge-distillation"] if config.MODE == "distil" else [])])
     return ModelCardData(model_name=model_name, base_model=None if local_path(variant) else variant,
                          library_name="peft" if lora else None,
                          pipeline_tag="text-generation" if is_lm(record) else "text-classification",
-                         datasets=[dataset_id] if dataset_id else None, tags=sorted(set(tags)),
+                         datasets=[dataset_id] if dataset_id else None, tags=sorted(tags),
                          eval_results=eval_results(record))
 
 

@@ -13,16 +13,24 @@ ROOT = Path(__file__).resolve().parent.parent
 LIBRARIES = ("torch", "transformers", "peft", "tiktoken", "huggingface_hub", "safetensors", "numpy")
 
 
-@functools.cache
-def code_commit():
-    """`git describe --always --dirty` of the code's checkout at run time (None where it is no git checkout, or git
-    is missing): a "-dirty" suffix says the numbers come from uncommitted changes."""
+def git(*args):
+    """git's output in the code's folder, or None if it fails (no git, or no checkout there)."""
     try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10)
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+@functools.cache
+def code_commit():
+    """`git describe --always --dirty` of the code at run time, where its folder is a git checkout of its own (not
+    a folder inside another repository), else None: a "-dirty" suffix says the numbers come from uncommitted
+    changes."""
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != ROOT:
+        return None
+    return git("describe", "--always", "--dirty")
 
 
 @functools.cache
