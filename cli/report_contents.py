@@ -198,7 +198,8 @@ def comparison_blocks(runs, run):
     for row in c["rows"]:
         dev, cal = row["dev"], row["calibration"]
         rows.append((row["name"], formatted(row["parameters"] or None, "millions"),
-                     with_interval(dev["acc"], dev["acc_ci"], "percent"), with_interval(dev["mcc"], dev["mcc_ci"], "mcc"),
+                     with_interval(dev["acc"], dev["acc_ci"], "percent"),
+                     with_interval(dev["mcc"], dev["mcc_ci"], "mcc"),
                      *([with_interval(row["ood"]["acc"], row["ood"]["acc_ci"], "percent") if row["ood"] else "-"]
                        if ood else []),
                      formatted(cal and cal["ece"], "ece"),
@@ -285,10 +286,10 @@ def report_document(runs, select="latest", pinned=()):
     logged, notes = read_logs(runs)
     shown = chosen_runs(logged, select, pinned)
     which = "the best finished run by dev score" if select == "best" else "the latest finished run"
-    intro = [Paragraph(f"Made by `python run.py report` from the {len(logged)} run records in `{Path(runs) / TUNING_DIR}`"
-                       f" on {time.strftime('%Y-%m-%d %H:%M')}: for each mode, model, task and dataset, {which}"
-                       f"{' (or the one --run names)' if pinned else ''}. Accuracies are percentages with 95% "
-                       "intervals in brackets.")]
+    intro = [Paragraph(f"Made by `python run.py report` from the {len(logged)} run records in "
+                       f"`{Path(runs) / TUNING_DIR}` on {time.strftime('%Y-%m-%d %H:%M')}: for each mode, model, task "
+                       f"and dataset, {which}{' (or the one --run names)' if pinned else ''}. Accuracies are "
+                       "percentages with 95% intervals in brackets.")]
     if notes:
         intro += [Paragraph("Lines skipped:"), Items(tuple(notes))]
     return Document("GPT-2: generation, LoRA and distillation", tuple(intro), (

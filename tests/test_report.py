@@ -106,7 +106,8 @@ def test_every_number_in_the_report_is_its_records_in_both_formats(runs):
     distil, = records(runs, "distil")
     gen, = records(runs, "gen")
     expected = [lora.get("run_id"), distil.get("run_id"), lora["commit"] or "not recorded",
-                f"{lora['parameters'] / 1e6:.2f}M", f"{100 * (1 - lora['trainable_parameters'] / lora['parameters']):.2f}%",
+                f"{lora['parameters'] / 1e6:.2f}M",
+                f"{100 * (1 - lora['trainable_parameters'] / lora['parameters']):.2f}%",
                 f"{lora['wall_seconds']:.1f} s", lora["command"], *gen["samples"], gen["prompt"]]
     for record in (lora, distil):
         for split in ("dev", "ood"):
@@ -183,7 +184,8 @@ def test_the_markdown_links_every_plot_relatively(runs):
     md = (runs / "report" / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert links and all(not Path(link).is_absolute() and (runs / "report" / link).is_file() for link in links)
-    assert {(runs / "report" / link).resolve() for link in links} == {p.resolve() for p in (runs / "plots").glob("*.png")}
+    plots = {p.resolve() for p in (runs / "plots").glob("*.png")}
+    assert {(runs / "report" / link).resolve() for link in links} == plots
 
 
 def test_bad_input_is_named_and_the_output_folder_keeps_its_files(runs, tmp_path, monkeypatch, capfd):
@@ -195,7 +197,8 @@ def test_bad_input_is_named_and_the_output_folder_keeps_its_files(runs, tmp_path
     (copy / "plots" / "summary.png").unlink()
     assert run_main("report", cwd=copy, monkeypatch=monkeypatch, capfd=capfd).returncode == 0
     md, html_text = both(copy)
-    assert "(image missing: `plots/summary.png` is gone)" in md and "(image missing: plots/summary.png is gone)" in html_text
+    assert "(image missing: `plots/summary.png` is gone)" in md
+    assert "(image missing: plots/summary.png is gone)" in html_text
 
 
 def test_a_section_with_no_run_says_so_and_what_makes_one(tmp_path, monkeypatch, capfd):

@@ -115,6 +115,7 @@ def exported_card(adapter_folder, out, command):
         "no scores are recorded here.")
     task = "GPT2LMHeadModel" if data.pipeline_tag == "text-generation" else "GPT2ForSequenceClassification"
     load = [Paragraph(f"The adapter of `{adapter_folder}` merged into its base by `{command}`: a plain transformers "
-                      "checkpoint."), Code(f"from transformers import {task}\nmodel = {task}.from_pretrained({str(out)!r})")]
+                      "checkpoint."),
+            Code(f"from transformers import {task}\nmodel = {task}.from_pretrained({str(out)!r})")]
     load = "\n\n".join([f"## {HOW_TO_LOAD}", *(block_markdown(b, ".") for b in load)])
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n\n{load}"))
