@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from config.records import read_records
-from conftest import run_main
+from conftest import ROOT, run_main
 import run
 from training.checkpoints import CARD_MARKER
 from training.run_watch import RunWatch
@@ -231,3 +231,14 @@ def test_the_model_card_gives_back_the_runs_dev_scores_and_survives_export(runs)
     distil, = records(runs, "distil")
     student = ModelCard.load(runs / "models" / "distil" / "README.md")
     assert {r.metric_type: r.metric_value for r in student.data.eval_results}["accuracy"] == distil["dev_acc"]
+
+
+def test_legacy_records_are_reported_with_what_they_hold(tmp_path, monkeypatch, capfd):
+    legacy = ROOT / "tests" / "fixtures" / "legacy_runs"  # schema 1 and 2 lines without ids, commits or commands
+    assert run_main("report", "--runs", legacy, "--out", tmp_path, cwd=tmp_path, monkeypatch=monkeypatch,
+                    capfd=capfd).returncode == 0
+    md = (tmp_path / "report.md").read_text()
+    rnn = next(r for r in records(legacy, "rnn") if r.finished)
+    assert f"{percent(rnn['dev_acc'])} {interval(rnn['dev_acc_ci'], percent)}" in md
+    assert "| commit | not recorded |" in md and "python run.py rnn" in md
+    assert re.search(r"rnn: CoLA \(run `[0-9a-f]{12}`\)", md)
