@@ -1,5 +1,5 @@
-"""Command line: `python run.py {gen,LoRA,rnn,distil,predict,export,tune,info} ...`. Parse, make the configuration,
-check it, call."""
+"""Command line: `python run.py {gen,LoRA,rnn,distil,predict,export,tune,info,report} ...`. Parse, make the
+configuration, check it, call."""
 import os
 import sys
 import traceback

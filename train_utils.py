@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config.fields import deciding_values
+from config.records import read_record
+from training.model_card import model_card
 from runtime.devices import autocast, compiled, default_micro_batch_tokens, loss_scaler
 from runtime.distributed import (all_reduce_sum, for_all_ranks, is_main, on_main, rank, rank_share, rng_states,
                                  world_size)
@@ -461,8 +463,8 @@ def train_and_report(model, objective, splits, config, *, device, dtype, out_pat
     """One run of a training subcommand's `config`, start to finish: train with the shared loop (plots and the
     run's unfinished record after every epoch) on splits['train'], or on `train` when given (distil's training set
     with its transfer sentences), evaluate the best epoch on each evaluation split, calibrate it and print the
-    summary; then rank 0 alone writes the model (to `out_path`, with `run_info`), then the finished record (with
-    `extra`), and removes the --resume state. A search's `trial` watches the epochs (see RunWatch). Returns the
+    summary; then rank 0 alone writes the model (to `out_path`, with `run_info` and the model card of its record),
+    then the finished record (with `extra`), and removes the --resume state. A search's `trial` watches the epochs (see RunWatch). Returns the
     run's record (None on other ranks)."""
     start, loop = time.time(), train_config(config, model, device, dtype, out_path)
     on = dict(batch_size=loop.batch_size, device=device, dtype=dtype)
@@ -475,12 +477,13 @@ def train_and_report(model, objective, splits, config, *, device, dtype, out_pat
     objective.print_summary(config.MODE, run, loop.epochs, s, splits)
 
     def write_results():
-        try:  # the model first: a record that says finished always has its model
-            save_trained(model, out_path, run_info)
+        record = watch.final_record(run, model, s, time.time() - start, extra)
+        try:  # the model (and its card) first: a record that says finished always has its model
+            save_trained(model, out_path, run_info, model_card(read_record(record), record["run_id"], out_path))
         except UserError as e:
             raise UserError(f"{e}; the run's state is kept in {loop.state_path}: once there is room, rerun the "
                             "same command with --resume to save it") from None
-        record = watch.finish(run, model, s, time.time() - start, extra)
+        watch.write(record)
         loop.state_path.unlink(missing_ok=True)
         return record
 

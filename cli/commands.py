@@ -3,11 +3,13 @@ or the decoder, report. Each hands the sections below it, never the whole config
 record, which holds it."""
 import os
 from pathlib import Path
+import time
+import uuid
 
 import torch
 
 from cli.system_info import system_report
-from config.records import read_record
+from config.records import config_fields, read_record, write_jsonl_record
 from config.sections import DecodeSettings
 from decoding.beam_search import beam_search, beam_settings
 from decoding.generation_eval import evaluate_split
@@ -18,9 +20,13 @@ from decoding.static_step import StaticDecoder
 from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
 from runtime.devices import compiled
+from cli.report_contents import report_document
+from training.document import to_html, to_markdown
+from training.model_card import exported_card
+from runtime.provenance import provenance, reproducing_command
 from textdata.batches import Split, load_splits
 from textdata.lm_examples import load_lm_splits
-from textdata.readers import encode, get_tokenizer, read_sentences
+from textdata.readers import encode, get_tokenizer, read_sentences, run_stem
 from textdata.transfer_set import transfer_sentences
 from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_and_report
 from training.checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, build_lm,
@@ -30,7 +36,7 @@ from training.kd_loss import UNLABELLED, KDLoss
 from training.lm_objective import NextToken
 from training.tables import print_parameter_table, print_predictions
 from training.teacher import check_teacher_data, teacher_logits, transfer_teacher_logits
-from utils import UserError, seed_everything
+from utils import TUNING_DIR, UserError, atomic_files, seed_everything
 
 LM_BLOCK_SIZE = 256  # --task lm's default block, nanoGPT's fine-tuning size, a quarter of GPT-2's context
 
@@ -70,16 +76,31 @@ def cmd_gen(config, device, dtype):
     model = prepare_for_generation(model, device, dtype, rows=max(config.num_samples, decode.num_beams),
                                    quantize=source.quantize, compile=config.run.compile)
     eos = None if decode.ignore_eos else tokenizer.eot_token
+    start = time.perf_counter()
     if decode.num_beams > 1:
         if len(prompt_ids) + decode.max_new_tokens > model.config.block_size:
             raise UserError(f"beam search keeps the prompt ({len(prompt_ids)} tokens) and --max_new_tokens "
                             f"{decode.max_new_tokens} in the {model.config.block_size}-token context; ask for fewer")
-        return print_stream(tokenizer, prompt, iter(beam_search(model, prompt_ids, decode.max_new_tokens,
-                                                                beam_settings(decode), eos_id=eos)), eos, stream=False)
-    samplers = [sampler_for(decode, seed + i) for i in range(config.num_samples)]
-    decoder = StaticDecoder(model) if config.run.compile else model  # --compile: one compiled graph per step
-    steps = decoder.generate_batch(prompt_ids, decode.max_new_tokens, samplers, eos_id=eos)
-    print_samples(tokenizer, prompt, steps, len(samplers), eos_id=eos, stream=not config.no_stream)
+        samples = [print_stream(tokenizer, prompt, iter(beam_search(model, prompt_ids, decode.max_new_tokens,
+                                                                    beam_settings(decode), eos_id=eos)), eos,
+                                stream=False)]
+    else:
+        samplers = [sampler_for(decode, seed + i) for i in range(config.num_samples)]
+        decoder = StaticDecoder(model) if config.run.compile else model  # --compile: one compiled graph per step
+        steps = decoder.generate_batch(prompt_ids, decode.max_new_tokens, samplers, eos_id=eos)
+        samples = print_samples(tokenizer, prompt, steps, len(samplers), eos_id=eos, stream=not config.no_stream)
+    if not config.no_record:
+        log_generation(config, prompt, samples, time.perf_counter() - start, device, dtype)
+
+
+def log_generation(config, prompt, samples, seconds, device, dtype):
+    """gen's line in tuning/gen.jsonl: its configuration, the prompt, each sample's text and the tokens/s of the
+    decoding (all samples' new tokens over its wall time, printing included)."""
+    record = {**config_fields(config), **provenance(config), "run_id": uuid.uuid4().hex[:12], "finished": True,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(device),
+              "dtype": str(dtype).removeprefix("torch."), "prompt": prompt, "samples": [text for text, _ in samples],
+              "tokens_per_s": sum(n for _, n in samples) / seconds, "wall_seconds": seconds}
+    write_jsonl_record(f"{TUNING_DIR}/gen.jsonl", record)
 
 
 def lora_model(config, labels, build):
@@ -155,8 +176,10 @@ def cmd_distil(config, device, dtype, trial=None):
                               dtype=dtype, out_path=config.student_path,
                               run_info={"seed": config.run.seed, "mode": config.MODE},
                               extra={"teacher": adapter, "transfer": transfer}, train=train, trial=trial)
-    if record is not None:  # rank 0
-        print_distil_report(logits, splits, read_record(record))
+    if record is not None:  # rank 0: the comparison joins the run's record
+        comparison = print_distil_report(logits, splits, read_record(record))
+        write_jsonl_record(f"{TUNING_DIR}/{run_stem('distil', splits.spec)}.jsonl", record | {"comparison": comparison},
+                           key="run_id")
 
 
 def with_transfer_set(splits, config, variant, tokenizer, device, dtype):
@@ -203,7 +226,8 @@ def cmd_export(config, device, dtype):
                         "choose another folder")
     lm = adapter_task(config.model_path) == LM_TASK
     model = (load_lora_lm if lm else load_lora_classifier)(config.model_path, variant)
-    save_checkpoint(config.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()})
+    save_checkpoint(config.out, "model.safetensors", model.hf_state_dict(), {"config.json": model.hf_config()},
+                    exported_card(config.model_path, config.out, reproducing_command(config)))
     kind, cls = ("language model", "GPT2LMHeadModel") if lm else ("classifier", "GPT2ForSequenceClassification")
     print(f"merged {kind} written to {config.out}: {cls}.from_pretrained({config.out!r})")
 
@@ -214,5 +238,17 @@ def cmd_info(config, device, dtype):
     print(system_report(device, activation_bytes_per_token(model)))
 
 
+REPORT_FILES = ("report.md", "report.html")
+
+
+def cmd_report(config, device, dtype):
+    """Both files are written together, replacing only themselves in --out."""
+    document = report_document(config.runs, config.select, config.run_id)
+    with atomic_files(config.out, REPORT_FILES) as tmp:
+        Path(tmp["report.md"]).write_text(to_markdown(document, config.out), encoding="utf-8")
+        Path(tmp["report.html"]).write_text(to_html(document), encoding="utf-8")
+    print(f"report written to {' and '.join(str(Path(config.out) / name) for name in REPORT_FILES)}")
+
+
 COMMANDS = {"gen": cmd_gen, "LoRA": cmd_lora, "rnn": cmd_rnn, "distil": cmd_distil, "predict": cmd_predict,
-            "export": cmd_export, "info": cmd_info}
+            "export": cmd_export, "info": cmd_info, "report": cmd_report}

@@ -62,7 +62,8 @@ HELP = {"gen": "generate text", "LoRA": "LoRA fine-tuning of GPT-2 on CoLA or an
         "predict": "classify sentences with a trained model",
         "export": "write a LoRA-tuned classifier or language model as a plain Hugging Face checkpoint, LoRA merged",
         "tune": "sweep seeds x a grid of flags of LoRA, rnn or distil, or search them with Optuna",
-        "info": "versions, hardware, what would be chosen here, where data is"}
+        "info": "versions, hardware, what would be chosen here, where data is",
+        "report": "the runs' numbers, tables and plots as report/report.md and a self-contained report.html"}
 DESCRIPTIONS = {"tune": "Example: python run.py tune distil --seeds 1 2 3 --grid temperature=1,2,4 alpha=0.3,0.5,0.9 "
                 "--epochs 3; or --search optuna --space temperature=log:1:8 alpha=float:0.1:0.9 --trials 30. Any other "
                 "flag is passed to every run."}

@@ -1,6 +1,7 @@
 """Run records: one JSON line per run in tuning/<mode>.jsonl, written atomically under a lock, and read back
 by one reader that turns any record, of this schema or an earlier one, into typed objects."""
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -62,6 +63,12 @@ def json_record(line):
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def record_id(line):
+    """A record's short stable id: the run id training runs and gen are logged with, or (a record from before) a hash
+    of its content."""
+    return line.get("run_id") or hashlib.sha256(json.dumps(line, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def config_fields(config):

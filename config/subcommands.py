@@ -55,6 +55,8 @@ class GenConfig:
     num_samples: int = flag(1, "samples to draw, in one batch (seeds --seed, --seed+1, ...); sample 1 streams, the "
                             "rest print at the end", type=positive_int)
     no_stream: bool = flag(False, "print each sample when it is complete", switch=True)
+    no_record: bool = flag(False, "do not append this run (configuration, prompt, samples, tokens/s) to "
+                           "tuning/gen.jsonl", switch=True, decides=False)
 
     def __post_init__(self):
         if self.model.gpt_variant is None and not self.adapter:  # with an adapter: the base it names
@@ -75,6 +77,8 @@ class GenConfig:
                              "ignored")
         self.validate_dataset()
         check_utf8_file("prompt_file", self.prompt_file)
+        if not self.no_record:
+            check_results_writable()
 
     def validate_dataset(self):
         """--dataset decodes the split's prompts, one output each, scored against prompt -> completion pairs."""
@@ -89,7 +93,7 @@ class GenConfig:
         if pair:
             raise UsageError(f"--dataset decodes prompt -> completion pairs: give --{pair[0]} too")
         ignored = [f for f, off in (("prompt", None), ("prompt_file", None), ("num_samples", 1), ("compile", False),
-                                    ("no_stream", False)) if values[f] != off]
+                                    ("no_stream", False), ("no_record", False)) if values[f] != off]
         if ignored:
             raise UsageError(f"--dataset decodes every prompt of its evaluation split, one output each: --{ignored[0]} "
                              "would be ignored")
@@ -292,6 +296,26 @@ class InfoConfig:
         pass
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """`run.py report`: the runs' records and plots as report/report.md and one self-contained report.html."""
+    MODE: ClassVar[str] = "report"
+    LEFT_OUT: ClassVar[tuple] = ("device", "dtype", "compile", "seed", *TRAINING_ONLY)
+    run: RunOptions = RunOptions(device="cpu", dtype="float32")
+    runs: str = flag(".", "the folder the runs were started in, whose tuning/ and plots/ the report reads",
+                     metavar="DIR")
+    out: str = flag("report", "folder to write report.md and report.html to (other files there are left alone)",
+                    metavar="DIR")
+    select: str = flag("latest", "which finished run of each mode, variant, task and dataset is shown: the latest, "
+                       "or the best by dev score", choices=["latest", "best"])
+    run_id: tuple = flag(None, "show this run (its id as the report lists it) for its mode, variant, task and "
+                         "dataset (repeatable)", names=["--run"], append=True, metavar="ID")
+
+    def validate(self):
+        check_exists("runs", self.runs, folder=True)
+        check_output_folder("out", self.out)
+
+
 TUNABLE = ("LoRA", "rnn", "distil")
 SEARCH_DEFAULTS = {"trials": 20, "sampler": "tpe", "pruner": "median"}  # the metric follows the runs: see cli
 
@@ -355,4 +379,4 @@ class TuneConfig:
 
 
 SUBCOMMANDS = {c.MODE: c for c in (GenConfig, LoRAConfig, RNNConfig, DistilConfig, PredictConfig, ExportConfig,
-                                   InfoConfig, TuneConfig)}
+                                   InfoConfig, TuneConfig, ReportConfig)}

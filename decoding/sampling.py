@@ -112,7 +112,8 @@ def top_p_filter(logits, p):
 
 def print_stream(tokenizer, prompt, token_ids, eos_id, stream):
     """Print the prompt, then each token as it arrives (bytes decoded incrementally: a character may span tokens),
-    up to `eos_id` (None: print <|endoftext|> like any other token)."""
+    up to `eos_id` (None: print <|endoftext|> like any other token). Returns the text after the prompt and its
+    number of tokens."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = [prompt]
     if stream:
@@ -124,14 +125,16 @@ def print_stream(tokenizer, prompt, token_ids, eos_id, stream):
         pieces.append(text)
         if stream:
             print(text, end="", flush=True)
+    tokens = len(pieces) - 1  # one piece per token after the prompt
     pieces.append(decoder.decode(b"", final=True))
     print(pieces[-1] if stream else "".join(pieces), flush=True)
+    return "".join(pieces[1:]), tokens
 
 
 def print_samples(tokenizer, prompt, steps, n_samples, eos_id, stream):
     """Print samples decoded together: `steps` yields one token per sample per step (None for a sample that has
     ended). Sample 1 streams as it is generated; the others, which advance at the same pace, are printed when every
-    sample has finished."""
+    sample has finished. Returns [(text after the prompt, its number of tokens)] per sample."""
     samples = [[] for _ in range(n_samples)]
 
     def record(step):
@@ -147,9 +150,10 @@ def print_samples(tokenizer, prompt, steps, n_samples, eos_id, stream):
 
     if n_samples > 1:
         print("\n===== sample 1 =====")
-    print_stream(tokenizer, prompt, first_sample(), eos_id=eos_id, stream=stream)
+    texts = [print_stream(tokenizer, prompt, first_sample(), eos_id=eos_id, stream=stream)]
     for step in steps:  # sample 1 may end before the others
         record(step)
     for i, sample in enumerate(samples[1:], start=2):
         print(f"\n===== sample {i} =====")
-        print_stream(tokenizer, prompt, iter(sample), eos_id=eos_id, stream=False)
+        texts.append(print_stream(tokenizer, prompt, iter(sample), eos_id=eos_id, stream=False))
+    return texts

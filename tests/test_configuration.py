@@ -12,9 +12,23 @@ from config.fields import flat_values, plain
 from conftest import ROOT
 from textdata.readers import default_cola_dir
 
-BEFORE = json.loads((ROOT / "tests" / "fixtures" / "command_line_before.json").read_text())
+SNAPSHOT = json.loads((ROOT / "tests" / "fixtures" / "command_line_before.json").read_text())
+
+
+def flag_entry(flags, default, choices=None, nargs=None):
+    return {"flags": flags, "default": default, "choices": choices, "nargs": nargs}
+
+
+# Flags added since the snapshot, each on purpose, as the snapshot writes a flag (a subcommand added since: all its
+# flags).
+ADDED = {"gen": {"no_record": flag_entry(["--no_record"], False, nargs=0)},
+         "report": {"debug": flag_entry(["--debug"], False, nargs=0), "runs": flag_entry(["--runs"], "."),
+                    "out": flag_entry(["--out"], "report"),
+                    "select": flag_entry(["--select"], "latest", choices=["latest", "best"]),
+                    "run_id": flag_entry(["--run", "--run_id"], None)}}
+BEFORE = {mode: SNAPSHOT.get(mode, {}) | ADDED.get(mode, {}) for mode in {*SNAPSHOT, *ADDED}}
 MINIMAL = {"gen": [], "LoRA": [], "rnn": [], "distil": [], "predict": ["--model_path", "M"],
-           "export": ["--model_path", "M", "--out", "O"], "tune": ["rnn"], "info": []}
+           "export": ["--model_path", "M", "--out", "O"], "tune": ["rnn"], "info": [], "report": []}
 # Flags whose parsed value was None, where the code then used the value the configuration now holds itself.
 RESOLVED_LATER = {("LoRA", "train_split"): "train", ("rnn", "train_split"): "train", ("distil", "train_split"): "train",
                   ("predict", "train_split"): "train"}

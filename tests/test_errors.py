@@ -253,6 +253,10 @@ CASES = [
     ("a parquet input that is not parquet", "predict --model_path no-layers --input broken.parquet", 1,
      "error: --input broken.parquet: cannot read it (Parquet magic bytes not found in footer. Either the file is "
      "corrupted or this is not a parquet file.)"),
+    ("no runs folder for the report", "report --runs no/such/runs", 2, "error: --runs no/such/runs: no such folder"),
+    ("a file as the report's folder", "report --out notes.txt", 2, "error: --out notes.txt: exists and is not a folder"),
+    ("a run id no record has", "report --run 0123456789ab", 1,
+     "error: --run 0123456789ab: no run record has this id (the report lists each run's id)"),
 ]
 
 

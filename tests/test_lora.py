@@ -160,7 +160,7 @@ def test_cli_lora_end_to_end(tiny_gpt_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert is_png(tmp_path / "plots" / "LoRA_loss.png") and is_png(tmp_path / "plots" / "LoRA_acc.png")
     assert {p.name for p in (tmp_path / "out" / "adapter").iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "run_info.json"}
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "run_info.json"}
     lines = (tmp_path / "tuning" / "LoRA.jsonl").read_text().splitlines()
     assert len(lines) == 2
     record = json.loads(lines[1])

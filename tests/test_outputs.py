@@ -50,8 +50,25 @@ def test_user_files_survive_in_every_output_folder(tiny_gpt_dir, tmp_path, monke
     load_student("rnn")
     load_student("distil")
     assert run.main(commands["rnn"]) == 0  # a second run into the same folder replaces only our files
-    assert sorted(p.name for p in (tmp_path / "rnn").iterdir()) == ["config.json", "model.safetensors",
+    assert sorted(p.name for p in (tmp_path / "rnn").iterdir()) == ["README.md", "config.json", "model.safetensors",
                                                                    "run_info.json", "thesis.tex"]
+
+
+def test_a_readme_the_user_wrote_in_a_model_folder_is_never_replaced(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rnn").mkdir()
+    theirs = tmp_path / "rnn" / "README.md"
+    theirs.write_text("# My student\n\nNotes for my supervisor.\n")
+    argv = ["rnn", *TINY_RNN, "--model_path", "rnn"]
+    assert run.main(argv) == 0
+    assert theirs.read_text() == "# My student\n\nNotes for my supervisor.\n"
+    assert "not a card this project wrote" in capfd.readouterr().err
+    theirs.unlink()
+    assert run.main(argv) == 0  # a card of ours is written, and replaced by the next save
+    first = theirs.read_text()
+    assert checkpoints.CARD_MARKER in first
+    assert run.main([*argv, "--seed", "1"]) == 0
+    assert theirs.read_text() != first and checkpoints.CARD_MARKER in theirs.read_text()
 
 
 CRASH_MID_SAVE = """

@@ -15,6 +15,10 @@ from runtime.distributed import main_first
 from utils import UserError, atomic_files, read_json, seed_everything
 
 RUN_INFO = "run_info.json"  # how the run that wrote a checkpoint was configured (ignored by PEFT)
+# The model card (training.model_card), which the Hub shows; the marker says this project wrote it, and only a card
+# carrying it is ever replaced: a README.md the user wrote stays.
+CARD_NAME = "README.md"
+CARD_MARKER = "<!-- written by run.py (a model card): the next save into this folder replaces it -->"
 
 
 def read_tensors(path):
@@ -28,17 +32,33 @@ def read_tensors(path):
         raise UserError(f"{path}: corrupt or truncated checkpoint ({e})") from None
 
 
-def save_checkpoint(folder, weights_name, tensors, json_files):
-    """Write `tensors` (safetensors, fp32) and `json_files` ({name: object}) into `folder`, as save_pretrained does:
-    these files are replaced together (all written before any is replaced), anything else there is left alone."""
+def card_files(folder, card):
+    """{README.md: card} to write beside a model, or {} without a card or where the folder holds a README.md that
+    this project did not write (kept, with a note)."""
+    path = Path(folder) / CARD_NAME
+    if card is None:
+        return {}
+    if path.is_file() and CARD_MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+        print(f"note: {path} is not a card this project wrote: kept as it is, no model card written", file=sys.stderr)
+        return {}
+    return {CARD_NAME: card}
+
+
+def save_checkpoint(folder, weights_name, tensors, json_files, card=None):
+    """Write `tensors` (safetensors, fp32), `json_files` ({name: object}) and the model `card` (README.md: see
+    card_files) into `folder`, as save_pretrained does: these files are replaced together (all written before any is
+    replaced), anything else there is left alone."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
+    texts = card_files(folder, card)
     try:
-        with atomic_files(folder, [weights_name, *json_files]) as tmp:
+        with atomic_files(folder, [weights_name, *json_files, *texts]) as tmp:
             save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp[weights_name],
                       metadata={"format": "pt"})
             for name, obj in json_files.items():
                 Path(tmp[name]).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+            for name, text in texts.items():
+                Path(tmp[name]).write_text(text, encoding="utf-8")
     except (OSError, SafetensorError) as e:  # a full disk, a quota, a folder gone read-only
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UserError(f"{folder}: could not save the model ({reason}); its previous files are as they were") \
@@ -66,7 +86,7 @@ def modules_to_save(model):
     return names
 
 
-def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info):
+def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info, card=None):
     """Save the trainable tensors (LoRA A/B, LayerNorms, a classifier's head) in PEFT's LoRA format for
     GPT2ForSequenceClassification (SEQ_CLS), or for GPT2LMHeadModel (CAUSAL_LM) when the model is a language
     model: `PeftModel.from_pretrained` loads the folder as it is."""
@@ -77,7 +97,7 @@ def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, ru
               "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
               "bias": "none", "modules_to_save": modules_to_save(model),
               "use_rslora": False, "use_dora": False, "inference_mode": True}
-    save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info})
+    save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info}, card)
 
 
 def positive_int(v):
@@ -202,9 +222,9 @@ def load_adapter_weights(model, folder):
 STUDENT_CONFIG, STUDENT_WEIGHTS = "config.json", "model.safetensors"
 
 
-def save_student(model, folder, run_info):
+def save_student(model, folder, run_info, card=None):
     save_checkpoint(folder, STUDENT_WEIGHTS, model.state_dict(),
-                    {STUDENT_CONFIG: {"model_type": "DistilRNN", **asdict(model.config)}, RUN_INFO: run_info})
+                    {STUDENT_CONFIG: {"model_type": "DistilRNN", **asdict(model.config)}, RUN_INFO: run_info}, card)
 
 
 def load_student(folder):
@@ -265,11 +285,12 @@ def load_predictor(folder, variant):
                     f"({STUDENT_CONFIG}); train one with `python run.py LoRA` or `python run.py rnn`")
 
 
-def save_trained(model, folder, run_info):
+def save_trained(model, folder, run_info, card=None):
     """Write what a training run trained into its output folder: the student's checkpoint, or the LoRA adapter in
-    PEFT's format, its settings read off the model's LoRA layers and its base named in run_info."""
+    PEFT's format, its settings read off the model's LoRA layers and its base named in run_info; with its model
+    `card` (README.md)."""
     if isinstance(model, DistilRNN):
-        save_student(model, folder, run_info)
+        save_student(model, folder, run_info, card)
         print(f"student saved to {folder}")
         return
     layer = lora_layers(model)[0]
@@ -277,7 +298,7 @@ def save_trained(model, folder, run_info):
     save_adapter(model, folder, rank=layer.rank, alpha=layer.alpha,
                  dropout=layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0,
                  targets=[t for t in LORA_TARGETS if t in present], base_model=run_info["gpt_variant"],
-                 run_info=run_info)
+                 run_info=run_info, card=card)
     print(f"adapter saved to {folder} (PEFT format)")
 
 

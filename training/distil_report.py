@@ -62,31 +62,36 @@ def print_distil_report(logits, splits, kd_run):
     (latest matching logged runs) vs majority baseline, every number computed from saved predictions, with
     intervals and the ECE before and after temperature scaling; McNemar's test pairs this run's student with each
     other student (or, with none, the baseline). Also draws plots/summary.png and plots/calibration.png
-    (summary-<dataset>.png, calibration-<dataset>.png)."""
+    (summary-<dataset>.png, calibration-<dataset>.png). Returns the comparison as the run's record keeps it: its
+    rows, McNemar's tests and the two plots."""
     names, n = splits.evaluated, len(splits.labels)
     short = {"dev": "dev", "ood": "ood"} if splits.spec.is_cola else splits.titles
     entries, missing_log = report_entries(logits, splits, kd_run)
-    rows = []
+    rows, kept = [], []
     for e in entries:
         e["scores"] = scores(e["dev"], splits["dev"].labels, n)
-        ood = [score_cells(scores(e["ood"], splits["ood"].labels, n))[0]] if "ood" in names else []
+        ood = scores(e["ood"], splits["ood"].labels, n) if "ood" in names else None
         c = e["calibration"]
         ece = [f"{c['ece']:.3f}", f"{c['ece_scaled']:.3f} (T {c['temperature']:.2f})"] if c else ["-", "-"]
         rows.append([e["name"], f"{e['params'] / 1e6:.2f}M" if e["params"] else "-", *score_cells(e["scores"]),
-                     *ood, *ece, f"{e['speed']:,.0f}" if e["speed"] else "-"])
+                     *([score_cells(ood)[0]] if ood else []), *ece, f"{e['speed']:,.0f}" if e["speed"] else "-"])
+        kept.append({"name": e["name"], "parameters": e["params"], "sentences_per_s": e["speed"], "dev": e["scores"],
+                     "ood": ood, "calibration": c and {k: c[k] for k in ("ece", "ece_scaled", "temperature")}})
     on = "" if splits.spec.is_cola else f" on {splits.spec.name}"
     print(f"\nDistillation report{on} (95% intervals: Wilson for accuracy, bootstrap for MCC; ECE in {ECE_BINS} "
           f"bins, T fitted on the {len(splits.get('heldout', []))} held-out training sentences)")
     headers = [f"{short['dev']} {h}" if h == "MCC" else h for h in score_headers(short["dev"], n)]
     print(format_table(["model", "params", *headers, *([f"{short['ood']} acc"] if "ood" in names else []),
                         f"{short['dev']} ECE", "ECE after T", "sentences/s"], rows))
-    print_mcnemar(entries, splits["dev"].labels, short["dev"], missing_log)
+    tests = print_mcnemar(entries, splits["dev"].labels, short["dev"], missing_log)
     if kd_run.get("transfer"):
         print(transfer_line(kd_run["transfer"], splits.labels))
     for note in splits.notes:
         print(f"note: {note}")
-    print(f"comparison chart: {plot_summary(entries, splits, PLOTS_DIR, kd_run.get('transfer'))}; reliability "
-          f"diagram: {plot_calibration(entries, splits, PLOTS_DIR)}")
+    plots = [plot_summary(entries, splits, PLOTS_DIR, kd_run.get("transfer")), plot_calibration(entries, splits,
+                                                                                                 PLOTS_DIR)]
+    print(f"comparison chart: {plots[0]}; reliability diagram: {plots[1]}")
+    return {"rows": kept, "mcnemar": tests, "plots": plots}
 
 
 def transfer_line(t, labels):
@@ -102,17 +107,20 @@ def transfer_line(t, labels):
 
 def print_mcnemar(entries, labels, title, missing_log):
     """McNemar's exact test of this run's student (the second entry) against each other student, or against the
-    baseline when there is none."""
-    ours = entries[1]
+    baseline when there is none; returns each test's pair, counts and p."""
+    ours, tests = entries[1], []
     others = [e for e in entries[2:] if e["name"].startswith("student")] or [entries[-1]]
     for other in others:
         a, b = (torch.tensor(e["dev"]) == labels for e in (ours, other))
         only_ours, only_other, p = mcnemar_exact(a, b)
         print(f"McNemar's exact test, {ours['name']} vs {other['name']} on the {len(labels)} {title} sentences: "
               f"{only_ours} right only with the first, {only_other} right only with the second; p = {p:.3g}")
+        tests.append({"first": ours["name"], "second": other["name"], "only_first": only_ours,
+                      "only_second": only_other, "p": p})
     if missing_log:
         print(f"(no `run.py rnn` run with the same data, student shape, seed and training flags in {missing_log}: "
               "run it for the without-KD row)")
+    return tests
 
 
 def rnn_log(run):

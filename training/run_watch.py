@@ -8,6 +8,7 @@ from config.fields import flat_values
 from config.records import config_fields, write_jsonl_record
 from model import count_parameters
 from runtime.distributed import is_main, on_main
+from runtime.provenance import provenance
 from textdata.batches import data_fingerprint
 from textdata.readers import run_stem
 from training.plots import draw_history
@@ -15,7 +16,8 @@ from utils import TUNING_DIR
 
 
 def run_record(header, device, dtype, splits, model, run, s, seconds, plots):
-    """The run's line in its log: its configuration (`header`: config.records.config_fields), per-epoch metrics,
+    """The run's line in its log: its configuration and provenance (`header`: config.records.config_fields and
+    runtime.provenance.provenance), per-epoch metrics,
     the best epoch, what the objective records of the final scores (`s["record"]`: a classifier's predictions, dev
     probabilities and calibration; a language model's perplexities beside its base model's), timing."""
     total, trainable = count_parameters(model)
@@ -48,7 +50,7 @@ class RunWatch:
     (unfinished, `"pruned": true`) and the run stops with Pruned."""
 
     def __init__(self, config, device, dtype, splits, baseline, trial=None):
-        self.mode, self.header, self.lr = config.MODE, config_fields(config), config.train.lr
+        self.mode, self.header, self.lr = config.MODE, config_fields(config) | provenance(config), config.train.lr
         self.device, self.dtype, self.splits = device, dtype, splits
         self.log = f"{TUNING_DIR}/{run_stem(self.mode, splits.spec)}.jsonl"
         self.data, self.baseline = data_fingerprint(splits), baseline  # the plots' reference line
@@ -72,14 +74,16 @@ class RunWatch:
         if self.board:
             self.board.epoch(run["history"][-1], self.lr)
 
-    def finish(self, run, model, s, seconds, extra=None):
-        """The finished run's plots and its record (returned), which replaces its unfinished line."""
+    def final_record(self, run, model, s, seconds, extra=None):
+        """The finished run's plots, and its record (returned, not yet written: see `write`)."""
         plots = draw_history(run, self.mode, self.splits, self.baseline)
         record = run_record(self.header, self.device, self.dtype, self.splits, model, run, s, seconds, plots)
-        record |= {"run_id": run["run_id"], "finished": True, **self.trial_fields, **(extra or {})}
+        return record | {"run_id": run["run_id"], "finished": True, **self.trial_fields, **(extra or {})}
+
+    def write(self, record):
+        """The finished run's record, which replaces its unfinished line."""
         write_jsonl_record(self.log, record, key="run_id")
-        print(f"plots: {', '.join(plots)}; run logged to {self.log}")
-        return record
+        print(f"plots: {', '.join(record['plots'])}; run logged to {self.log}")
 
     def close(self):
         if self.board:

@@ -29,12 +29,18 @@ def score_cells(s):
     return cells
 
 
+def parameter_rows(total, trainable):
+    """The assignment's three lines of parameter counts, as (label, value): the terminal's, the report's and the
+    model card's."""
+    return [("Number of parameters", f"{total / 1e6:.2f}M"), ("Number of trainable parameters",
+                                                              f"{trainable / 1e6:.2f}M"),
+            ("Reduction", f"{100 * (1 - trainable / total):.2f}%")]
+
+
 def print_parameter_table(model):
     """The parameter counts in the assignment's three lines (a tied weight counted once)."""
-    total, trainable = count_parameters(model)
-    print(f"Number of parameters: {total / 1e6:.2f}M")
-    print(f"Number of trainable parameters: {trainable / 1e6:.2f}M")
-    print(f"Reduction: {100 * (1 - trainable / total):.2f}%")
+    for label, value in parameter_rows(*count_parameters(model)):
+        print(f"{label}: {value}")
 
 
 def print_run_summary(mode, best_epoch, epochs, s, splits):
