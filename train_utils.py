@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from config.fields import deciding_values
 from config.records import read_record
-from training.model_card import model_card
+from reporting.model_card import model_card
 from runtime.devices import autocast, compiled, default_micro_batch_tokens, loss_scaler
 from runtime.distributed import (all_reduce_sum, for_all_ranks, is_main, on_main, rank, rank_share, rng_states,
                                  world_size)

@@ -20,9 +20,9 @@ from decoding.static_step import StaticDecoder
 from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
 from runtime.devices import compiled
-from cli.report_contents import report_document
-from training.document import to_html, to_markdown
-from training.model_card import exported_card
+from reporting.contents import report_document
+from reporting.document import to_html, to_markdown
+from reporting.model_card import exported_card
 from runtime.provenance import provenance, reproducing_command
 from textdata.batches import Split, load_splits
 from textdata.lm_examples import load_lm_splits

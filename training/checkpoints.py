@@ -15,7 +15,7 @@ from runtime.distributed import main_first
 from utils import UserError, atomic_files, read_json, seed_everything
 
 RUN_INFO = "run_info.json"  # how the run that wrote a checkpoint was configured (ignored by PEFT)
-# The model card (training.model_card), which the Hub shows; the marker says this project wrote it, and only a card
+# The model card (reporting.model_card), which the Hub shows; the marker says this project wrote it, and only a card
 # carrying it is ever replaced: a README.md the user wrote stays.
 CARD_NAME = "README.md"
 CARD_MARKER = "<!-- written by run.py (a model card): the next save into this folder replaces it -->"

@@ -5,8 +5,8 @@ import dataclasses
 import os
 
 from config.fields import is_section
-from training.document import Code, Paragraph, Table
-from training.number_format import formatted, with_interval
+from reporting.document import Code, Paragraph, Table
+from reporting.number_format import formatted, with_interval
 from runtime.provenance import reproducing_command
 from training.metrics import ECE_BINS
 from training.tables import parameter_rows

@@ -8,9 +8,9 @@ import time
 
 from config.records import RunRecord, json_record, read_record, record_id
 from config.subcommands import GEN_PROMPT
-from training.document import Code, Document, Heading, Image, Items, Paragraph, Section, Table
-from training.number_format import formatted, with_interval
-from training.run_blocks import (hyperparameter_table, is_lm, parameter_table, provenance_blocks, results_blocks,
+from reporting.document import Code, Document, Heading, Image, Items, Paragraph, Section, Table
+from reporting.number_format import formatted, with_interval
+from reporting.run_blocks import (hyperparameter_table, is_lm, parameter_table, provenance_blocks, results_blocks,
                                   split_titles)
 from utils import PLOTS_DIR, TUNING_DIR, UserError
 

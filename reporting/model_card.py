@@ -3,8 +3,8 @@
 parameter table, the hyper-parameters, where the numbers come from and how to load the model."""
 from pathlib import Path
 
-from training.document import Code, Document, Paragraph, Section, block_markdown, to_markdown
-from training.run_blocks import (hyperparameter_table, is_lm, local_path, parameter_table, provenance_blocks,
+from reporting.document import Code, Document, Paragraph, Section, block_markdown, to_markdown
+from reporting.run_blocks import (hyperparameter_table, is_lm, local_path, parameter_table, provenance_blocks,
                                   results_blocks, split_titles)
 from training.checkpoints import CARD_MARKER, CARD_NAME
 
