@@ -117,3 +117,61 @@ def test_merge_folds_the_variant_exactly_and_unmerge_undoes_it(tiny_gpt_dir, var
         assert (ours(ids, lengths) - unmerged).abs().max() <= 1e-5
         unmerge_lora(ours)
     assert all((layer.base.weight - w).abs().max() <= 1e-5 for layer, w in zip(lora_layers(ours), weights))
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("variant", VARIANTS[:2], ids=lambda v: "+".join(v))
+def test_our_saved_adapter_loads_in_peft_and_predicts_the_same(tiny_gpt_dir, tmp_path, task, variant):
+    from peft import PeftModel
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+    ours = our_twin(tiny_gpt_dir, peft_model(tiny_gpt_dir, task, variant), task, variant).eval()
+    checkpoints.save_trained(ours, tmp_path / "a", {"gpt_variant": tiny_gpt_dir})
+    cls = GPT2ForSequenceClassification if task == "SEQ_CLS" else GPT2LMHeadModel
+    theirs = PeftModel.from_pretrained(cls.from_pretrained(tiny_gpt_dir), tmp_path / "a").eval()
+    ids, lengths = padded(PAD_BATCH)
+    with torch.no_grad():
+        assert (logits(ours, task, ids, lengths) - logits(theirs, task, ids, lengths)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("variant", VARIANTS[:2], ids=lambda v: "+".join(v))
+def test_a_peft_made_adapter_loads_here_folded_with_peft_logits(tiny_gpt_dir, tmp_path, task, variant):
+    theirs = peft_model(tiny_gpt_dir, task, variant).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    load = checkpoints.load_lora_classifier if task == "SEQ_CLS" else checkpoints.load_lora_lm
+    ours = load(tmp_path / "peft", tiny_gpt_dir)
+    assert not lora_layers(ours)  # folded: plain linear layers
+    ids, lengths = padded(PAD_BATCH)
+    with torch.no_grad():  # folded weights round unlike PEFT's unmerged sum (3e-5 on the LM)
+        assert (logits(ours, task, ids, lengths) - logits(theirs, task, ids, lengths)).abs().max() <= 1e-4
+
+
+def test_predict_with_a_peft_dora_adapter_prints_peft_probabilities(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
+    from conftest import run_main
+    theirs = peft_model(tiny_gpt_dir, "SEQ_CLS", dict(use_dora=True, use_rslora=True)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    result = run_main("predict", "--model_path", tmp_path / "peft", "--gpt_variant", tiny_gpt_dir, "--format",
+                      "jsonl", "--dtype", "float32", "--sentence", "The cat sat.", cwd=tmp_path, monkeypatch=monkeypatch,
+                      capfd=capfd)
+    assert result.returncode == 0, result.stderr
+    import json
+    p = json.loads(result.stdout.splitlines()[0])["p_acceptable"]
+    from textdata.readers import get_tokenizer
+    ids = torch.tensor([get_tokenizer().encode_ordinary("The cat sat.")])
+    with torch.no_grad():
+        expected = torch.softmax(theirs(input_ids=ids).logits, -1)[0, 1].item()
+    assert p == pytest.approx(expected, abs=1e-5)
+
+
+def test_export_folds_dora_into_a_plain_transformers_checkpoint(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
+    from conftest import run_main
+    from transformers import GPT2ForSequenceClassification
+    theirs = peft_model(tiny_gpt_dir, "SEQ_CLS", dict(use_dora=True)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    result = run_main("export", "--model_path", tmp_path / "peft", "--gpt_variant", tiny_gpt_dir, "--out",
+                      tmp_path / "merged", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert result.returncode == 0, result.stderr
+    plain = GPT2ForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ids, _ = padded(PAD_BATCH)
+    with torch.no_grad():
+        assert (plain(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() <= 1e-5

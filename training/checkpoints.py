@@ -59,15 +59,16 @@ def modules_to_save(model):
     'score']."""
     names = []
     for name, module in model.named_modules():
-        trains = any(p.requires_grad for p in module.parameters(recurse=False))
+        trains = any(p.requires_grad for key, p in module.named_parameters(recurse=False)
+                     if not key.startswith("lora_"))  # DoRA's magnitude is the LoRA layer's own
         short = name.rsplit(".", 1)[-1]
         if trains and not short.startswith("lora_") and short not in names:
             names.append(short)
     return names
 
 
-def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info):
-    """Save the trainable tensors (LoRA A/B, LayerNorms, a classifier's head) in PEFT's LoRA format for
+def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info, rslora=False, dora=False):
+    """Save the trainable tensors (LoRA A/B, DoRA's magnitudes, LayerNorms, a classifier's head) in PEFT's LoRA format for
     GPT2ForSequenceClassification (SEQ_CLS), or for GPT2LMHeadModel (CAUSAL_LM) when the model is a language
     model: `PeftModel.from_pretrained` loads the folder as it is."""
     tensors = {PEFT_PREFIX + k: v for k, v in model.named_parameters() if v.requires_grad}
@@ -76,7 +77,7 @@ def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, ru
               "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
               "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
               "bias": "none", "modules_to_save": modules_to_save(model),
-              "use_rslora": False, "use_dora": False, "inference_mode": True}
+              "use_rslora": rslora, "use_dora": dora, "inference_mode": True}
     save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info})
 
 
@@ -120,14 +121,18 @@ def checked_config(path, what, rules):
 
 
 def read_adapter_config(folder):
-    """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model'}, refusing what we can't run."""
+    """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model', 'rslora', 'dora'}, refusing
+    what we can't run."""
     path = Path(folder) / ADAPTER_CONFIG
     if not Path(folder).is_dir():
         raise UserError(f"{folder}: no such adapter folder")
     cfg = checked_config(path, "adapter config", ADAPTER_FIELDS)
-    for key, ok in (("peft_type", "LORA"), ("use_dora", False), ("use_rslora", False), ("bias", "none")):
+    for key, ok in (("peft_type", "LORA"), ("bias", "none")):
         if cfg.get(key, ok) != ok:
-            raise UserError(f"{path}: {key}={cfg[key]!r} is not supported (only plain LoRA: {key}={ok!r})")
+            raise UserError(f"{path}: {key}={cfg[key]!r} is not supported (only LoRA, rsLoRA, DoRA: {key}={ok!r})")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise UserError(f"{path}: {key} must be true or false, found {cfg[key]!r}")
     if cfg.get("layers_to_transform") is not None or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise UserError(f"{path}: per-layer ranks or layer subsets are not supported")
     wanted = cfg.get("target_modules") or []
@@ -138,7 +143,8 @@ def read_adapter_config(folder):
         raise UserError(f"{path}: target_modules {unknown or wanted} are not GPT-2 layers we adapt "
                         f"(supported: {', '.join(LORA_TARGETS)})")
     return {"r": cfg["r"], "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
-            "base_model": cfg.get("base_model_name_or_path")}
+            "base_model": cfg.get("base_model_name_or_path"), "rslora": cfg.get("use_rslora", False),
+            "dora": cfg.get("use_dora", False)}
 
 
 def adapter_task(folder):
@@ -164,7 +170,7 @@ def load_lora_model(folder, variant, build_base):
     labels it records (CoLA's when it records none, as PEFT's adapters)."""
     cfg, info, variant = adapter_base(folder, variant)
     model = build_base(variant, info.get("random_init", False), info.get("seed", 0), info.get("labels", LABELS))
-    inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"])
+    inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"], rslora=cfg["rslora"], dora=cfg["dora"])
     load_adapter_weights(model, folder)
     return fold_lora(model).eval().requires_grad_(False)
 
@@ -277,7 +283,7 @@ def save_trained(model, folder, run_info):
     save_adapter(model, folder, rank=layer.rank, alpha=layer.alpha,
                  dropout=layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0,
                  targets=[t for t in LORA_TARGETS if t in present], base_model=run_info["gpt_variant"],
-                 run_info=run_info)
+                 run_info=run_info, rslora=layer.rslora, dora=layer.dora)
     print(f"adapter saved to {folder} (PEFT format)")
 
 
