@@ -13,6 +13,14 @@ from conftest import ROOT
 from textdata.readers import default_cola_dir
 
 BEFORE = json.loads((ROOT / "tests" / "fixtures" / "command_line_before.json").read_text())
+# Flags added since that snapshot, per subcommand, as the snapshot lists a flag.
+ADDED = {"LoRA": {
+    "method": {"choices": ["lora", "head", "full"], "default": "lora", "flags": ["--method"], "nargs": None},
+    "use_rslora": {"choices": None, "default": False, "flags": ["--use_rslora"], "nargs": 0},
+    "use_dora": {"choices": None, "default": False, "flags": ["--use_dora"], "nargs": 0},
+    "grad_checkpoint": {"choices": None, "default": False, "flags": ["--grad_checkpoint"], "nargs": 0}}}
+for mode, added in ADDED.items():
+    BEFORE[mode] |= added
 MINIMAL = {"gen": [], "LoRA": [], "rnn": [], "distil": [], "predict": ["--model_path", "M"],
            "export": ["--model_path", "M", "--out", "O"], "tune": ["rnn"], "info": []}
 # Flags whose parsed value was None, where the code then used the value the configuration now holds itself.

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from model import (GPT, LABELS, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, fold_lora, inject_lora, lora_layers,
-                   variant_slug)
+                   open_checkpoint, variant_slug)
 from runtime.distributed import main_first
 from utils import UserError, atomic_files, read_json, seed_everything
 
@@ -50,6 +50,11 @@ def save_checkpoint(folder, weights_name, tensors, json_files):
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
+# --method head: the trained score head and LayerNorms alone, under transformers' names, and the base they go on.
+HEAD_CONFIG, HEAD_WEIGHTS = "head_config.json", "head_model.safetensors"
+# --method full: every weight, as transformers' save_pretrained writes them (what `export` writes for an adapter).
+HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
+
 PEFT_PREFIX = "base_model.model."
 LM_TASK = "CAUSAL_LM"  # PEFT's task type of a language-model adapter (a classifier's is SEQ_CLS)
 
@@ -81,6 +86,33 @@ def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, ru
     save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info})
 
 
+def save_head(model, folder, *, base_model, run_info):
+    """Save the trainable tensors of a --method head run (the score head, the LayerNorms) under their names in
+    GPT2ForSequenceClassification, with the name of the base they were trained on."""
+    tensors = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    config = {"method": "head", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
+              "modules": modules_to_save(model)}
+    save_checkpoint(folder, HEAD_WEIGHTS, tensors, {HEAD_CONFIG: config, RUN_INFO: run_info})
+
+
+def save_full(model, folder, run_info):
+    """Save every weight as a transformers checkpoint (GPT2ForSequenceClassification or GPT2LMHeadModel)."""
+    save_checkpoint(folder, HF_WEIGHTS, model.hf_state_dict(), {HF_CONFIG: model.hf_config(), RUN_INFO: run_info})
+
+
+def adapter_files(folder):
+    """(config, weights) of a folder of tensors trained on a base: a --method head run's, else a PEFT adapter's."""
+    folder = Path(folder)
+    if (folder / HEAD_CONFIG).is_file():
+        return folder / HEAD_CONFIG, folder / HEAD_WEIGHTS
+    return folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+
+
+def is_adapter(folder):
+    """A folder of tensors trained on a base it names: a LoRA adapter or a trained head."""
+    return adapter_files(folder)[0].is_file()
+
+
 def positive_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -100,6 +132,7 @@ ADAPTER_FIELDS = {"r": (positive_int, "a positive integer", True),
                   "lora_alpha": (positive_number, "a positive number", False),
                   "target_modules": (lambda v: isinstance(v, str) or names(v), "a layer name or a list of them", False),
                   "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a model id or folder", False)}
+HEAD_FIELDS = {"base_model_name_or_path": ADAPTER_FIELDS["base_model_name_or_path"]}
 STUDENT_FIELDS = {"vocab_size": (lambda v: positive_int(v) and v >= 50257, "at least 50257 (GPT-2's tokens)", False),
                   "hidden": (positive_int, "a positive integer", False),
                   "layers": (positive_int, "a positive integer", False),
@@ -123,9 +156,12 @@ def checked_config(path, what, rules):
 def read_adapter_config(folder):
     """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model', 'rslora', 'dora'}, refusing
     what we can't run."""
-    path = Path(folder) / ADAPTER_CONFIG
+    path = adapter_files(folder)[0]
     if not Path(folder).is_dir():
         raise UserError(f"{folder}: no such adapter folder")
+    if path.name == HEAD_CONFIG:  # no LoRA layers: the head and LayerNorms go on the base as they are
+        base = checked_config(path, "head config", HEAD_FIELDS).get("base_model_name_or_path")
+        return {"r": 0, "alpha": 0.0, "targets": [], "base_model": base, "rslora": False, "dora": False}
     cfg = checked_config(path, "adapter config", ADAPTER_FIELDS)
     for key, ok in (("peft_type", "LORA"), ("bias", "none")):
         if cfg.get(key, ok) != ok:
@@ -149,7 +185,7 @@ def read_adapter_config(folder):
 
 def adapter_task(folder):
     """PEFT's task_type of an adapter folder: "CAUSAL_LM" for a language model (gen), else a classifier (predict)."""
-    return read_json(Path(folder) / ADAPTER_CONFIG, "adapter config").get("task_type") or "SEQ_CLS"
+    return read_json(adapter_files(folder)[0], "adapter config").get("task_type") or "SEQ_CLS"
 
 
 def adapter_base(folder, variant=None):
@@ -165,12 +201,13 @@ def adapter_base(folder, variant=None):
 
 
 def load_lora_model(folder, variant, build_base):
-    """The model an adapter folder describes, LoRA folded in, in eval mode: `build_base(variant, random_init, seed,
+    """The model an adapter (or trained head's) folder describes, LoRA folded in, in eval mode: `build_base(variant, random_init, seed,
     labels)` makes the base (pretrained, or random from the seed the adapter's run_info.json records) with the
     labels it records (CoLA's when it records none, as PEFT's adapters)."""
     cfg, info, variant = adapter_base(folder, variant)
     model = build_base(variant, info.get("random_init", False), info.get("seed", 0), info.get("labels", LABELS))
-    inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"], rslora=cfg["rslora"], dora=cfg["dora"])
+    if cfg["targets"]:
+        inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"], rslora=cfg["rslora"], dora=cfg["dora"])
     load_adapter_weights(model, folder)
     return fold_lora(model).eval().requires_grad_(False)
 
@@ -181,8 +218,9 @@ def injected_targets(named_parameters):
 
 
 def load_adapter_weights(model, folder):
-    """Copy an adapter's tensors into a model that already has LoRA injected with the same settings."""
-    path = Path(folder) / ADAPTER_WEIGHTS
+    """Copy an adapter's (or a trained head's) tensors into a model that already has LoRA injected with the same
+    settings."""
+    path = adapter_files(folder)[1]
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_tensors(path).items()}
     ours = dict(model.named_parameters())
     unknown = sorted(tensors.keys() - ours.keys())
@@ -260,15 +298,34 @@ def load_lora_lm(folder, variant=None):
     return load_lora_model(folder, variant, build_lm)
 
 
+def load_full_classifier(folder):
+    """A GPT2ForSequenceClassification checkpoint (--method full's, or an export), with the labels it names."""
+    hf = read_json(Path(folder) / HF_CONFIG, "model config")
+    names = hf.get("id2label") or {}
+    labels = [names[str(i)] for i in range(len(names))] if len(names) >= 2 else LABELS
+    weights = open_checkpoint(str(folder))
+    if "score.weight" not in weights:
+        raise UserError(f"{folder}: a GPT-2 with no score head (score.weight), not a classifier")
+    model = GPTClassifier.from_pretrained(str(folder), labels=labels)
+    with torch.no_grad():
+        model.score.weight.copy_(weights["score.weight"]())
+    return model.eval().requires_grad_(False)
+
+
 def load_predictor(folder, variant):
-    """A trained classifier (GPT-2 + LoRA or a student) from its folder, recognised by its files."""
+    """A trained classifier (GPT-2 + LoRA, a trained head, every weight, or a student) from its folder, recognised by
+    its files."""
     folder = Path(folder)
-    if (folder / ADAPTER_CONFIG).exists():
+    if is_adapter(folder):
         return load_lora_classifier(folder, variant)
-    if (folder / STUDENT_CONFIG).exists():
+    held = folder_holds(folder)
+    if held == "a transformers model":
+        return load_full_classifier(folder)
+    if held == "a student checkpoint":
         return load_student(folder)
-    raise UserError(f"{folder}: neither a LoRA adapter folder ({ADAPTER_CONFIG}) nor a student checkpoint "
-                    f"({STUDENT_CONFIG}); train one with `python run.py LoRA` or `python run.py rnn`")
+    raise UserError(f"{folder}: neither a LoRA adapter folder ({ADAPTER_CONFIG}), a trained head ({HEAD_CONFIG}), a "
+                    f"transformers classifier nor a student checkpoint ({STUDENT_CONFIG}); train one with "
+                    "`python run.py LoRA` or `python run.py rnn`")
 
 
 def save_trained(model, folder, run_info):
@@ -277,6 +334,16 @@ def save_trained(model, folder, run_info):
     if isinstance(model, DistilRNN):
         save_student(model, folder, run_info)
         print(f"student saved to {folder}")
+        return
+    method = run_info.get("method", "lora")
+    if method == "full":
+        save_full(model, folder, run_info)
+        print(f"every weight saved to {folder} ({type(model).__name__}: transformers' "
+              f"{model.hf_config()['architectures'][0]}.from_pretrained loads it)")
+        return
+    if method == "head":
+        save_head(model, folder, base_model=run_info["gpt_variant"], run_info=run_info)
+        print(f"head and LayerNorms saved to {folder} (on {run_info['gpt_variant']})")
         return
     layer = lora_layers(model)[0]
     present = injected_targets(dict(model.named_parameters()))
@@ -288,8 +355,11 @@ def save_trained(model, folder, run_info):
 
 
 def folder_holds(path):
-    """Which model a folder holds: a LoRA adapter, a student checkpoint, a transformers model, or None."""
+    """Which model a folder holds: a LoRA adapter, a trained head, a student checkpoint, a transformers model, or
+    None."""
     folder = Path(path)
+    if (folder / HEAD_CONFIG).is_file():
+        return "a trained head"
     if (folder / ADAPTER_CONFIG).is_file():
         return "a LoRA adapter"
     if not (folder / STUDENT_CONFIG).is_file():
