@@ -101,55 +101,58 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients(tiny_gpt_dir, cls, me
         assert (g - p.grad).abs().max() <= 1e-6, name
 
 
-def test_full_run_with_grad_checkpoint_saves_what_transformers_loads(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
-    from transformers import GPT2ForSequenceClassification
+def test_one_sweep_compares_the_three_methods_and_each_saves_what_loads(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
+    """A sweep over --method (with --grad_checkpoint): each run's record holds its method, the full run's folder
+    loads in transformers and predict, the head run's in predict, distil and export."""
     calls = []
     real = model_module.checkpoint
     monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    result = run_main("LoRA", "--method", "full", "--grad_checkpoint", "--gpt_variant", tiny_gpt_dir,
-                      "--max_examples", 64, "--epochs", 1, "--dtype", "float32", "--model_path", "full", cwd=tmp_path,
-                      monkeypatch=monkeypatch, capfd=capfd)
+    result = run_main("tune", "LoRA", "--seeds", 0, "--grid", "method=lora,head,full", "--epochs", 1, "--name", "m",
+                      "--max_examples", 32, "--dtype", "float32", "--grad_checkpoint", "--gpt_variant", tiny_gpt_dir,
+                      cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 0, result.stderr
-    assert calls and "Trained: every weight" in result.stdout and "LoRA-full" in result.stdout
-    assert (tmp_path / "plots" / "LoRA-full_acc.png").is_file()
-    record = json.loads((tmp_path / "tuning" / "LoRA.jsonl").read_text().splitlines()[-1])
-    assert record["config"]["lora"]["method"] == "full" and record["config"]["train"]["grad_checkpoint"]
-    hf = GPT2ForSequenceClassification.from_pretrained(tmp_path / "full").eval()
-    ours = checkpoints.load_predictor(tmp_path / "full", None)
+    assert calls and "Trained: every weight" in result.stdout and "Trained: ln_1, ln_2, ln_f, score" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "tuning" / "LoRA.jsonl").read_text().splitlines()]
+    assert sorted(r["config"]["lora"]["method"] for r in records) == ["full", "head", "lora"]
+    assert all(r["config"]["train"]["grad_checkpoint"] for r in records)
+    assert all(f"method={m}" in (tmp_path / "tuning" / "m.md").read_text() for m in ("lora", "head", "full"))
+    assert (tmp_path / "plots" / "LoRA-full_acc.png").is_file() and (tmp_path / "plots" / "LoRA-head_acc.png").is_file()
+    runs = tmp_path / "models" / "tune" / "m"
+    check_full_folder(runs / "method_full_seed0", tmp_path, monkeypatch, capfd)
+    check_head_folder(runs / "method_head_seed0", tiny_gpt_dir, tmp_path, monkeypatch, capfd)
+
+
+def check_full_folder(folder, tmp_path, monkeypatch, capfd):
+    from transformers import GPT2ForSequenceClassification
+    hf = GPT2ForSequenceClassification.from_pretrained(folder).eval()
+    ours = checkpoints.load_predictor(folder, None)
     ids, lengths = padded(PAD_BATCH)
     with torch.no_grad():
         assert (ours(ids, lengths) - hf(input_ids=ids).logits).abs().max() <= 1e-5
-    predicted = run_main("predict", "--model_path", "full", "--sentence", "The cat sat.", "--dtype", "float32",
+    predicted = run_main("predict", "--model_path", folder, "--sentence", "The cat sat.", "--dtype", "float32",
                          cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert predicted.returncode == 0, predicted.stderr
 
 
-def test_head_folder_serves_predict_distil_and_export(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
+def check_head_folder(folder, gpt_dir, tmp_path, monkeypatch, capfd):
     from safetensors.torch import load_file
     from transformers import GPT2ForSequenceClassification
-    trained = run_main("LoRA", "--method", "head", "--gpt_variant", tiny_gpt_dir, "--max_examples", 64, "--epochs",
-                       1, "--dtype", "float32", "--model_path", "head", cwd=tmp_path, monkeypatch=monkeypatch,
-                       capfd=capfd)
-    assert trained.returncode == 0, trained.stderr
-    assert "Trained: ln_1, ln_2, ln_f, score" in trained.stdout
-    saved = load_file(tmp_path / "head" / "head_model.safetensors")
+    saved = load_file(folder / "head_model.safetensors")
     assert "score.weight" in saved and all(k == "score.weight" or ".ln_" in k for k in saved)
-    config = json.loads((tmp_path / "head" / "head_config.json").read_text())
-    assert config["base_model_name_or_path"] == tiny_gpt_dir
-    ours = checkpoints.load_predictor(tmp_path / "head", None)
-    base = GPTClassifier.from_pretrained(tiny_gpt_dir)
-    unchanged = {k for k, v in base.state_dict().items() if k in ours.state_dict() and torch.equal(v,
-                                                                                                   ours.state_dict()[k])}
-    assert unchanged == set(base.state_dict()) - set(saved)
-    exported = run_main("export", "--model_path", "head", "--out", "merged", cwd=tmp_path, monkeypatch=monkeypatch,
-                        capfd=capfd)
+    assert json.loads((folder / "head_config.json").read_text())["base_model_name_or_path"] == gpt_dir
+    ours = checkpoints.load_predictor(folder, None)
+    base = GPTClassifier.from_pretrained(gpt_dir).state_dict()
+    trained = ours.state_dict()
+    assert {k for k in base if torch.equal(base[k], trained[k])} == set(base) - set(saved)
+    exported = run_main("export", "--model_path", folder, "--out", tmp_path / "merged", cwd=tmp_path,
+                        monkeypatch=monkeypatch, capfd=capfd)
     assert exported.returncode == 0, exported.stderr
     hf = GPT2ForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     ids, lengths = padded(PAD_BATCH)
     with torch.no_grad():
         assert (ours(ids, lengths) - hf(input_ids=ids).logits).abs().max() <= 1e-5
-    for command in (["predict", "--model_path", "head", "--sentence", "The cat sat."],
-                    ["distil", "--model_path", "head", "--max_examples", 16, "--epochs", 1, "--rnn_hidden", 8]):
+    for command in (["predict", "--model_path", folder, "--sentence", "The cat sat."],
+                    ["distil", "--model_path", folder, "--max_examples", 16, "--epochs", 1, "--rnn_hidden", 8]):
         result = run_main(*command, "--dtype", "float32", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
         assert result.returncode == 0, result.stderr
 
