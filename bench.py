@@ -538,7 +538,7 @@ def method_cases(reps, n, device="cpu", variant="gpt2"):
         runs = alternate_children({side: ((method, side, variant, n, device), {}) for side in ("ours", "peer")}, reps)
         yield memory_row(f"LoRA --method {method} epoch, {n} CoLA sentences, {variant_slug(variant)}, batch 128 "
                          f"({device})",
-                         "ours", f"{peer}, shuffled, padded", runs, target=1.0)
+                         f"run.py LoRA --method {method}", f"{peer}, shuffled, padded", runs, target=1.0)
 
 
 def grad_checkpoint_case(reps, n, device="cpu", variant="gpt2-medium"):

@@ -1,10 +1,13 @@
 """rsLoRA and DoRA with PEFT as the oracle: logits, one step's gradients, adapters saved here loading in PEFT and
 PEFT's loading here; for the classifier and the language model."""
+import json
+
 import pytest
 import torch
 
-from conftest import PAD_BATCH, padded
+from conftest import PAD_BATCH, padded, run_main
 from model import GPT, GPTClassifier, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, unmerge_lora
+from textdata.readers import get_tokenizer
 from training import checkpoints
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -147,16 +150,13 @@ def test_a_peft_made_adapter_loads_here_folded_with_peft_logits(tiny_gpt_dir, tm
 
 
 def test_predict_with_a_peft_dora_adapter_prints_peft_probabilities(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
-    from conftest import run_main
     theirs = peft_model(tiny_gpt_dir, "SEQ_CLS", dict(use_dora=True, use_rslora=True)).eval()
     theirs.save_pretrained(tmp_path / "peft")
     result = run_main("predict", "--model_path", tmp_path / "peft", "--gpt_variant", tiny_gpt_dir, "--format",
-                      "jsonl", "--dtype", "float32", "--sentence", "The cat sat.", cwd=tmp_path, monkeypatch=monkeypatch,
-                      capfd=capfd)
+                      "jsonl", "--dtype", "float32", "--sentence", "The cat sat.", cwd=tmp_path,
+                      monkeypatch=monkeypatch, capfd=capfd)
     assert result.returncode == 0, result.stderr
-    import json
     p = json.loads(result.stdout.splitlines()[0])["p_acceptable"]
-    from textdata.readers import get_tokenizer
     ids = torch.tensor([get_tokenizer().encode_ordinary("The cat sat.")])
     with torch.no_grad():
         expected = torch.softmax(theirs(input_ids=ids).logits, -1)[0, 1].item()
@@ -164,7 +164,6 @@ def test_predict_with_a_peft_dora_adapter_prints_peft_probabilities(tiny_gpt_dir
 
 
 def test_export_folds_dora_into_a_plain_transformers_checkpoint(tiny_gpt_dir, tmp_path, monkeypatch, capfd):
-    from conftest import run_main
     from transformers import GPT2ForSequenceClassification
     theirs = peft_model(tiny_gpt_dir, "SEQ_CLS", dict(use_dora=True)).eval()
     theirs.save_pretrained(tmp_path / "peft")

@@ -73,9 +73,9 @@ def modules_to_save(model):
 
 
 def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info, rslora=False, dora=False):
-    """Save the trainable tensors (LoRA A/B, DoRA's magnitudes, LayerNorms, a classifier's head) in PEFT's LoRA format for
-    GPT2ForSequenceClassification (SEQ_CLS), or for GPT2LMHeadModel (CAUSAL_LM) when the model is a language
-    model: `PeftModel.from_pretrained` loads the folder as it is."""
+    """Save the trainable tensors (LoRA A/B, DoRA's magnitudes, LayerNorms, a classifier's head) in PEFT's LoRA
+    format for GPT2ForSequenceClassification (SEQ_CLS), or for GPT2LMHeadModel (CAUSAL_LM) when the model is a
+    language model: `PeftModel.from_pretrained` loads the folder as it is."""
     tensors = {PEFT_PREFIX + k: v for k, v in model.named_parameters() if v.requires_grad}
     task = "SEQ_CLS" if isinstance(model, GPTClassifier) else LM_TASK
     config = {"peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model,
@@ -201,9 +201,9 @@ def adapter_base(folder, variant=None):
 
 
 def load_lora_model(folder, variant, build_base):
-    """The model an adapter (or trained head's) folder describes, LoRA folded in, in eval mode: `build_base(variant, random_init, seed,
-    labels)` makes the base (pretrained, or random from the seed the adapter's run_info.json records) with the
-    labels it records (CoLA's when it records none, as PEFT's adapters)."""
+    """The model an adapter's (or a trained head's) folder describes, LoRA folded in, in eval mode:
+    `build_base(variant, random_init, seed, labels)` makes the base (pretrained, or random from the seed the
+    adapter's run_info.json records) with the labels it records (CoLA's when it records none, as PEFT's adapters)."""
     cfg, info, variant = adapter_base(folder, variant)
     model = build_base(variant, info.get("random_init", False), info.get("seed", 0), info.get("labels", LABELS))
     if cfg["targets"]:
