@@ -453,7 +453,8 @@ class LoRALinear(nn.Module):
     DoRA (`dora`) also learns a magnitude m per output feature and uses W' = m * (W + s B A) / ||W + s B A||, each
     row's norm (a column of GPT-2's Conv1D weight) computed from the current B A but detached from the gradient, as
     PEFT does after the DoRA paper (sec. 4.3). m starts at ||W||, so an untrained DoRA layer computes W x + b too.
-    B starts at zero, so an untrained adapter leaves the layer's output unchanged.
+    B starts at zero, so an untrained LoRA adapter leaves the layer's output unchanged, bit for bit (DoRA's up to
+    rounding).
     """
 
     def __init__(self, base, rank, alpha, dropout=0.0, rslora=False, dora=False):
@@ -488,7 +489,7 @@ class LoRALinear(nn.Module):
         if not self.dora:
             return y.add(update, alpha=self.scaling)  # one pass, not mul then add
         # PEFT's form: y + (m/n - 1) W x' + (m/n) s B A x' with x' the dropped-out input (x itself without dropout)
-        factor = self.lora_magnitude_vector / self.weight_norm()  # (out,)
+        factor = self.dora_factor()  # (out,)
         if x_dropped is x:
             base = y if self.base.bias is None else y - self.base.bias
         else:
