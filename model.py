@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils.checkpoint import checkpoint
 
 
 def attention(q, k, v, causal):
@@ -245,6 +246,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
+        self.grad_checkpoint = False  # recompute each block in the backward pass (see `hidden`)
 
     @staticmethod
     def _init_weights(module):
@@ -259,8 +261,12 @@ class GPT(nn.Module):
         if start + idx.size(1) > self.config.block_size:
             raise ValueError(f"{start + idx.size(1)} positions exceed the block size {self.config.block_size}")
         x = self.transformer.wte(idx) + self.transformer.wpe.weight[start:start + idx.size(1)]  # positions' rows
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled() and cache is None
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            if recompute:  # keep the block's input alone; non-reentrant: frozen inputs need no requires_grad
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, layer)
         if cache is not None:
             cache.length += idx.size(1)
         return self.transformer.ln_f(x)
@@ -441,47 +447,84 @@ LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update: y = W x + b + (alpha / r) * B(A(dropout(x))).
+    """A frozen linear layer plus a trainable low-rank update: y = W x + b + s * B(A(dropout(x))), s = alpha / r
+    (rsLoRA: alpha / sqrt(r), so that the update's size does not shrink as the rank grows).
 
-    B starts at zero, so an untrained adapter leaves the layer's output unchanged, bit for bit.
+    DoRA (`dora`) also learns a magnitude m per output feature and uses W' = m * (W + s B A) / ||W + s B A||, each
+    row's norm (a column of GPT-2's Conv1D weight) computed from the current B A but detached from the gradient, as
+    PEFT does after the DoRA paper (sec. 4.3). m starts at ||W||, so an untrained DoRA layer computes W x + b too.
+    B starts at zero, so an untrained LoRA adapter leaves the layer's output unchanged, bit for bit (DoRA's up to
+    rounding).
     """
 
-    def __init__(self, base, rank, alpha, dropout=0.0):
+    def __init__(self, base, rank, alpha, dropout=0.0, rslora=False, dora=False):
         super().__init__()
         self.base = base
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # PEFT's name, so that the adapter's key is ...c_attn.lora_magnitude_vector, as PEFT saves it
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm()) if dora else None
         self.merged = False
+
+    @property
+    def dora(self):
+        return self.lora_magnitude_vector is not None
+
+    def weight_norm(self):
+        """||W + s B A|| of each output feature (row of W), in fp32, detached from the gradient."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(self.base.weight.float() + self.delta_weight().float(), dim=1)
 
     def forward(self, x):
         y = self.base(x)
         if self.merged:
             return y
-        return y.add(self.lora_B(self.lora_A(self.dropout(x))), alpha=self.scaling)  # one pass, not mul then add
+        x_dropped = self.dropout(x)
+        update = self.lora_B(self.lora_A(x_dropped))
+        if not self.dora:
+            return y.add(update, alpha=self.scaling)  # one pass, not mul then add
+        # PEFT's form: y + (m/n - 1) W x' + (m/n) s B A x' with x' the dropped-out input (x itself without dropout)
+        factor = self.dora_factor()  # (out,)
+        if x_dropped is x:
+            base = y if self.base.bias is None else y - self.base.bias
+        else:
+            base = F.linear(x_dropped, self.base.weight)
+        return y + (factor - 1) * base + factor * self.scaling * update
 
     def delta_weight(self):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def dora_factor(self):
+        """DoRA's m / ||W + s B A|| per output feature (None without DoRA): W' = factor * (W + s B A)."""
+        return self.lora_magnitude_vector / self.weight_norm() if self.dora else None
 
     @torch.no_grad()
     def merge(self):
         """Fold the update into W, so inference costs one matmul."""
         if self.merged:
             return
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
+        weight, factor = self.base.weight.float() + self.delta_weight().float(), self.dora_factor()
+        if factor is not None:
+            weight *= factor[:, None]
+        if not torch.isfinite(weight).all():
             raise ModelError("refusing to merge a LoRA update that holds NaN or inf")
-        self.base.weight += delta.to(self.base.weight.dtype)
+        self.merged_factor = factor  # for unmerge: the norm is of the unmerged weight
+        self.base.weight.copy_(weight)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         """Take the update back out of W (equal to the original up to float rounding)."""
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            weight = self.base.weight.float()
+            if self.merged_factor is not None:
+                weight /= self.merged_factor[:, None]
+            self.base.weight.copy_(weight - self.delta_weight().float())
             self.merged = False
 
 
@@ -493,10 +536,10 @@ def target_slots(model, targets=LORA_TARGETS):
             yield getattr(block, parent_name), child_name
 
 
-def inject_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
-    """Wrap the `targets` linear layers of every block in LoRALinear."""
+def inject_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, rslora=False, dora=False):
+    """Wrap the `targets` linear layers of every block in LoRALinear (rsLoRA's scale, DoRA's magnitude: see there)."""
     for parent, name in target_slots(model, targets):
-        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, rslora, dora))
     return model
 
 
@@ -526,19 +569,32 @@ def fold_lora(model):
 
 
 def mark_only_lora_as_trainable(model):
-    """Train exactly the LoRA matrices, every LayerNorm, and the task head on top of the pretrained body (every child
-    module besides `transformer` and the tied `lm_head`: the classifier's `score`); freeze the rest."""
+    """Train exactly the LoRA matrices (and DoRA's magnitudes), every LayerNorm, and the task head; freeze the rest."""
+    mark_head_as_trainable(model)
+    for module in lora_layers(model):
+        module.lora_A.requires_grad_(True)
+        module.lora_B.requires_grad_(True)
+        if module.dora:
+            module.lora_magnitude_vector.requires_grad_(True)
+    return model
+
+
+def mark_head_as_trainable(model):
+    """Train every LayerNorm and the task head on top of the pretrained body (every child module besides
+    `transformer` and the tied `lm_head`: the classifier's `score`); freeze the rest. Alone, the linear probe."""
     model.requires_grad_(False)
     for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.lora_A.requires_grad_(True)
-            module.lora_B.requires_grad_(True)
-        elif isinstance(module, nn.LayerNorm):
+        if isinstance(module, nn.LayerNorm):
             module.requires_grad_(True)
     for name, child in model.named_children():
         if name not in ("transformer", "lm_head"):
             child.requires_grad_(True)
     return model
+
+
+# What each --method trains (LoRA injected first for "lora"); "full" trains every weight, the tied one once.
+METHODS = {"lora": mark_only_lora_as_trainable, "head": mark_head_as_trainable,
+           "full": lambda model: model.requires_grad_(True)}
 
 
 # ----------------------------------------------------------------------------- the student

@@ -26,7 +26,7 @@ from training.checkpoints import save_trained
 from training.metrics import calibration, final_scores, majority_accuracy, matthews_corrcoef
 from training.objective import Objective
 from training.resume_state import load_run_state, resume_state_path, save_run_state, trainable_state
-from training.run_watch import RunWatch
+from training.run_watch import RunWatch, run_name
 from training.tables import print_run_summary
 from utils import Terminated, UserError, interrupt_exit_code
 
@@ -105,14 +105,26 @@ class Interrupted(UserError):
 
 def activation_bytes_per_token(model):
     """An estimate of what training keeps for backward per token: the input and output widths of every linear and
-    recurrent layer, in fp32, four times over for what sits beside them (attention, GELU, LayerNorm, casts)."""
+    recurrent layer, in fp32, four times over for what sits beside them (attention, GELU, LayerNorm, casts). A GPT-2
+    with `grad_checkpoint` keeps each block's input alone (n_embd fp32 numbers) and rebuilds one block's activations
+    at a time in the backward pass."""
+    total = 16 * layer_widths(model)
+    if not getattr(model, "grad_checkpoint", False):
+        return total
+    blocks = model.transformer.h
+    block = 16 * layer_widths(blocks[0])
+    return total - len(blocks) * block + block + len(blocks) * 4 * model.config.n_embd
+
+
+def layer_widths(module):
+    """The input plus output widths of the linear and recurrent layers in `module`."""
     width = 0
-    for m in model.modules():
+    for m in module.modules():
         if isinstance(m, torch.nn.Linear):
             width += m.in_features + m.out_features
         elif isinstance(m, torch.nn.RNNBase):
             width += m.num_layers * (m.input_size + 4 * m.hidden_size)
-    return 16 * width
+    return width
 
 
 class PieceBudget:
@@ -474,7 +486,7 @@ def train_and_report(model, objective, splits, config, *, device, dtype, out_pat
     finally:
         watch.close()
     final, s = objective.conclude(model, splits, run, **on)
-    objective.print_summary(config.MODE, run, loop.epochs, s, splits)
+    objective.print_summary(run_name(config), run, loop.epochs, s, splits)
 
     def write_results():
         record = watch.final_record(run, model, s, time.time() - start, extra)

@@ -17,8 +17,8 @@ from decoding.int8_linears import quantize_int8
 from decoding.packed_weights import prepare_for_generation
 from decoding.sampling import print_samples, print_stream, sampler_for
 from decoding.static_step import StaticDecoder
-from model import (EOT, GPT, LABELS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
-                   mark_only_lora_as_trainable)
+from model import (EOT, GPT, LABELS, METHODS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora,
+                   load_config, mark_only_lora_as_trainable)
 from runtime.devices import compiled
 from reporting.contents import report_document
 from reporting.document import to_html, to_markdown
@@ -29,8 +29,8 @@ from textdata.lm_examples import load_lm_splits
 from textdata.readers import encode, get_tokenizer, read_sentences, run_stem
 from textdata.transfer_set import transfer_sentences
 from train_utils import activation_bytes_per_token, cross_entropy, predict_logits, train_and_report
-from training.checkpoints import (ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, build_classifier, build_lm,
-                                  gpt_weights, load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
+from training.checkpoints import (LM_TASK, adapter_base, adapter_task, build_classifier, build_lm, gpt_weights,
+                                  is_adapter, load_lora_classifier, load_lora_lm, load_predictor, save_checkpoint)
 from training.distil_report import print_distil_report
 from training.kd_loss import UNLABELLED, KDLoss
 from training.lm_objective import NextToken
@@ -104,12 +104,16 @@ def log_generation(config, prompt, samples, seconds, device, dtype):
 
 
 def lora_model(config, labels, build):
-    """GPT-2 (`build`: a builder of training.checkpoints, or a meta-device one) with LoRA as config.lora says,
-    only LoRA, the LayerNorms and the head trainable."""
+    """GPT-2 (`build`: a builder of training.checkpoints, or a meta-device one) trained as config.lora.method says:
+    LoRA (rsLoRA, DoRA) as config.lora says, with the LayerNorms and the head; the head and the LayerNorms alone;
+    or every weight. With --grad_checkpoint its blocks recompute their activations in the backward pass."""
     source, lora = config.model, config.lora
     model = build(source.gpt_variant, source.random_init, config.run.seed, labels)
-    inject_lora(model, lora.LoRA_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_targets)
-    return mark_only_lora_as_trainable(model)
+    if lora.method == "lora":
+        inject_lora(model, lora.LoRA_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_targets,
+                    rslora=lora.use_rslora, dora=lora.use_dora)
+    model.grad_checkpoint = config.train.grad_checkpoint
+    return METHODS[lora.method](model)
 
 
 def cmd_lora(config, device, dtype, trial=None):
@@ -119,14 +123,14 @@ def cmd_lora(config, device, dtype, trial=None):
     if config.train.epochs == 0:  # only the parameter table: build on the meta device, no weights, no download
         with torch.device("meta"):
             return print_parameter_table(lora_model(config, None, lambda variant, *_: (
-                GPT if lm else GPTClassifier).from_random(variant)))
+                GPT if lm else GPTClassifier).from_random(variant)), trained=True)
     splits = lm_splits(config) if lm else data_splits(config, get_tokenizer(),
                                                        load_config(source.gpt_variant).block_size)
     model = lora_model(config, splits.labels, build_lm if lm else build_classifier)
-    print_parameter_table(model)
+    print_parameter_table(model, trained=True)
     cast_frozen_linears(model, dtype).to(device)
     run_info = {"random_init": source.random_init, "seed": config.run.seed, "gpt_variant": source.gpt_variant,
-                **splits.identity(), **({"task": "lm"} if lm else {})}
+                "method": config.lora.method, **splits.identity(), **({"task": "lm"} if lm else {})}
     record = train_and_report(model, NextToken() if lm else cross_entropy, splits, config, device=device,
                               dtype=dtype, out_path=config.model_path, run_info=run_info, trial=trial)
     if record is not None and lm and config.lm.generate_eval:  # rank 0, once the adapter is on disk
@@ -156,7 +160,7 @@ def cmd_rnn(config, device, dtype, trial=None):
 
 def cmd_distil(config, device, dtype, trial=None):
     adapter, batch_size = config.model_path, config.train.batch_size
-    if not (Path(adapter) / ADAPTER_CONFIG).exists():
+    if not is_adapter(adapter):
         raise UserError(f"no LoRA adapter at {adapter}: train the teacher first with `python run.py LoRA "
                         f"--gpt_variant {config.model.gpt_variant or 'gpt2'}`, or pass --model_path")
     _, info, variant = adapter_base(adapter, config.model.gpt_variant)
@@ -235,7 +239,9 @@ def cmd_export(config, device, dtype):
 def cmd_info(config, device, dtype):
     with torch.device("meta"):  # LoRA on gpt2's shapes, to size its default micro-batch: no weights, no download
         model = mark_only_lora_as_trainable(inject_lora(GPTClassifier.from_random("gpt2"), 4, 4))
-    print(system_report(device, activation_bytes_per_token(model)))
+    kept = activation_bytes_per_token(model)
+    model.grad_checkpoint = True
+    print(system_report(device, kept, activation_bytes_per_token(model)))
 
 
 REPORT_FILES = ("report.md", "report.html")

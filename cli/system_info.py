@@ -59,7 +59,7 @@ def data_locations():
             "Hugging Face hub cache": where(hub, Path(hub).is_dir())}
 
 
-def system_report(device, bytes_per_token):
+def system_report(device, bytes_per_token, checkpointed_bytes_per_token):
     """`run.py info`: versions, hardware, what each subcommand would choose on `device`, where the data is."""
     dtype = lambda training: str(compute_dtype("auto", device, training)).removeprefix("torch.")
     cpu_bf16 = has_fast_bf16(torch.device("cpu"))
@@ -73,6 +73,7 @@ def system_report(device, bytes_per_token):
              f"  gen: {dtype(False)}",
              f"  predict: {dtype(False)}",
              f"  LoRA, rnn, distil: {dtype(True)}{' with loss scaling' if dtype(True) == 'float16' else ''}, "
-             f"micro-batch {default_micro_batch_tokens(device, bytes_per_token)} tokens (LoRA on gpt2)"]
+             f"micro-batch {default_micro_batch_tokens(device, bytes_per_token)} tokens (LoRA on gpt2), "
+             f"{default_micro_batch_tokens(device, checkpointed_bytes_per_token)} with --grad_checkpoint"]
     lines += [f"{name}: {place}" for name, place in data_locations().items()]
     return "\n".join(lines)

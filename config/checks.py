@@ -7,7 +7,7 @@ from pathlib import Path
 
 from model import load_config, looks_like_path
 from textdata.readers import cola_missing
-from training.checkpoints import ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, folder_holds
+from training.checkpoints import ADAPTER_CONFIG, LM_TASK, adapter_base, adapter_task, folder_holds, is_adapter
 from training.resume_state import resume_state_path
 from utils import PLOTS_DIR, TUNING_DIR, UsageError, UserError, writable
 
@@ -55,9 +55,9 @@ def check_adapter_task(flag, folder, task):
     if not folder:
         return
     check_exists(flag, folder, folder=True)
-    if not (Path(folder) / ADAPTER_CONFIG).is_file() and task == LM_TASK:
+    if not is_adapter(folder) and task == LM_TASK:
         raise UsageError(f"--{flag} {folder}: no {ADAPTER_CONFIG}, not a LoRA adapter folder")
-    if (Path(folder) / ADAPTER_CONFIG).is_file() and (adapter_task(folder) == LM_TASK) != (task == LM_TASK):
+    if is_adapter(folder) and (adapter_task(folder) == LM_TASK) != (task == LM_TASK):
         if task == LM_TASK:
             raise UsageError(f"--{flag} {folder}: a classification adapter; gen decodes with a language-model "
                              f"(CAUSAL_LM) adapter (classify with `python run.py predict --model_path {folder}`)")

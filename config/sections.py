@@ -60,6 +60,9 @@ class TrainSettings:
                                    decides=False)
     clip: float = flag(None, "gradient-norm clipping, 0 for none (ReLU RNNs explode without it)",
                        type=non_negative_float)
+    grad_checkpoint: bool = flag(False, "recompute each GPT-2 block's activations in the backward pass instead of "
+                                 "keeping them: less memory (larger default micro-batches on CUDA), one more forward "
+                                 "pass per block and step, the same gradients", switch=True, decides=False)
 
     def with_defaults(self, **defaults):
         """This section with each field named in `defaults` that was not given (None) set to its default."""
@@ -77,11 +80,25 @@ class LoRASettings:
     task: str = flag("classify", "classify: a score head on the last token, trained on labels; lm: GPT-2's own "
                      "next-token loss on text blocks or on prompt -> completion pairs (a CAUSAL_LM adapter for `gen "
                      "--adapter`)", choices=["classify", "lm"])
+    method: str = flag("lora", "what trains: lora the LoRA matrices, every LayerNorm (ln_1, ln_2, ln_f) and the score "
+                       "head (saved as a PEFT adapter); head the score head and those LayerNorms alone, the rest "
+                       "frozen (--task classify; saved as the head with its base's name); full every weight (saved as "
+                       "a plain transformers checkpoint)", choices=["lora", "head", "full"])
+    use_rslora: bool = flag(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (PEFT's "
+                            "use_rslora)", switch=True)
+    use_dora: bool = flag(False, "DoRA: learn a magnitude per output feature and normalise W + s B A per output "
+                          "feature (PEFT's use_dora)", switch=True)
 
     def validate(self):
         twice = next((t for i, t in enumerate(self.lora_targets) if t in self.lora_targets[:i]), None)
         if twice:
             raise UsageError(f"--lora_targets: {twice} is given twice")
+        variant = next((f for f in ("use_rslora", "use_dora") if getattr(self, f)), None)
+        if variant and self.method != "lora":
+            raise UsageError(f"--{variant} is a variant of LoRA: it does not apply to --method {self.method}")
+        if self.method == "head" and self.task == "lm":
+            raise UsageError("--method head trains a classifier's score head; a language model's head is its token "
+                             "embedding (tied): use --method lora or full with --task lm")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from config.sections import (KD_TEMPERATURE, DecodeSettings, DistilSettings, LMS
 from model import variant_slug
 from textdata.lm_examples import text_files
 from textdata.readers import DataSpec
-from training.checkpoints import ADAPTER_CONFIG, LM_TASK, STUDENT_CONFIG
+from training.checkpoints import ADAPTER_CONFIG, LM_TASK, STUDENT_CONFIG, is_adapter
 from utils import UsageError, positive_int, seed_int
 
 GEN_PROMPT = "Hello, I'm a language model,"
@@ -101,6 +101,7 @@ class GenConfig:
         check_results_writable()
 
 
+METHOD_WRITES = {"lora": "a LoRA adapter", "head": "a trained head", "full": "a transformers model"}
 LM_ONLY, CLASSIFY_ONLY = ("block_size", "prompt_column", "completion_column", "generate_eval"), ("label_column",)
 
 
@@ -116,8 +117,9 @@ class LoRAConfig:
     data: DataSpec = DataSpec()
     lm: LMSettings = LMSettings()
     pairs: PairColumns = PairColumns()
-    model_path: str = flag(None, "adapter folder to write (default models/LoRA-<variant>, with --task lm "
-                           "models/LoRA-<variant>-lm)")
+    model_path: str = flag(None, "folder to write: the adapter, head or model (default models/LoRA-<variant>, "
+                           "--method head or full models/head-<variant> or models/full-<variant>; with --task lm, "
+                           "-lm after it)")
 
     def __post_init__(self):
         if self.model.gpt_variant is None:
@@ -125,7 +127,8 @@ class LoRAConfig:
         lm = self.lora.task == "lm"
         if self.lora.lora_alpha is None:  # scale 1
             object.__setattr__(self, "lora", replace(self.lora, lora_alpha=self.lora.LoRA_rank))
-        fill(self, model_path=f"models/LoRA-{variant_slug(self.model.gpt_variant)}" + ("-lm" if lm else ""))
+        method = "LoRA" if self.lora.method == "lora" else self.lora.method
+        fill(self, model_path=f"models/{method}-{variant_slug(self.model.gpt_variant)}" + ("-lm" if lm else ""))
         object.__setattr__(self, "train", self.train.with_defaults(batch_size=LM_BATCH_SIZE if lm else BATCH_SIZE,
                                                                    lr=LM_LR if lm else LR))
 
@@ -133,7 +136,11 @@ class LoRAConfig:
         self.lora.validate()
         check_variant(self.model.gpt_variant)
         self.validate_task()
-        check_training_outputs("model_path", self.model_path, "a LoRA adapter", self.data, self.run.tensorboard)
+        if self.lora.method == "full" and Path(self.model_path).resolve() == Path(self.model.gpt_variant).resolve():
+            raise UsageError(f"--model_path {self.model_path}: is the base model, which --method full would "
+                             "overwrite; choose another folder")
+        check_training_outputs("model_path", self.model_path, METHOD_WRITES[self.lora.method], self.data,
+                               self.run.tensorboard)
 
     def validate_task(self):
         """Each task's own flags; a language model reads text from --dataset (CoLA is labelled sentences), pairs
@@ -180,7 +187,7 @@ STUDENT_TRAINING = TrainSettings(epochs=5, clip=1.0)
 class RNNConfig:
     """`run.py rnn`: the DistilRNN student trained on labels alone."""
     MODE: ClassVar[str] = "rnn"
-    LEFT_OUT: ClassVar[tuple] = ()
+    LEFT_OUT: ClassVar[tuple] = ("grad_checkpoint",)
     run: RunOptions = RunOptions()
     train: TrainSettings = STUDENT_TRAINING
     data: DataSpec = DataSpec()
@@ -198,7 +205,7 @@ class RNNConfig:
 class DistilConfig:
     """`run.py distil`: the student taught by a LoRA-tuned GPT-2's logits."""
     MODE: ClassVar[str] = "distil"
-    LEFT_OUT: ClassVar[tuple] = ("random_init", "quantize")
+    LEFT_OUT: ClassVar[tuple] = ("random_init", "quantize", "grad_checkpoint")
     run: RunOptions = RunOptions()
     train: TrainSettings = STUDENT_TRAINING
     data: DataSpec = DataSpec()
@@ -223,7 +230,7 @@ class DistilConfig:
         check_variant(self.model.gpt_variant)
         check_training_outputs("student_path", self.student_path, "a student checkpoint", self.data,
                                self.run.tensorboard)
-        if self.transfer.transfer_gen and (Path(self.model_path) / ADAPTER_CONFIG).exists():
+        if self.transfer.transfer_gen and is_adapter(self.model_path):
             check_generator(self.model_path, self.model.gpt_variant)
 
 

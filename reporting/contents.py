@@ -10,8 +10,8 @@ from config.records import RunRecord, json_record, read_record, record_id
 from config.subcommands import GEN_PROMPT
 from reporting.document import Code, Document, Heading, Image, Items, Paragraph, Section, Table
 from reporting.number_format import formatted, with_interval
-from reporting.run_blocks import (hyperparameter_table, is_lm, parameter_table, provenance_blocks, results_blocks,
-                                  split_titles)
+from reporting.run_blocks import (hyperparameter_table, is_lm, method, parameter_table, provenance_blocks,
+                                  results_blocks, split_titles)
 from utils import PLOTS_DIR, TUNING_DIR, UserError
 
 
@@ -46,12 +46,14 @@ def read_logs(runs):
 
 
 def group_of(run):
-    """What makes two runs the same experiment, of which the report shows one: mode, model, task and dataset."""
+    """What makes two runs the same experiment, of which the report shows one: mode, model, what trains (LoRA's
+    --method), task and dataset."""
     config = run.record.config
     if config.MODE == "gen":
         return "gen", config.adapter or config.model.gpt_variant
     model = getattr(config, "model", None)
-    return config.MODE, model and model.gpt_variant, run.record.get("task", "classify"), config.data.name
+    return (config.MODE, model and model.gpt_variant, method(run.record), run.record.get("task", "classify"),
+            config.data.name)
 
 
 def dev_score(run):
@@ -136,7 +138,8 @@ def run_title(run):
     config, r = run.record.config, run.record
     model = getattr(config, "model", None)
     on = f"`{model.gpt_variant}` on " if config.MODE == "LoRA" else ""
-    return f"{config.MODE}{' --task lm' if is_lm(r) else ''}: {on}{config.data.name} (run `{run.id}`)"
+    trained = f" --method {method(r)}" if method(r) not in (None, "lora") else ""
+    return f"{config.MODE}{trained}{' --task lm' if is_lm(r) else ''}: {on}{config.data.name} (run `{run.id}`)"
 
 
 def generation_scores(runs, record):

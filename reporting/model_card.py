@@ -4,8 +4,8 @@ parameter table, the hyper-parameters, where the numbers come from and how to lo
 from pathlib import Path
 
 from reporting.document import Code, Document, Paragraph, Section, block_markdown, to_markdown
-from reporting.run_blocks import (hyperparameter_table, is_lm, local_path, parameter_table, provenance_blocks,
-                                  results_blocks, split_titles)
+from reporting.run_blocks import (hyperparameter_table, is_lm, local_path, method, parameter_table,
+                                  provenance_blocks, results_blocks, split_titles)
 from training.checkpoints import CARD_MARKER, CARD_NAME
 
 HOW_TO_LOAD = "How to load"
@@ -35,27 +35,38 @@ def eval_results(record):
             for metric, key, name in metrics]
 
 
+LIBRARY = {"lora": "peft", "full": "transformers", "head": None}
+
+
 def card_data(record, model_name):
     from huggingface_hub import ModelCardData
-    config, lora = record.config, record.config.MODE == "LoRA"
-    variant = config.model.gpt_variant if lora else None
+    config, trained = record.config, method(record)
+    variant = config.model.gpt_variant if trained else None
     dataset_id, _ = hub_dataset(config.data)
-    tags = (["lora", "gpt2", "causal-lm" if is_lm(record) else "text-classification"] if lora else
+    tags = ([{"lora": "lora", "head": "linear-probe", "full": "fine-tuned"}[trained], "gpt2",
+             "causal-lm" if is_lm(record) else "text-classification"] if trained else
             ["rnn", "text-classification", *(["knowledge-distillation"] if config.MODE == "distil" else [])])
     return ModelCardData(model_name=model_name, base_model=None if local_path(variant) else variant,
-                         library_name="peft" if lora else None,
+                         library_name=LIBRARY[trained] if trained else None,
                          pipeline_tag="text-generation" if is_lm(record) else "text-classification",
                          datasets=[dataset_id] if dataset_id else None, tags=sorted(tags),
                          eval_results=eval_results(record))
 
 
 def what_it_is(record):
-    config = record.config
-    if config.MODE == "LoRA":
-        kind = "language model (GPT2LMHeadModel)" if is_lm(record) else "classifier (GPT2ForSequenceClassification)"
+    config, trained = record.config, method(record)
+    kind = "language model (GPT2LMHeadModel)" if is_lm(record) else "classifier (GPT2ForSequenceClassification)"
+    if trained == "lora":
         return (f"A LoRA adapter in PEFT's format (rank {config.lora.LoRA_rank}, alpha {config.lora.lora_alpha:g}, "
                 f"on {', '.join(config.lora.lora_targets)}) of `{config.model.gpt_variant}` as a {kind}, trained on "
                 f"{config.data.name} by `run.py LoRA`.")
+    if trained == "full":
+        return (f"Every weight of `{config.model.gpt_variant}` as a {kind}, fine-tuned on {config.data.name} by "
+                "`run.py LoRA --method full`: a transformers checkpoint.")
+    if trained == "head":
+        return (f"The classification head and the LayerNorms of `{config.model.gpt_variant}` (`head_model.safetensors`"
+                f", transformers' names), trained on {config.data.name} over the frozen rest by `run.py LoRA --method "
+                "head`: load them onto that base with this project.")
     s = config.student
     taught = f", taught by the LoRA-tuned GPT-2 in `{config.model_path}`" if config.MODE == "distil" else ""
     return (f"A DistilRNN student ({s.rnn_layers} {s.rnn_cell.upper()} layers of {s.rnn_hidden}) trained on "
@@ -63,21 +74,24 @@ def what_it_is(record):
 
 
 def how_to_load(record, folder):
-    config = record.config
-    if config.MODE != "LoRA":
-        return [Paragraph("With this project (it reads `config.json` and `model.safetensors`):"),
-                Code(f"python run.py predict --model_path {folder} --sentence \"The book was written by John.\"")]
-    base = config.model.gpt_variant
-    if is_lm(record):
-        return [Code("from peft import PeftModel\nfrom transformers import GPT2LMHeadModel\n"
-                     f"model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base!r}), {folder!r})"),
-                Paragraph("or with this project:"), Code(f"python run.py gen --adapter {folder} --prompt \"...\"")]
-    labels = len(record.get("dev_probs")[0]) if record.get("dev_probs") else 2
-    return [Code("from peft import PeftModel\nfrom transformers import GPT2ForSequenceClassification\n"
-                 f"base = GPT2ForSequenceClassification.from_pretrained({base!r}, num_labels={labels})\n"
+    trained, predict = method(record), \
+        Code(f"python run.py predict --model_path {folder} --sentence \"The book was written by John.\"")
+    if trained in (None, "head"):
+        return [Paragraph("With this project (it reads the folder's config and safetensors):"), predict]
+    task = "GPT2LMHeadModel" if is_lm(record) else "GPT2ForSequenceClassification"
+    ours = Code(f"python run.py gen --adapter {folder} --prompt \"...\"") if is_lm(record) else predict
+    if trained == "full":
+        if is_lm(record):
+            ours = Code(f"python run.py gen --gpt_variant {folder} --prompt \"...\"")
+        return [Code(f"from transformers import {task}\nmodel = {task}.from_pretrained({folder!r})"),
+                Paragraph("or with this project:"), ours]
+    base = record.config.model.gpt_variant
+    labels = "" if is_lm(record) else \
+        f", num_labels={len(record.get('dev_probs')[0]) if record.get('dev_probs') else 2}"
+    return [Code(f"from peft import PeftModel\nfrom transformers import {task}\n"
+                 f"base = {task}.from_pretrained({base!r}{labels})\n"
                  f"model = PeftModel.from_pretrained(base, {folder!r})"),
-            Paragraph("or with this project:"),
-            Code(f"python run.py predict --model_path {folder} --sentence \"The book was written by John.\"")]
+            Paragraph("or with this project:"), ours]
 
 
 def card_document(record, run_id, folder):

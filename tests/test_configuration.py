@@ -25,7 +25,11 @@ ADDED = {"gen": {"no_record": flag_entry(["--no_record"], False, nargs=0)},
          "report": {"debug": flag_entry(["--debug"], False, nargs=0), "runs": flag_entry(["--runs"], "."),
                     "out": flag_entry(["--out"], "report"),
                     "select": flag_entry(["--select"], "latest", choices=["latest", "best"]),
-                    "run_id": flag_entry(["--run", "--run_id"], None)}}
+                    "run_id": flag_entry(["--run", "--run_id"], None)},
+         "LoRA": {"method": flag_entry(["--method"], "lora", choices=["lora", "head", "full"]),
+                  "use_rslora": flag_entry(["--use_rslora"], False, nargs=0),
+                  "use_dora": flag_entry(["--use_dora"], False, nargs=0),
+                  "grad_checkpoint": flag_entry(["--grad_checkpoint"], False, nargs=0)}}
 BEFORE = {mode: SNAPSHOT.get(mode, {}) | ADDED.get(mode, {}) for mode in {*SNAPSHOT, *ADDED}}
 MINIMAL = {"gen": [], "LoRA": [], "rnn": [], "distil": [], "predict": ["--model_path", "M"],
            "export": ["--model_path", "M", "--out", "O"], "tune": ["rnn"], "info": [], "report": []}

@@ -118,7 +118,8 @@ CASES = [
     ("corrupt adapter config", "predict --model_path bad-config --sentence Hi.", 1,
      "error: bad-config/adapter_config.json: corrupt adapter config"),
     ("a folder that holds no model", "predict --model_path empty --sentence Hi.", 1,
-     "error: empty: neither a LoRA adapter folder (adapter_config.json) nor a student checkpoint (config.json)"),
+     "error: empty: neither a LoRA adapter folder (adapter_config.json), a trained head (head_config.json), a "
+     "transformers classifier nor a student checkpoint (config.json)"),
     ("missing input file", "predict --model_path empty --input nope.txt", 2, "error: --input nope.txt: no such file"),
     ("a CoLA row with 3 columns", "rnn --data_dir cola-columns", 1,
      "error: cola-columns/in_domain_train.tsv:2: expected 4 tab-separated columns, found 3"),

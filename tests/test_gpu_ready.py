@@ -4,6 +4,7 @@ the CUDA code path reads nothing back per micro-batch; `pytest -m gpu` skips the
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -124,6 +125,9 @@ def test_info_tells_what_would_be_chosen(tmp_path, gpu, train, decode):
         assert f"cuda:0 {name}, capability {major}.{minor}, 16.0 GiB (14.0 free)" in text and "device cuda:0" in text
         assert f"gen: {decode}\npredict: {decode}\n" in text.replace("  ", "")
         assert f"LoRA, rnn, distil: {train}, micro-batch " in text
+        kept, recomputed = map(int, re.search(r"micro-batch (\d+) tokens \(LoRA on gpt2\), (\d+) with "
+                                              r"--grad_checkpoint", text).groups())
+        assert recomputed >= 4 * kept  # the blocks keep their inputs alone
     assert f"CoLA (--data_dir default): {os.environ['COLA_DATA_DIR']} (present)" in text
 
 

@@ -73,8 +73,10 @@ def test_only_lora_layernorm_and_head_train(classifier):
 
 
 @pytest.mark.parametrize("variant, lines", [
-    ("gpt2", ["Number of parameters: 125.03M", "Number of trainable parameters: 0.63M", "Reduction: 99.50%"]),
-    ("gpt2-medium", ["Number of parameters: 356.40M", "Number of trainable parameters: 1.68M", "Reduction: 99.53%"]),
+    ("gpt2", ["Number of parameters: 125.03M", "Number of trainable parameters: 0.63M", "Reduction: 99.50%",
+              "Trained: ln_1, ln_2, ln_f, lora_A, lora_B, score"]),
+    ("gpt2-medium", ["Number of parameters: 356.40M", "Number of trainable parameters: 1.68M", "Reduction: 99.53%",
+                     "Trained: ln_1, ln_2, ln_f, lora_A, lora_B, score"]),
 ])
 def test_parameter_table_matches_the_seed_without_a_download(variant, lines, tmp_path, monkeypatch, capfd):
     result = run_main("LoRA", "--gpt_variant", variant, "--epochs", "0", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)

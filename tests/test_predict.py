@@ -39,9 +39,7 @@ def test_peft_adapter_into_ours(tiny_gpt_dir, tmp_path, lora):
 
 
 @pytest.mark.parametrize("lora, setting", [
-    (dict(r=4, target_modules=["c_attn"], use_dora=True), "use_dora"),
     (dict(r=4, target_modules=["c_attn"], bias="all"), "bias"),
-    (dict(r=4, target_modules=["c_attn"], use_rslora=True), "use_rslora"),
 ])
 def test_what_we_cannot_represent_is_refused_by_name(tiny_gpt_dir, tmp_path, lora, setting):
     peft_adapter(tiny_gpt_dir, tmp_path / "peft", **lora)

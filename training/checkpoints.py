@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from model import (GPT, LABELS, LORA_TARGETS, DistilRNN, GPTClassifier, RNNConfig, fold_lora, inject_lora, lora_layers,
-                   variant_slug)
+                   open_checkpoint, variant_slug)
 from runtime.distributed import main_first
 from utils import UserError, atomic_files, read_json, seed_everything
 
@@ -70,6 +70,11 @@ def save_checkpoint(folder, weights_name, tensors, json_files, card=None):
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
+# --method head: the trained score head and LayerNorms alone, under transformers' names, and the base they go on.
+HEAD_CONFIG, HEAD_WEIGHTS = "head_config.json", "head_model.safetensors"
+# --method full: every weight, as transformers' save_pretrained writes them (what `export` writes for an adapter).
+HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
+
 PEFT_PREFIX = "base_model.model."
 LM_TASK = "CAUSAL_LM"  # PEFT's task type of a language-model adapter (a classifier's is SEQ_CLS)
 
@@ -79,25 +84,55 @@ def modules_to_save(model):
     'score']."""
     names = []
     for name, module in model.named_modules():
-        trains = any(p.requires_grad for p in module.parameters(recurse=False))
+        trains = any(p.requires_grad for key, p in module.named_parameters(recurse=False)
+                     if not key.startswith("lora_"))  # DoRA's magnitude is the LoRA layer's own
         short = name.rsplit(".", 1)[-1]
         if trains and not short.startswith("lora_") and short not in names:
             names.append(short)
     return names
 
 
-def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info, card=None):
-    """Save the trainable tensors (LoRA A/B, LayerNorms, a classifier's head) in PEFT's LoRA format for
-    GPT2ForSequenceClassification (SEQ_CLS), or for GPT2LMHeadModel (CAUSAL_LM) when the model is a language
-    model: `PeftModel.from_pretrained` loads the folder as it is."""
+def save_adapter(model, folder, *, rank, alpha, dropout, targets, base_model, run_info, rslora=False, dora=False,
+                 card=None):
+    """Save the trainable tensors (LoRA A/B, DoRA's magnitudes, LayerNorms, a classifier's head) in PEFT's LoRA
+    format for GPT2ForSequenceClassification (SEQ_CLS), or for GPT2LMHeadModel (CAUSAL_LM) when the model is a
+    language model: `PeftModel.from_pretrained` loads the folder as it is."""
     tensors = {PEFT_PREFIX + k: v for k, v in model.named_parameters() if v.requires_grad}
     task = "SEQ_CLS" if isinstance(model, GPTClassifier) else LM_TASK
     config = {"peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model,
               "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
               "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
               "bias": "none", "modules_to_save": modules_to_save(model),
-              "use_rslora": False, "use_dora": False, "inference_mode": True}
+              "use_rslora": rslora, "use_dora": dora, "inference_mode": True}
     save_checkpoint(folder, ADAPTER_WEIGHTS, tensors, {ADAPTER_CONFIG: config, RUN_INFO: run_info}, card)
+
+
+def save_head(model, folder, *, base_model, run_info, card=None):
+    """Save the trainable tensors of a --method head run (the score head, the LayerNorms) under their names in
+    GPT2ForSequenceClassification, with the name of the base they were trained on."""
+    tensors = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    config = {"method": "head", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
+              "modules": modules_to_save(model)}
+    save_checkpoint(folder, HEAD_WEIGHTS, tensors, {HEAD_CONFIG: config, RUN_INFO: run_info}, card)
+
+
+def save_full(model, folder, run_info, card=None):
+    """Save every weight as a transformers checkpoint (GPT2ForSequenceClassification or GPT2LMHeadModel)."""
+    save_checkpoint(folder, HF_WEIGHTS, model.hf_state_dict(), {HF_CONFIG: model.hf_config(), RUN_INFO: run_info},
+                    card)
+
+
+def adapter_files(folder):
+    """(config, weights) of a folder of tensors trained on a base: a --method head run's, else a PEFT adapter's."""
+    folder = Path(folder)
+    if (folder / HEAD_CONFIG).is_file():
+        return folder / HEAD_CONFIG, folder / HEAD_WEIGHTS
+    return folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+
+
+def is_adapter(folder):
+    """A folder of tensors trained on a base it names: a LoRA adapter or a trained head."""
+    return adapter_files(folder)[0].is_file()
 
 
 def positive_int(v):
@@ -119,6 +154,7 @@ ADAPTER_FIELDS = {"r": (positive_int, "a positive integer", True),
                   "lora_alpha": (positive_number, "a positive number", False),
                   "target_modules": (lambda v: isinstance(v, str) or names(v), "a layer name or a list of them", False),
                   "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a model id or folder", False)}
+HEAD_FIELDS = {"base_model_name_or_path": ADAPTER_FIELDS["base_model_name_or_path"]}
 STUDENT_FIELDS = {"vocab_size": (lambda v: positive_int(v) and v >= 50257, "at least 50257 (GPT-2's tokens)", False),
                   "hidden": (positive_int, "a positive integer", False),
                   "layers": (positive_int, "a positive integer", False),
@@ -140,14 +176,21 @@ def checked_config(path, what, rules):
 
 
 def read_adapter_config(folder):
-    """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model'}, refusing what we can't run."""
-    path = Path(folder) / ADAPTER_CONFIG
+    """The LoRA settings of an adapter folder: {'r', 'alpha', 'targets', 'base_model', 'rslora', 'dora'}, refusing
+    what we can't run."""
+    path = adapter_files(folder)[0]
     if not Path(folder).is_dir():
         raise UserError(f"{folder}: no such adapter folder")
+    if path.name == HEAD_CONFIG:  # no LoRA layers: the head and LayerNorms go on the base as they are
+        base = checked_config(path, "head config", HEAD_FIELDS).get("base_model_name_or_path")
+        return {"r": 0, "alpha": 0.0, "targets": [], "base_model": base, "rslora": False, "dora": False}
     cfg = checked_config(path, "adapter config", ADAPTER_FIELDS)
-    for key, ok in (("peft_type", "LORA"), ("use_dora", False), ("use_rslora", False), ("bias", "none")):
+    for key, ok in (("peft_type", "LORA"), ("bias", "none")):
         if cfg.get(key, ok) != ok:
-            raise UserError(f"{path}: {key}={cfg[key]!r} is not supported (only plain LoRA: {key}={ok!r})")
+            raise UserError(f"{path}: {key}={cfg[key]!r} is not supported (only LoRA, rsLoRA, DoRA: {key}={ok!r})")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise UserError(f"{path}: {key} must be true or false, found {cfg[key]!r}")
     if cfg.get("layers_to_transform") is not None or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise UserError(f"{path}: per-layer ranks or layer subsets are not supported")
     wanted = cfg.get("target_modules") or []
@@ -158,12 +201,13 @@ def read_adapter_config(folder):
         raise UserError(f"{path}: target_modules {unknown or wanted} are not GPT-2 layers we adapt "
                         f"(supported: {', '.join(LORA_TARGETS)})")
     return {"r": cfg["r"], "alpha": float(cfg.get("lora_alpha", 8)), "targets": targets,
-            "base_model": cfg.get("base_model_name_or_path")}
+            "base_model": cfg.get("base_model_name_or_path"), "rslora": cfg.get("use_rslora", False),
+            "dora": cfg.get("use_dora", False)}
 
 
 def adapter_task(folder):
     """PEFT's task_type of an adapter folder: "CAUSAL_LM" for a language model (gen), else a classifier (predict)."""
-    return read_json(Path(folder) / ADAPTER_CONFIG, "adapter config").get("task_type") or "SEQ_CLS"
+    return read_json(adapter_files(folder)[0], "adapter config").get("task_type") or "SEQ_CLS"
 
 
 def adapter_base(folder, variant=None):
@@ -179,12 +223,13 @@ def adapter_base(folder, variant=None):
 
 
 def load_lora_model(folder, variant, build_base):
-    """The model an adapter folder describes, LoRA folded in, in eval mode: `build_base(variant, random_init, seed,
-    labels)` makes the base (pretrained, or random from the seed the adapter's run_info.json records) with the
-    labels it records (CoLA's when it records none, as PEFT's adapters)."""
+    """The model an adapter's (or a trained head's) folder describes, LoRA folded in, in eval mode:
+    `build_base(variant, random_init, seed, labels)` makes the base (pretrained, or random from the seed the
+    adapter's run_info.json records) with the labels it records (CoLA's when it records none, as PEFT's adapters)."""
     cfg, info, variant = adapter_base(folder, variant)
     model = build_base(variant, info.get("random_init", False), info.get("seed", 0), info.get("labels", LABELS))
-    inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"])
+    if cfg["targets"]:
+        inject_lora(model, cfg["r"], cfg["alpha"], 0.0, cfg["targets"], rslora=cfg["rslora"], dora=cfg["dora"])
     load_adapter_weights(model, folder)
     return fold_lora(model).eval().requires_grad_(False)
 
@@ -195,8 +240,9 @@ def injected_targets(named_parameters):
 
 
 def load_adapter_weights(model, folder):
-    """Copy an adapter's tensors into a model that already has LoRA injected with the same settings."""
-    path = Path(folder) / ADAPTER_WEIGHTS
+    """Copy an adapter's (or a trained head's) tensors into a model that already has LoRA injected with the same
+    settings."""
+    path = adapter_files(folder)[1]
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_tensors(path).items()}
     ours = dict(model.named_parameters())
     unknown = sorted(tensors.keys() - ours.keys())
@@ -274,15 +320,34 @@ def load_lora_lm(folder, variant=None):
     return load_lora_model(folder, variant, build_lm)
 
 
+def load_full_classifier(folder):
+    """A GPT2ForSequenceClassification checkpoint (--method full's, or an export), with the labels it names."""
+    hf = read_json(Path(folder) / HF_CONFIG, "model config")
+    names = hf.get("id2label") or {}
+    labels = [names[str(i)] for i in range(len(names))] if len(names) >= 2 else LABELS
+    weights = open_checkpoint(str(folder))
+    if "score.weight" not in weights:
+        raise UserError(f"{folder}: a GPT-2 with no score head (score.weight), not a classifier")
+    model = GPTClassifier.from_pretrained(str(folder), labels=labels)
+    with torch.no_grad():
+        model.score.weight.copy_(weights["score.weight"]())
+    return model.eval().requires_grad_(False)
+
+
 def load_predictor(folder, variant):
-    """A trained classifier (GPT-2 + LoRA or a student) from its folder, recognised by its files."""
+    """A trained classifier (GPT-2 + LoRA, a trained head, every weight, or a student) from its folder, recognised by
+    its files."""
     folder = Path(folder)
-    if (folder / ADAPTER_CONFIG).exists():
+    if is_adapter(folder):
         return load_lora_classifier(folder, variant)
-    if (folder / STUDENT_CONFIG).exists():
+    held = folder_holds(folder)
+    if held == "a transformers model":
+        return load_full_classifier(folder)
+    if held == "a student checkpoint":
         return load_student(folder)
-    raise UserError(f"{folder}: neither a LoRA adapter folder ({ADAPTER_CONFIG}) nor a student checkpoint "
-                    f"({STUDENT_CONFIG}); train one with `python run.py LoRA` or `python run.py rnn`")
+    raise UserError(f"{folder}: neither a LoRA adapter folder ({ADAPTER_CONFIG}), a trained head ({HEAD_CONFIG}), a "
+                    f"transformers classifier nor a student checkpoint ({STUDENT_CONFIG}); train one with "
+                    "`python run.py LoRA` or `python run.py rnn`")
 
 
 def save_trained(model, folder, run_info, card=None):
@@ -293,18 +358,31 @@ def save_trained(model, folder, run_info, card=None):
         save_student(model, folder, run_info, card)
         print(f"student saved to {folder}")
         return
+    method = run_info.get("method", "lora")
+    if method == "full":
+        save_full(model, folder, run_info, card)
+        print(f"every weight saved to {folder} ({type(model).__name__}: transformers' "
+              f"{model.hf_config()['architectures'][0]}.from_pretrained loads it)")
+        return
+    if method == "head":
+        save_head(model, folder, base_model=run_info["gpt_variant"], run_info=run_info, card=card)
+        print(f"head and LayerNorms saved to {folder} (on {run_info['gpt_variant']})")
+        return
     layer = lora_layers(model)[0]
     present = injected_targets(dict(model.named_parameters()))
     save_adapter(model, folder, rank=layer.rank, alpha=layer.alpha,
                  dropout=layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0,
                  targets=[t for t in LORA_TARGETS if t in present], base_model=run_info["gpt_variant"],
-                 run_info=run_info, card=card)
+                 run_info=run_info, rslora=layer.rslora, dora=layer.dora, card=card)
     print(f"adapter saved to {folder} (PEFT format)")
 
 
 def folder_holds(path):
-    """Which model a folder holds: a LoRA adapter, a student checkpoint, a transformers model, or None."""
+    """Which model a folder holds: a LoRA adapter, a trained head, a student checkpoint, a transformers model, or
+    None."""
     folder = Path(path)
+    if (folder / HEAD_CONFIG).is_file():
+        return "a trained head"
     if (folder / ADAPTER_CONFIG).is_file():
         return "a LoRA adapter"
     if not (folder / STUDENT_CONFIG).is_file():

@@ -39,6 +39,13 @@ class Pruned(Exception):
     """A search stopped the run after an epoch: its trial scores worse than the others did at that point."""
 
 
+def run_name(config):
+    """What the run is called in its plots and summary: the mode, and for LoRA a --method other than lora
+    (LoRA-full, LoRA-head)."""
+    method = getattr(getattr(config, "lora", None), "method", "lora")
+    return config.MODE if method == "lora" else f"{config.MODE}-{method}"
+
+
 class RunWatch:
     """What a run shows while it trains and records when it ends, written by rank 0 alone: the plots after every
     epoch, its line in tuning/<mode>.jsonl (tuning/<mode>-<dataset>.jsonl past CoLA; unfinished until the end), and
@@ -52,7 +59,8 @@ class RunWatch:
     def __init__(self, config, device, dtype, splits, baseline, trial=None):
         self.mode, self.header, self.lr = config.MODE, config_fields(config) | provenance(config), config.train.lr
         self.device, self.dtype, self.splits = device, dtype, splits
-        self.log = f"{TUNING_DIR}/{run_stem(self.mode, splits.spec)}.jsonl"
+        self.log = f"{TUNING_DIR}/{run_stem(self.mode, splits.spec)}.jsonl"  # one log, which a sweep compares
+        self.plots = run_name(config)  # plots/LoRA-full_loss.png beside LoRA's own
         self.data, self.baseline = data_fingerprint(splits), baseline  # the plots' reference line
         self.board = TensorBoardLog.open(config.run, self.mode, flat_values(config)) if is_main() else None
         self.trial, self.trial_fields = trial, trial.fields() if trial else {}
@@ -68,7 +76,7 @@ class RunWatch:
             raise Pruned(f"pruned after epoch {run['epoch']}")
 
     def write_progress(self, run, extra):
-        draw_history(run, self.mode, self.splits, self.baseline)
+        draw_history(run, self.plots, self.splits, self.baseline)
         record = progress_record(self.header, self.device, self.dtype, self.splits, self.data, run)
         write_jsonl_record(self.log, record | self.trial_fields | extra, key="run_id")
         if self.board:
@@ -76,7 +84,7 @@ class RunWatch:
 
     def final_record(self, run, model, s, seconds, extra=None):
         """The finished run's plots, and its record (returned, not yet written: see `write`)."""
-        plots = draw_history(run, self.mode, self.splits, self.baseline)
+        plots = draw_history(run, self.plots, self.splits, self.baseline)
         record = run_record(self.header, self.device, self.dtype, self.splits, model, run, s, seconds, plots)
         return record | {"run_id": run["run_id"], "finished": True, **self.trial_fields, **(extra or {})}
 

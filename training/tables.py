@@ -37,10 +37,23 @@ def parameter_rows(total, trainable):
             ("Reduction", f"{100 * (1 - trainable / total):.2f}%")]
 
 
-def print_parameter_table(model):
-    """The parameter counts in the assignment's three lines (a tied weight counted once)."""
+def print_parameter_table(model, trained=False):
+    """The parameter counts in the assignment's three lines (a tied weight counted once); with `trained`, a fourth
+    naming what trains."""
     for label, value in parameter_rows(*count_parameters(model)):
         print(f"{label}: {value}")
+    if trained:
+        print(f"Trained: {trained_parts(model)}")
+
+
+def trained_parts(model):
+    """The trainable tensors by the short name of what holds them, e.g. 'ln_1, ln_2, ln_f, lora_A, lora_B, score'
+    (in every block where a block has them), or 'every weight'."""
+    named = list(model.named_parameters())
+    if all(p.requires_grad for _, p in named):
+        return "every weight"
+    return ", ".join(sorted({name.split(".")[-2] if name.endswith((".weight", ".bias")) else name.split(".")[-1]
+                             for name, p in named if p.requires_grad}))
 
 
 def print_run_summary(mode, best_epoch, epochs, s, splits):
