@@ -4,6 +4,7 @@ gradients of the plain backward pass."""
 import copy
 import json
 
+from huggingface_hub import ModelCard
 import pytest
 import torch
 
@@ -118,6 +119,11 @@ def test_one_sweep_compares_the_three_methods_and_each_saves_what_loads(tiny_gpt
     assert all(f"method={m}" in (tmp_path / "tuning" / "m.md").read_text() for m in ("lora", "head", "full"))
     assert (tmp_path / "plots" / "LoRA-full_acc.png").is_file() and (tmp_path / "plots" / "LoRA-head_acc.png").is_file()
     runs = tmp_path / "models" / "tune" / "m"
+    for r in records:
+        method = r["config"]["lora"]["method"]
+        card = ModelCard.load(runs / f"method_{method}_seed0" / "README.md").data
+        assert card.library_name == {"lora": "peft", "full": "transformers", "head": None}[method]
+        assert [e.metric_value for e in card.eval_results] == [r["dev_acc"], r["dev_mcc"]]
     check_full_folder(runs / "method_full_seed0", tmp_path, monkeypatch, capfd)
     check_head_folder(runs / "method_head_seed0", tiny_gpt_dir, tmp_path, monkeypatch, capfd)
 
