@@ -29,7 +29,7 @@ from decoding.sampling import Sampler
 from decoding.static_step import StaticDecoder
 from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
                    mark_only_lora_as_trainable)
-from runtime.devices import compute_dtype, default_micro_batch_tokens, loss_scaler
+from runtime.devices import compute_dtype, default_micro_batch_tokens, has_fast_bf16, loss_scaler
 from textdata.augmentation import augment
 from textdata.batches import Split, bucketed_batches, collate, sorted_batches
 from textdata.lm_examples import lm_split, text_blocks
@@ -55,6 +55,15 @@ def alternate(runs, reps, warmup=1):
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def skip_emulated(quick, row):
+    """True, with a printed note, when `quick` and this CPU only emulates bf16: the bf16 and int8 rows (int8's
+    products take bf16 activations) then take tens of minutes, and --quick checks that the benchmark runs."""
+    if quick and not has_fast_bf16(CPU):
+        print(f"skipped in --quick: {row} (bf16 is emulated on this CPU)", flush=True)
+        return True
+    return False
 
 
 def synchronize(device):
@@ -250,7 +259,7 @@ def hf_generator(config):
     return peer
 
 
-def generation_cases(reps, new_tokens, variant="gpt2"):
+def generation_cases(reps, new_tokens, quick=False, variant="gpt2"):
     torch.manual_seed(0)
     prompt = torch.randint(0, 50257, (128,)).tolist()
     ours = GPT.from_random(variant).eval()
@@ -279,6 +288,8 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
     yield case("same, both fp32", "ours fp32", "GPT2LMHeadModel.generate fp32", times | {"ours": times["ours_fp32"]},
                target=1.0, limit=("bandwidth", weight_bytes(ours) * new_tokens, bandwidth))
 
+    if skip_emulated(quick, "generation, ours int8 weights"):
+        return
     int8 = prepare_for_generation(GPT.from_random(variant), CPU, auto, quantize="int8")  # as run.py builds it
     int8_bytes = sum(b.numel() * b.element_size() for b in int8.buffers())  # the int8 blocks and head
     times = alternate({"ours": run_ours(int8), "peer": run_peer}, reps)
@@ -557,8 +568,9 @@ def main():
     if args.device == "cuda":
         return cuda_main(split, reps, args.variant, args.quick, args.json)
     new_tokens = 16 if args.quick else 384
-    cases = {"lora": lambda: lora_cases(split, reps), "lora_bf16": lambda: [lora_bf16_case(split, reps)],
-             "gen": lambda: generation_cases(reps, new_tokens),
+    cases = {"lora": lambda: lora_cases(split, reps),
+             "lora_bf16": lambda: [] if skip_emulated(args.quick, "lora_bf16") else [lora_bf16_case(split, reps)],
+             "gen": lambda: generation_cases(reps, new_tokens, args.quick),
              "samples": lambda: [batched_generation_case(reps, 16 if args.quick else 128)],
              "compile": lambda: compiled_generation_cases(reps, new_tokens, 16 if args.quick else 128, args.quick),
              "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
