@@ -27,8 +27,8 @@ import torch
 from decoding.packed_weights import prepare_for_generation
 from decoding.sampling import Sampler
 from decoding.static_step import StaticDecoder
-from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora, load_config,
-                   mark_only_lora_as_trainable)
+from model import (EOT, GPT, DistilRNN, GPTClassifier, GPTConfig, RNNConfig, cast_frozen_linears, inject_lora,
+                   load_config, mark_only_lora_as_trainable)
 from runtime.devices import compute_dtype, default_micro_batch_tokens, has_fast_bf16, loss_scaler
 from textdata.augmentation import augment
 from textdata.batches import Split, bucketed_batches, collate, sorted_batches
@@ -40,7 +40,7 @@ from training.lm_objective import NextToken
 from utils import write_text
 
 CPU = torch.device("cpu")
-CASES = ("lora", "lora_bf16", "lm", "gen", "samples", "compile", "predict", "distil", "transfer", "rss")
+CASES = ("lora", "lora_bf16", "lm", "gen", "samples", "compile", "ct2", "predict", "distil", "transfer", "rss")
 
 
 def alternate(runs, reps, warmup=1):
@@ -374,6 +374,62 @@ def compiled_generation_cases(reps, new_tokens, samples_tokens, quick=False, n=8
         yield row
 
 
+def timed_in_own_process(engine, folder, *flags):
+    """Seconds of one timed decode by decoding/engine_timing.py in a fresh process (after its warm-up)."""
+    out = subprocess.run([sys.executable, "-m", "decoding.engine_timing", engine, str(folder), *flags], check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    return json.loads(out.stdout.splitlines()[-1])["seconds"]
+
+
+def ctranslate2_cases(reps, new_tokens, samples_tokens, quick, n=8, variant="gpt2"):
+    """Ours against CTranslate2, the C++ engine a user would convert GPT-2 to for a CPU, on the same random weights
+    (a transformers folder, converted by its TransformersConverter), from one 128-token prompt, top-k 50. Each
+    engine runs in a process of its own (their thread pools spin against each other in one), one warm-up and one
+    timed decode per process, ours and theirs alternating. Each engine's rate is against the measured copy
+    bandwidth: ours by the bytes its step reads, CTranslate2's by its converted model's size (its head is its
+    embedding). `quick`: a 2-layer model of gpt2's vocabulary, only to check that the rows run."""
+    try:
+        import ctranslate2
+    except ImportError:
+        print("skipped: the ct2 rows (CTranslate2 is not installed: pip install ctranslate2)", flush=True)
+        return
+    from textdata.tokenizer_files import write_gpt2_tokenizer
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=128) if quick else load_config(variant)
+    folder = Path(tempfile.mkdtemp(prefix="bench-ct2-"))
+    torch.manual_seed(0)
+    hf_generator(config).save_pretrained(folder / "hf")
+    write_gpt2_tokenizer(folder / "hf")
+    for quantization in ("float32", "int8"):
+        ctranslate2.converters.TransformersConverter(str(folder / "hf")).convert(str(folder / quantization),
+                                                                                  quantization=quantization)
+    auto = compute_dtype("auto", CPU)
+    ours_bytes = {None: step_bytes(GPT.from_pretrained(folder / "hf").to(auto)),
+                  "float32": step_bytes(GPT.from_pretrained(folder / "hf")),
+                  "int8": step_bytes(prepare_for_generation(GPT.from_pretrained(folder / "hf"), CPU, auto,
+                                                            quantize="int8"))}
+    setups = [("one sample, float32", ["--dtype", "float32"], "float32", "float32", 1, new_tokens, 1.0),
+              ("one sample, int8", ["--quantize", "int8"], "int8", "int8", 1, new_tokens, 1.25),
+              (f"one sample, ours default ({dtype_name(auto)}) against int8", [], None, "int8", 1, new_tokens, 1.25),
+              (f"{n} samples, ours default ({dtype_name(auto)}) against int8", [], None, "int8", n, samples_tokens,
+               1.0)]
+    times = {title: {"ours": [], "peer": []} for title, *_ in setups}
+    for _ in range(reps):
+        for title, flags, ours_kind, compute_type, samples, tokens, _ in setups:
+            common = ["--new_tokens", str(tokens), "--samples", str(samples)]
+            times[title]["ours"].append(timed_in_own_process("ours", folder / "hf", *common, *flags))
+            times[title]["peer"].append(timed_in_own_process("ctranslate2", folder / compute_type, *common,
+                                                             "--dtype", compute_type))
+    bandwidth = memory_gbps()
+    for title, flags, ours_kind, compute_type, samples, tokens, target in setups:
+        row = case(f"against CTranslate2 {ctranslate2.__version__}, {'2-layer ' if quick else ''}{variant}, "
+                   f"128-token prompt, {tokens} new tokens, {title}", f"ours{' ' + ' '.join(flags) if flags else ''}"
+                   f"{f' --num_samples {samples}' if samples > 1 else ''}", f"CTranslate2 {compute_type}",
+                   times[title], target=target, limit=("bandwidth", ours_bytes[ours_kind] * tokens, bandwidth))
+        theirs = (folder / compute_type / "model.bin").stat().st_size * tokens / row["peer_s"] / 1e9
+        row["peer"] += f" ({theirs:.0f} GB/s, {theirs / bandwidth:.0%})"
+        yield row
+
+
 # ----------------------------------------------------------------------------- distillation
 
 def distil_case(split, reps):
@@ -573,6 +629,7 @@ def main():
              "gen": lambda: generation_cases(reps, new_tokens, args.quick),
              "samples": lambda: [batched_generation_case(reps, 16 if args.quick else 128)],
              "compile": lambda: compiled_generation_cases(reps, new_tokens, 16 if args.quick else 128, args.quick),
+             "ct2": lambda: ctranslate2_cases(reps, new_tokens, 16 if args.quick else 128, args.quick),
              "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
              "lm": lambda: [lm_lora_case(sentences, reps, 4 if args.quick else 64)],
              "transfer": lambda: [transfer_case(split, reps)],
