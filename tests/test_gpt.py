@@ -7,7 +7,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from cli import commands
 from conftest import run_cli, run_main, save_tiny_gpt2
 from decoding.int8_linears import Int8Linear, quantize_int8
-from decoding.packed_weights import PackedBF16Linear, PackedLinear, packed_class, prepare_for_generation
+from decoding.packed_weights import OneDNNPackedLinear, PackedLinear, prepare_for_generation
 from decoding.sampling import Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
 from model import BPE_TOKENS, GPT, GPTConfig, ModelError
 from runtime.devices import has_fast_bf16
@@ -63,9 +63,23 @@ def test_samples_decode_through_packed_weights_and_keep_the_head_tied(tiny_gpt_d
     reference = hf.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False, pad_token_id=50256)
     steps = ours.generate_batch(prompt, 50, [Sampler(temperature=0)] * 3)
     assert list(steps) == [[tok] * 3 for tok in reference[0, len(prompt):].tolist()]
-    alone = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), torch.device("cpu"), torch.float32, rows=1)
-    assert type(alone.lm_head) is torch.nn.Linear and alone.lm_head.weight.stride() == (alone.config.n_embd, 1)
-    assert packed_class(alone, 1) is None  # fp32, one row: the plain product
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN (packed products)")
+def test_fp32_one_sample_decodes_through_onednn_packed_weights_with_the_plain_tokens(tiny_gpt_dir):
+    cpu, prompt = torch.device("cpu"), [464, 2068, 7586, 21831, 625, 262]
+    packed = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), cpu, torch.float32)
+    plain = GPT.from_pretrained(tiny_gpt_dir).eval()  # nn.Linear: torch's ordinary product
+    assert isinstance(packed.transformer.h[0].mlp.c_proj, OneDNNPackedLinear)
+    assert isinstance(packed.lm_head, OneDNNPackedLinear)
+    assert packed.lm_head.linear.weight is packed.transformer.wte.weight  # the head is still the embedding
+    with torch.no_grad():
+        caches = [m.new_cache(1, 8) for m in (packed, plain)]
+        steps = [[m(torch.tensor([prompt[:-1]]), c), m(torch.tensor([prompt[-1:]]), c)]
+                 for m, c in zip((packed, plain), caches)]
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(*steps))  # the prompt, then a step through the cache
+    assert list(packed.generate(prompt, 40, Sampler(0.8, top_k=40, seed=3))) == list(
+        plain.generate(prompt, 40, Sampler(0.8, top_k=40, seed=3)))
 
 
 @pytest.mark.skipif(not (has_fast_bf16(torch.device("cpu")) and torch.backends.mkldnn.is_available()),
@@ -74,8 +88,8 @@ def test_bf16_decodes_through_packed_weights_with_the_plain_products_logits(tiny
     cpu, prompt = torch.device("cpu"), [464, 2068, 7586, 21831, 625, 262]
     packed = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), cpu, torch.bfloat16)
     plain = GPT.from_pretrained(tiny_gpt_dir).to(torch.bfloat16).eval()  # nn.Linear: torch's ordinary product
-    assert isinstance(packed.transformer.h[0].attn.c_attn, PackedBF16Linear)
-    assert isinstance(packed.lm_head, PackedBF16Linear)
+    assert isinstance(packed.transformer.h[0].attn.c_attn, OneDNNPackedLinear)
+    assert isinstance(packed.lm_head, OneDNNPackedLinear)
     assert packed.lm_head.linear.weight is packed.transformer.wte.weight  # the head is still the embedding
     with torch.no_grad():
         for batch in (torch.tensor([prompt]), torch.tensor([prompt, prompt[::-1], prompt[1:] + [11]])):
