@@ -319,6 +319,16 @@ def test_int8_logits_and_greedy_tokens_stay_close_to_fp32(tmp_path):
           f" greedy agreement {agreement:.1%} over 200 tokens")
     assert err.max() <= 0.2 and err.mean() <= 0.03  # measured: 0.131 and 0.0135
     assert agreement >= 0.9  # measured: 94.0%
+    with torch.no_grad():  # decoding: the prompt, then one row a step, whose activations go to int8 as well
+        cache = q.new_cache(1, idx.size(1))
+        steps = [q(idx[:, :len(prompt)], cache)[0, -1]] + [q(idx[:, i:i + 1], cache)[0, -1]
+                                                            for i in range(len(prompt), idx.size(1))]
+    err = (a - torch.stack(steps)).abs()
+    agreement = float((a.argmax(-1) == torch.stack(steps).argmax(-1)).float().mean())
+    print(f"int8 decoding steps vs fp32: max logit error {err.max():.4f}, mean {err.mean():.4f}, greedy agreement "
+          f"{agreement:.1%}")
+    assert err.max() <= 0.25 and err.mean() <= 0.03  # measured: 0.167 and 0.0159
+    assert agreement >= 0.9  # measured: 94.5%
 
 
 def test_int8_kernel_computes_the_dequantized_product():
@@ -330,6 +340,21 @@ def test_int8_kernel_computes_the_dequantized_product():
     assert (error <= q.scale.float()[:, None]).all()  # own rounding (127 x 2^-9 of a step): under one step
     assert torch.allclose(q(x), expected, atol=0.02)  # the kernel's activations are bf16
     assert q.dequantized(torch.float16).dtype == torch.float16
+
+
+@pytest.mark.skipif(torch.backends.quantized.engine not in ("x86", "fbgemm"), reason="no FBGEMM in this torch")
+def test_int8_one_row_quantizes_its_activations_and_several_rows_do_not():
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(256, 96), torch.randn(3, 256)
+    q = Int8Linear(linear)
+    exact = torch.nn.functional.linear(x, q.dequantized(torch.float32), q.bias)  # int8 weights, float activations
+    one_row = torch.cat([q(row[None]) for row in x])  # FBGEMM: 8-bit activations, each row in its own range
+    rows = q(x)  # _weight_int8pack_mm: bf16 activations
+    assert q.packed is not None
+    step = x.abs().amax(-1, keepdim=True) * 2 / 255  # one step of a row's 8-bit grid spans its range / 255
+    bound = step / 2 * q.dequantized(torch.float32).abs().sum(-1)  # half a step per input, at worst
+    assert ((one_row - exact).abs() <= bound).all() and not torch.allclose(one_row, rows, atol=1e-4)
+    assert torch.allclose(rows, exact, atol=0.02)
 
 
 def test_int8_centered_head_keeps_logits_with_a_shared_offset_as_close_as_without():
