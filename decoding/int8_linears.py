@@ -33,7 +33,8 @@ class Int8Linear(nn.Module):
     CPU: the row is quantized to 8 bits with its own range, multiplied by the int8 weights in integers (VNNI where
     the CPU has it), and scaled back in fp32 with the bias added, one operation. Several rows (a prompt, samples
     decoding together) go through torch's weight-only _weight_int8pack_mm: one range for all the rows of a prompt
-    would cost them precision. _weight_int8pack_mm reads the int8 weights as they are, a quarter of fp32's bytes;
+    would cost them precision; so do the rows of a compiled step (dynamo cannot trace FBGEMM's packed weights).
+    _weight_int8pack_mm reads the int8 weights as they are, a quarter of fp32's bytes;
     it wants bf16 activations and scales (with fp32 ones it falls back to a path slower than fp32 itself), so
     activations are cast to bf16 for the product and back after it. FBGEMM's packed copy of the weights takes as
     much memory as the int8 weights.
@@ -62,7 +63,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         if x.device.type != "cpu":
             return F.linear(x, self.dequantized(x.dtype), self.bias)
-        if self.packed is not None and x.numel() == x.size(-1):  # one row: int8 activations
+        if self.packed is not None and x.numel() == x.size(-1) and not torch.compiler.is_compiling():  # one row
             y = torch.ops.quantized.linear_dynamic(x.reshape(1, -1).float(), self.packed, REDUCE_RANGE)
             y = y.view(*x.shape[:-1], -1)  # the bias is added
         else:
