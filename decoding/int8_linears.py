@@ -47,7 +47,7 @@ class Int8Linear(nn.Module):
     kernel's bf16 output (8 significant bits) rounds numbers the size of those differences, not of the logits.
     """
 
-    def __init__(self, linear, centered=False):
+    def __init__(self, linear, centered=False, one_row=True):
         super().__init__()
         w = linear.weight.detach().float()  # (out, in)
         mean_row = w.mean(dim=0) if centered else None  # (in,)
@@ -58,7 +58,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.register_buffer("mean_row", mean_row)
-        self.packed = dynamic_int8_pack(self.weight, self.scale.float(), self.bias) if w.device.type == "cpu" else None
+        on_cpu = one_row and w.device.type == "cpu"  # one_row False: never one row (a classifier's batches)
+        self.packed = dynamic_int8_pack(self.weight, self.scale.float(), self.bias) if on_cpu else None
 
     def forward(self, x):
         if x.device.type != "cpu":
@@ -85,14 +86,16 @@ def quantize_int8(model):
     """Replace the linear layers of every block, and the head, with Int8Linear, for inference.
 
     The LM head shares its weight with the token embedding: the head gets an int8 copy, centered (see
-    Int8Linear), and the embedding stays as it is. A classifier's head is its `score` layer.
+    Int8Linear), and the embedding stays as it is. A classifier's head is its `score` layer; a classifier reads
+    batches of sentences, never one row, so its layers get no FBGEMM copy.
     """
+    decoder = not isinstance(model, GPTClassifier)
     for block in model.transformer.h:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
-                setattr(parent, name, Int8Linear(child))
-    if isinstance(model, GPTClassifier):
-        model.score = Int8Linear(model.score)
+                setattr(parent, name, Int8Linear(child, one_row=decoder))
+    if not decoder:
+        model.score = Int8Linear(model.score, one_row=False)
     else:
         model.lm_head = Int8Linear(model.lm_head, centered=True)
     return model
