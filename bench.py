@@ -24,10 +24,11 @@ import time
 
 import torch
 
+from decoding.engine_timing import comparisons, step_bytes
 from decoding.packed_weights import prepare_for_generation
 from decoding.sampling import Sampler
 from decoding.static_step import StaticDecoder
-from model import (EOT, GPT, DistilRNN, GPTClassifier, GPTConfig, RNNConfig, cast_frozen_linears, inject_lora,
+from model import (EOT, GPT, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora,
                    load_config, mark_only_lora_as_trainable)
 from runtime.devices import compute_dtype, default_micro_batch_tokens, has_fast_bf16, loss_scaler
 from textdata.augmentation import augment
@@ -58,8 +59,7 @@ def alternate(runs, reps, warmup=1):
 
 
 def skip_emulated(quick, row):
-    """True, with a printed note, when `quick` and this CPU only emulates bf16: the bf16 and int8 rows (int8's
-    products take bf16 activations) then take tens of minutes, and --quick checks that the benchmark runs."""
+    """True, with a note, in --quick where bf16 is emulated: bf16 and int8 rows take tens of minutes there."""
     if quick and not has_fast_bf16(CPU):
         print(f"skipped in --quick: {row} (bf16 is emulated on this CPU)", flush=True)
         return True
@@ -279,22 +279,18 @@ def generation_cases(reps, new_tokens, quick=False, variant="gpt2"):
     times = alternate({"ours": run_ours(ours_auto), "peer": run_peer, "ours_fp32": run_ours(ours)}, reps)
     bandwidth = memory_gbps()
 
-    def weight_bytes(model):
-        return sum(p.numel() * p.element_size() for p in model.parameters())
-
     yield case(f"generation, {variant}, 128-token prompt, {new_tokens} new tokens, top-k 50",
                f"run.py gen defaults ({dtype_name(auto)})", "GPT2LMHeadModel.generate fp32", times, target=1.5,
-               limit=("bandwidth", weight_bytes(ours_auto) * new_tokens, bandwidth))
+               limit=("bandwidth", step_bytes(ours_auto) * new_tokens, bandwidth))
     yield case("same, both fp32", "ours fp32", "GPT2LMHeadModel.generate fp32", times | {"ours": times["ours_fp32"]},
-               target=1.0, limit=("bandwidth", weight_bytes(ours) * new_tokens, bandwidth))
+               target=1.0, limit=("bandwidth", step_bytes(ours) * new_tokens, bandwidth))
 
     if skip_emulated(quick, "generation, ours int8 weights"):
         return
     int8 = prepare_for_generation(GPT.from_random(variant), CPU, auto, quantize="int8")  # as run.py builds it
-    int8_bytes = sum(b.numel() * b.element_size() for b in int8.buffers())  # the int8 blocks and head
     times = alternate({"ours": run_ours(int8), "peer": run_peer}, reps)
     yield case("same, ours int8 weights", "run.py gen --quantize int8", "GPT2LMHeadModel.generate fp32", times,
-               target=2.5, limit=("bandwidth", int8_bytes * new_tokens, bandwidth))
+               target=2.5, limit=("bandwidth", step_bytes(int8) * new_tokens, bandwidth))
 
 
 def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
@@ -313,17 +309,9 @@ def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
         list(ours.generate_batch(prompt, new_tokens, [Sampler(1.0, top_k=50, seed=i) for i in range(n)]))
 
     times = alternate({"ours": run_ours, "peer": run_peer}, reps)
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     return case(f"generation, {variant}, {n} samples in one batch, {new_tokens} new tokens, top-k 50",
                 f"run.py gen --num_samples {n} ({dtype_name(auto)})", f"generate(num_return_sequences={n}) fp32",
-                times, target=2.0, limit=("bandwidth", weight_bytes * new_tokens, memory_gbps()))
-
-
-def step_bytes(model):
-    """Bytes of weights a decoding step reads: the parameters, or with int8 weights the int8 blocks and head (the
-    embedding then gives one row a step)."""
-    int8 = sum(b.numel() * b.element_size() for b in model.buffers())
-    return int8 or sum(p.numel() * p.element_size() for p in model.parameters())
+                times, target=2.0, limit=("bandwidth", step_bytes(ours) * new_tokens, memory_gbps()))
 
 
 def seconds(fn):
@@ -374,59 +362,15 @@ def compiled_generation_cases(reps, new_tokens, samples_tokens, quick=False, n=8
         yield row
 
 
-def timed_in_own_process(engine, folder, *flags):
-    """Seconds of one timed decode by decoding/engine_timing.py in a fresh process (after its warm-up)."""
-    out = subprocess.run([sys.executable, "-m", "decoding.engine_timing", engine, str(folder), *flags], check=True,
-                         capture_output=True, text=True, cwd=Path(__file__).parent)
-    return json.loads(out.stdout.splitlines()[-1])["seconds"]
-
-
-def ctranslate2_cases(reps, new_tokens, samples_tokens, quick, n=8, variant="gpt2"):
-    """Ours against CTranslate2, the C++ engine a user would convert GPT-2 to for a CPU, on the same random weights
-    (a transformers folder, converted by its TransformersConverter), from one 128-token prompt, top-k 50. Each
-    engine runs in a process of its own (their thread pools spin against each other in one), one warm-up and one
-    timed decode per process, ours and theirs alternating. Each engine's rate is against the measured copy
-    bandwidth: ours by the bytes its step reads, CTranslate2's by its converted model's size (its head is its
-    embedding). `quick`: a 2-layer model of gpt2's vocabulary, only to check that the rows run."""
-    try:
-        import ctranslate2
-    except ImportError:
-        print("skipped: the ct2 rows (CTranslate2 is not installed: pip install ctranslate2)", flush=True)
-        return
-    from textdata.tokenizer_files import write_gpt2_tokenizer
-    config = GPTConfig(n_layer=2, n_head=4, n_embd=128) if quick else load_config(variant)
-    folder = Path(tempfile.mkdtemp(prefix="bench-ct2-"))
-    torch.manual_seed(0)
-    hf_generator(config).save_pretrained(folder / "hf")
-    write_gpt2_tokenizer(folder / "hf")
-    for quantization in ("float32", "int8"):
-        ctranslate2.converters.TransformersConverter(str(folder / "hf")).convert(str(folder / quantization),
-                                                                                  quantization=quantization)
-    auto = compute_dtype("auto", CPU)
-    ours_bytes = {None: step_bytes(GPT.from_pretrained(folder / "hf").to(auto)),
-                  "float32": step_bytes(GPT.from_pretrained(folder / "hf")),
-                  "int8": step_bytes(prepare_for_generation(GPT.from_pretrained(folder / "hf"), CPU, auto,
-                                                            quantize="int8"))}
-    setups = [("one sample, float32", ["--dtype", "float32"], "float32", "float32", 1, new_tokens, 1.0),
-              ("one sample, int8", ["--quantize", "int8"], "int8", "int8", 1, new_tokens, 1.25),
-              (f"one sample, ours default ({dtype_name(auto)}) against int8", [], None, "int8", 1, new_tokens, 1.25),
-              (f"{n} samples, ours default ({dtype_name(auto)}) against int8", [], None, "int8", n, samples_tokens,
-               1.0)]
-    times = {title: {"ours": [], "peer": []} for title, *_ in setups}
-    for _ in range(reps):
-        for title, flags, ours_kind, compute_type, samples, tokens, _ in setups:
-            common = ["--new_tokens", str(tokens), "--samples", str(samples)]
-            times[title]["ours"].append(timed_in_own_process("ours", folder / "hf", *common, *flags))
-            times[title]["peer"].append(timed_in_own_process("ctranslate2", folder / compute_type, *common,
-                                                             "--dtype", compute_type))
+def ctranslate2_cases(reps, new_tokens, samples_tokens, quick):
+    """Ours against CTranslate2 on the same weights (decoding/engine_timing.py), each engine's rate against the copy
+    bandwidth by the bytes its step reads. `quick`: a 2-layer model, only to check that the rows run."""
     bandwidth = memory_gbps()
-    for title, flags, ours_kind, compute_type, samples, tokens, target in setups:
-        row = case(f"against CTranslate2 {ctranslate2.__version__}, {'2-layer ' if quick else ''}{variant}, "
-                   f"128-token prompt, {tokens} new tokens, {title}", f"ours{' ' + ' '.join(flags) if flags else ''}"
-                   f"{f' --num_samples {samples}' if samples > 1 else ''}", f"CTranslate2 {compute_type}",
-                   times[title], target=target, limit=("bandwidth", ours_bytes[ours_kind] * tokens, bandwidth))
-        theirs = (folder / compute_type / "model.bin").stat().st_size * tokens / row["peer_s"] / 1e9
-        row["peer"] += f" ({theirs:.0f} GB/s, {theirs / bandwidth:.0%})"
+    for what, ours, theirs, tokens, target, times, read in comparisons(reps, 2 if quick else 12, new_tokens,
+                                                                       samples_tokens):
+        row = case(what, ours, theirs, times, target=target, limit=("bandwidth", read["ours"] * tokens, bandwidth))
+        rate = read["peer"] * tokens / row["peer_s"] / 1e9
+        row["peer"] += f" ({rate:.0f} GB/s, {rate / bandwidth:.0%})"
         yield row
 
 
