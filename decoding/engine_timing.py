@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import torch
+from tqdm import tqdm
 
 
 def step_bytes(model):
@@ -96,12 +97,16 @@ def comparisons(reps, n_layer, new_tokens, samples_tokens, n=8):
             ("one sample, ours default dtype against int8", [], "int8", 1, new_tokens, 1.25),
             (f"{n} samples, ours default dtype against int8", [], "int8", n, samples_tokens, 1.0)]
     runs = {row[0]: {"ours": [], "peer": []} for row in rows}
+    progress = tqdm(total=2 * reps * len(rows), desc="ct2 rows, a process each")
     for _ in range(reps):
         for what, flags, compute_type, samples, tokens, _ in rows:
             common = ["--new_tokens", str(tokens), "--samples", str(samples)]
-            runs[what]["ours"].append(timed_in_own_process("ours", folder / "hf", *common, *flags))
-            runs[what]["peer"].append(timed_in_own_process("ctranslate2", folder / compute_type, *common, "--dtype",
-                                                           compute_type))
+            for side, engine, model, own in (("ours", "ours", "hf", flags),
+                                             ("peer", "ctranslate2", compute_type, ["--dtype", compute_type])):
+                runs[what][side].append(timed_in_own_process(engine, folder / model, *common, *own))
+                progress.set_postfix_str(f"{what}, {side} {runs[what][side][-1]['seconds']:.2f}s", refresh=False)
+                progress.update()
+    progress.close()
     for what, flags, compute_type, samples, tokens, target in rows:
         ours_as = " ".join(["ours", *flags] + ([f"--num_samples {samples}"] if samples > 1 else []))
         yield (f"against CTranslate2 {ctranslate2.__version__}, {n_layer}-layer gpt2, 128-token prompt, {tokens} new "
