@@ -24,12 +24,13 @@ import time
 
 import torch
 
+from decoding.engine_timing import comparisons, step_bytes
 from decoding.packed_weights import prepare_for_generation
 from decoding.sampling import Sampler
 from decoding.static_step import StaticDecoder
 from model import (EOT, GPT, METHODS, DistilRNN, GPTClassifier, RNNConfig, cast_frozen_linears, inject_lora,
                    load_config, mark_only_lora_as_trainable, variant_slug)
-from runtime.devices import compute_dtype, default_micro_batch_tokens, loss_scaler
+from runtime.devices import compute_dtype, default_micro_batch_tokens, has_fast_bf16, loss_scaler
 from textdata.augmentation import augment
 from textdata.batches import Split, bucketed_batches, collate, sorted_batches
 from textdata.lm_examples import lm_split, text_blocks
@@ -40,8 +41,8 @@ from training.lm_objective import NextToken
 from utils import write_text
 
 CPU = torch.device("cpu")
-CASES = ("lora", "lora_bf16", "lm", "gen", "samples", "compile", "predict", "distil", "transfer", "rss", "methods",
-         "checkpoint")
+CASES = ("lora", "lora_bf16", "lm", "gen", "samples", "compile", "ct2", "predict", "distil", "transfer", "rss",
+         "methods", "checkpoint")
 
 
 def alternate(runs, reps, warmup=1):
@@ -56,6 +57,14 @@ def alternate(runs, reps, warmup=1):
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def skip_emulated(quick, row):
+    """True, with a note, in --quick where bf16 is emulated: bf16 and int8 rows take tens of minutes there."""
+    if quick and not has_fast_bf16(CPU):
+        print(f"skipped in --quick: {row} (bf16 is emulated on this CPU)", flush=True)
+        return True
+    return False
 
 
 def synchronize(device):
@@ -251,7 +260,7 @@ def hf_generator(config):
     return peer
 
 
-def generation_cases(reps, new_tokens, variant="gpt2"):
+def generation_cases(reps, new_tokens, quick=False, variant="gpt2"):
     torch.manual_seed(0)
     prompt = torch.randint(0, 50257, (128,)).tolist()
     ours = GPT.from_random(variant).eval()
@@ -271,20 +280,18 @@ def generation_cases(reps, new_tokens, variant="gpt2"):
     times = alternate({"ours": run_ours(ours_auto), "peer": run_peer, "ours_fp32": run_ours(ours)}, reps)
     bandwidth = memory_gbps()
 
-    def weight_bytes(model):
-        return sum(p.numel() * p.element_size() for p in model.parameters())
-
     yield case(f"generation, {variant}, 128-token prompt, {new_tokens} new tokens, top-k 50",
                f"run.py gen defaults ({dtype_name(auto)})", "GPT2LMHeadModel.generate fp32", times, target=1.5,
-               limit=("bandwidth", weight_bytes(ours_auto) * new_tokens, bandwidth))
+               limit=("bandwidth", step_bytes(ours_auto) * new_tokens, bandwidth))
     yield case("same, both fp32", "ours fp32", "GPT2LMHeadModel.generate fp32", times | {"ours": times["ours_fp32"]},
-               target=1.0, limit=("bandwidth", weight_bytes(ours) * new_tokens, bandwidth))
+               target=1.0, limit=("bandwidth", step_bytes(ours) * new_tokens, bandwidth))
 
+    if skip_emulated(quick, "generation, ours int8 weights"):
+        return
     int8 = prepare_for_generation(GPT.from_random(variant), CPU, auto, quantize="int8")  # as run.py builds it
-    int8_bytes = sum(b.numel() * b.element_size() for b in int8.buffers())  # the int8 blocks and head
     times = alternate({"ours": run_ours(int8), "peer": run_peer}, reps)
     yield case("same, ours int8 weights", "run.py gen --quantize int8", "GPT2LMHeadModel.generate fp32", times,
-               target=2.5, limit=("bandwidth", int8_bytes * new_tokens, bandwidth))
+               target=2.5, limit=("bandwidth", step_bytes(int8) * new_tokens, bandwidth))
 
 
 def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
@@ -303,17 +310,9 @@ def batched_generation_case(reps, new_tokens, n=8, variant="gpt2"):
         list(ours.generate_batch(prompt, new_tokens, [Sampler(1.0, top_k=50, seed=i) for i in range(n)]))
 
     times = alternate({"ours": run_ours, "peer": run_peer}, reps)
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     return case(f"generation, {variant}, {n} samples in one batch, {new_tokens} new tokens, top-k 50",
                 f"run.py gen --num_samples {n} ({dtype_name(auto)})", f"generate(num_return_sequences={n}) fp32",
-                times, target=2.0, limit=("bandwidth", weight_bytes * new_tokens, memory_gbps()))
-
-
-def step_bytes(model):
-    """Bytes of weights a decoding step reads: the parameters, or with int8 weights the int8 blocks and head (the
-    embedding then gives one row a step)."""
-    int8 = sum(b.numel() * b.element_size() for b in model.buffers())
-    return int8 or sum(p.numel() * p.element_size() for p in model.parameters())
+                times, target=2.0, limit=("bandwidth", step_bytes(ours) * new_tokens, memory_gbps()))
 
 
 def seconds(fn):
@@ -361,6 +360,18 @@ def compiled_generation_cases(reps, new_tokens, samples_tokens, quick=False, n=8
         steady = row["ours_s"]
         row["compile"] = (f"compile{flags}: first run +{first - steady:.1f}s (empty inductor cache), second run "
                           f"+{second - steady:.1f}s (inductor's cache)")
+        yield row
+
+
+def ctranslate2_cases(reps, new_tokens, samples_tokens, quick):
+    """Ours against CTranslate2 on the same weights (decoding/engine_timing.py), each engine's rate against the copy
+    bandwidth by the bytes its step reads. `quick`: a 2-layer model, only to check that the rows run."""
+    bandwidth = memory_gbps()
+    for what, ours, theirs, tokens, target, times, read in comparisons(reps, 2 if quick else 12, new_tokens,
+                                                                       samples_tokens):
+        row = case(what, ours, theirs, times, target=target, limit=("bandwidth", read["ours"] * tokens, bandwidth))
+        rate = read["peer"] * tokens / row["peer_s"] / 1e9
+        row["peer"] += f" ({rate:.0f} GB/s, {rate / bandwidth:.0%})"
         yield row
 
 
@@ -661,6 +672,25 @@ def cola_sample(data_dir, n):
                             torch.tensor([labels[i] for i in keep]))
 
 
+def cpu_cases(split, sentences, reps, quick):
+    """{case name: a callable giving its rows}, sized for --quick or the full table."""
+    new_tokens = 16 if quick else 384
+    return {"lora": lambda: lora_cases(split, reps),
+            "lora_bf16": lambda: [] if skip_emulated(quick, "lora_bf16") else [lora_bf16_case(split, reps)],
+            "gen": lambda: generation_cases(reps, new_tokens, quick),
+            "samples": lambda: [batched_generation_case(reps, 16 if quick else 128)],
+            "compile": lambda: compiled_generation_cases(reps, new_tokens, 16 if quick else 128, quick),
+            "ct2": lambda: ctranslate2_cases(reps, new_tokens, 16 if quick else 128, quick),
+            "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
+            "lm": lambda: [lm_lora_case(sentences, reps, 4 if quick else 64)],
+            "transfer": lambda: [transfer_case(split, reps)],
+            "rss": lambda: [peak_rss_case(64 if quick else 512)],
+            "methods": lambda: method_cases(1 if quick else min(reps, 3), 16 if quick else 512,
+                                            variant=tiny_variant() if quick else "gpt2"),
+            "checkpoint": lambda: [grad_checkpoint_case(1 if quick else min(reps, 3), 16 if quick else 256,
+                                                        variant=tiny_variant() if quick else "gpt2-medium")]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions: checks it runs, not speed")
@@ -679,19 +709,7 @@ def main():
     sentences, split = cola_sample(args.data_dir, 64 if args.quick else 2048)
     if args.device == "cuda":
         return cuda_main(split, reps, args.variant, args.quick, args.json)
-    new_tokens = 16 if args.quick else 384
-    cases = {"lora": lambda: lora_cases(split, reps), "lora_bf16": lambda: [lora_bf16_case(split, reps)],
-             "gen": lambda: generation_cases(reps, new_tokens),
-             "samples": lambda: [batched_generation_case(reps, 16 if args.quick else 128)],
-             "compile": lambda: compiled_generation_cases(reps, new_tokens, 16 if args.quick else 128, args.quick),
-             "predict": lambda: [predict_case(split, reps)], "distil": lambda: [distil_case(split, reps)],
-             "lm": lambda: [lm_lora_case(sentences, reps, 4 if args.quick else 64)],
-             "transfer": lambda: [transfer_case(split, reps)],
-             "rss": lambda: [peak_rss_case(64 if args.quick else 512)],
-             "methods": lambda: method_cases(1 if args.quick else min(reps, 3), 16 if args.quick else 512,
-                                             variant=tiny_variant() if args.quick else "gpt2"),
-             "checkpoint": lambda: [grad_checkpoint_case(1 if args.quick else min(reps, 3), 16 if args.quick else 256,
-                                                         variant=tiny_variant() if args.quick else "gpt2-medium")]}
+    cases = cpu_cases(split, sentences, reps, args.quick)
     rows = []
     for name in args.cases or cases:
         for row in cases[name]():

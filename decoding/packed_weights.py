@@ -29,11 +29,14 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
-class PackedBF16Linear(nn.Module):
-    """A frozen bf16 linear layer on CPU whose weight is also stored in oneDNN's packed layout (the one
-    torch.compile's CPU freezing gives bf16 linears): the same products, bit for bit, for any number of rows, and
-    the one-row products of decoding read the weight markedly faster than from its plain layout. The packed copy
-    takes as much memory as the weight."""
+class OneDNNPackedLinear(nn.Module):
+    """A frozen linear layer on CPU whose weight is also stored in oneDNN's packed layout (the one torch.compile's
+    CPU freezing gives linears), for bf16 weights and rows in any number, or fp32 weights and one row.
+
+    In bf16 the products are the plain ones bit for bit, and one-row products read the weight markedly faster
+    than from its plain layout. In fp32, one row (a matrix-vector product) is where oneDNN's kernels read the
+    weight faster than torch's plain product (MKL's GEMM; figures in docs/performance.md), with the same products
+    up to rounding. The packed copy takes as much memory as the weight."""
 
     def __init__(self, linear, rows):
         super().__init__()
@@ -46,13 +49,15 @@ class PackedBF16Linear(nn.Module):
 
 def packed_class(model, rows):
     """The packed linear layer for decoding `rows` samples together with `model`, None for plain products: on a
-    CPU, bf16 weights where bf16 is native and torch has oneDNN (any rows), fp32 weights where torch has MKL
-    (several rows), each when the packed copies fit in half the memory now available."""
+    CPU where torch has oneDNN, oneDNN's for bf16 weights where bf16 is native (any rows) and for fp32 weights and
+    one row; MKL's for fp32 weights and several rows; each when the packed copies fit in half the memory now
+    available."""
     w = model.transformer.wte.weight
     if w.device.type != "cpu" or "SC_AVPHYS_PAGES" not in getattr(os, "sysconf_names", {}):  # a POSIX host tells
         return None
-    if w.dtype == torch.bfloat16 and has_fast_bf16(w.device) and torch.backends.mkldnn.is_available():
-        cls, copies = PackedBF16Linear, 1
+    onednn = torch.backends.mkldnn.is_available()
+    if onednn and (w.dtype == torch.bfloat16 and has_fast_bf16(w.device) or w.dtype == torch.float32 and rows == 1):
+        cls, copies = OneDNNPackedLinear, 1
     elif w.dtype == torch.float32 and rows >= 2 and torch.backends.mkl.is_available():
         cls, copies = PackedLinear, 2
     else:

@@ -7,7 +7,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from cli import commands
 from conftest import run_cli, run_main, save_tiny_gpt2
 from decoding.int8_linears import Int8Linear, quantize_int8
-from decoding.packed_weights import PackedBF16Linear, PackedLinear, packed_class, prepare_for_generation
+from decoding.packed_weights import OneDNNPackedLinear, PackedLinear, prepare_for_generation
 from decoding.sampling import Sampler, apply_repetition_penalty, top_k_candidates, top_p_filter
 from model import BPE_TOKENS, GPT, GPTConfig, ModelError
 from runtime.devices import has_fast_bf16
@@ -63,9 +63,23 @@ def test_samples_decode_through_packed_weights_and_keep_the_head_tied(tiny_gpt_d
     reference = hf.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False, pad_token_id=50256)
     steps = ours.generate_batch(prompt, 50, [Sampler(temperature=0)] * 3)
     assert list(steps) == [[tok] * 3 for tok in reference[0, len(prompt):].tolist()]
-    alone = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), torch.device("cpu"), torch.float32, rows=1)
-    assert type(alone.lm_head) is torch.nn.Linear and alone.lm_head.weight.stride() == (alone.config.n_embd, 1)
-    assert packed_class(alone, 1) is None  # fp32, one row: the plain product
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN (packed products)")
+def test_fp32_one_sample_decodes_through_onednn_packed_weights_with_the_plain_tokens(tiny_gpt_dir):
+    cpu, prompt = torch.device("cpu"), [464, 2068, 7586, 21831, 625, 262]
+    packed = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), cpu, torch.float32)
+    plain = GPT.from_pretrained(tiny_gpt_dir).eval()  # nn.Linear: torch's ordinary product
+    assert isinstance(packed.transformer.h[0].mlp.c_proj, OneDNNPackedLinear)
+    assert isinstance(packed.lm_head, OneDNNPackedLinear)
+    assert packed.lm_head.linear.weight is packed.transformer.wte.weight  # the head is still the embedding
+    with torch.no_grad():
+        caches = [m.new_cache(1, 8) for m in (packed, plain)]
+        steps = [[m(torch.tensor([prompt[:-1]]), c), m(torch.tensor([prompt[-1:]]), c)]
+                 for m, c in zip((packed, plain), caches)]
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(*steps))  # the prompt, then a step through the cache
+    assert list(packed.generate(prompt, 40, Sampler(0.8, top_k=40, seed=3))) == list(
+        plain.generate(prompt, 40, Sampler(0.8, top_k=40, seed=3)))
 
 
 @pytest.mark.skipif(not (has_fast_bf16(torch.device("cpu")) and torch.backends.mkldnn.is_available()),
@@ -74,8 +88,8 @@ def test_bf16_decodes_through_packed_weights_with_the_plain_products_logits(tiny
     cpu, prompt = torch.device("cpu"), [464, 2068, 7586, 21831, 625, 262]
     packed = prepare_for_generation(GPT.from_pretrained(tiny_gpt_dir), cpu, torch.bfloat16)
     plain = GPT.from_pretrained(tiny_gpt_dir).to(torch.bfloat16).eval()  # nn.Linear: torch's ordinary product
-    assert isinstance(packed.transformer.h[0].attn.c_attn, PackedBF16Linear)
-    assert isinstance(packed.lm_head, PackedBF16Linear)
+    assert isinstance(packed.transformer.h[0].attn.c_attn, OneDNNPackedLinear)
+    assert isinstance(packed.lm_head, OneDNNPackedLinear)
     assert packed.lm_head.linear.weight is packed.transformer.wte.weight  # the head is still the embedding
     with torch.no_grad():
         for batch in (torch.tensor([prompt]), torch.tensor([prompt, prompt[::-1], prompt[1:] + [11]])):
@@ -305,6 +319,16 @@ def test_int8_logits_and_greedy_tokens_stay_close_to_fp32(tmp_path):
           f" greedy agreement {agreement:.1%} over 200 tokens")
     assert err.max() <= 0.2 and err.mean() <= 0.03  # measured: 0.131 and 0.0135
     assert agreement >= 0.9  # measured: 94.0%
+    with torch.no_grad():  # decoding: the prompt, then one row a step, whose activations go to int8 as well
+        cache = q.new_cache(1, idx.size(1))
+        steps = [q(idx[:, :len(prompt)], cache)[0, -1]] + [q(idx[:, i:i + 1], cache)[0, -1]
+                                                            for i in range(len(prompt), idx.size(1))]
+    err = (a - torch.stack(steps)).abs()
+    agreement = float((a.argmax(-1) == torch.stack(steps).argmax(-1)).float().mean())
+    print(f"int8 decoding steps vs fp32: max logit error {err.max():.4f}, mean {err.mean():.4f}, greedy agreement "
+          f"{agreement:.1%}")
+    assert err.max() <= 0.25 and err.mean() <= 0.03  # measured: 0.167 and 0.0159
+    assert agreement >= 0.9  # measured: 94.5%
 
 
 def test_int8_kernel_computes_the_dequantized_product():
@@ -316,6 +340,21 @@ def test_int8_kernel_computes_the_dequantized_product():
     assert (error <= q.scale.float()[:, None]).all()  # own rounding (127 x 2^-9 of a step): under one step
     assert torch.allclose(q(x), expected, atol=0.02)  # the kernel's activations are bf16
     assert q.dequantized(torch.float16).dtype == torch.float16
+
+
+@pytest.mark.skipif(torch.backends.quantized.engine not in ("x86", "fbgemm"), reason="no FBGEMM in this torch")
+def test_int8_one_row_quantizes_its_activations_and_several_rows_do_not():
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(256, 96), torch.randn(3, 256)
+    q = Int8Linear(linear)
+    exact = torch.nn.functional.linear(x, q.dequantized(torch.float32), q.bias)  # int8 weights, float activations
+    one_row = torch.cat([q(row[None]) for row in x])  # FBGEMM: 8-bit activations, each row in its own range
+    rows = q(x)  # _weight_int8pack_mm: bf16 activations
+    assert q.packed is not None
+    step = x.abs().amax(-1, keepdim=True) * 2 / 255  # one step of a row's 8-bit grid spans its range / 255
+    bound = step / 2 * q.dequantized(torch.float32).abs().sum(-1)  # half a step per input, at worst
+    assert ((one_row - exact).abs() <= bound).all() and not torch.allclose(one_row, rows, atol=1e-4)
+    assert torch.allclose(rows, exact, atol=0.02)
 
 
 def test_int8_centered_head_keeps_logits_with_a_shared_offset_as_close_as_without():
