@@ -116,7 +116,7 @@ def test_no_function_below_the_command_line_takes_a_namespace():
 ROOT_FILES = {"model.py", "run.py", "train_utils.py", "utils.py", "bench.py", "README.md", "requirements.txt",
               ".gitignore"}
 ROOT_FOLDERS = {"plots", "tuning", "tests", "docs", ".ci", "cli", "config", "decoding", "textdata", "training",
-                "reporting", "runtime"}
+                "reporting", "runtime", "benchmarks"}
 
 
 def test_the_root_holds_only_what_the_brief_names():

@@ -3,7 +3,7 @@ import pytest
 from transformers import GPT2Config, GPT2TokenizerFast
 
 from conftest import TINY
-from decoding.engine_timing import converted, prompt_ids, step_bytes, timed_in_own_process
+from benchmarks.engine_timing import converted, prompt_ids, step_bytes, timed_in_own_process
 from decoding.sampling import Sampler
 from model import GPT
 from textdata.readers import get_tokenizer

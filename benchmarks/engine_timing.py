@@ -2,8 +2,8 @@
 random weights, saved in transformers' format and converted by CTranslate2's TransformersConverter, each decode
 timed in a process of its own, since two engines' thread pools in one process spin against each other.
 
-    python -m decoding.engine_timing ours MODEL_DIR --new_tokens 384 [--dtype float32] [--quantize int8]
-    python -m decoding.engine_timing ctranslate2 CT2_DIR --new_tokens 384 --samples 8 --dtype int8
+    python -m benchmarks.engine_timing ours MODEL_DIR --new_tokens 384 [--dtype float32] [--quantize int8]
+    python -m benchmarks.engine_timing ctranslate2 CT2_DIR --new_tokens 384 --samples 8 --dtype int8
 
 A process decodes once untimed (the warm-up), then once timed from the same 128-token prompt, sampling with top-k
 50 and never stopping early, and prints {"seconds": ..., "step_bytes": ...} as JSON: step_bytes are the bytes of
@@ -74,7 +74,7 @@ def converted(config):
 
 def timed_in_own_process(engine, folder, *flags):
     """What one process of this module prints: {"seconds": ..., "step_bytes": ...}."""
-    out = subprocess.run([sys.executable, "-m", "decoding.engine_timing", engine, str(folder), *flags], check=True,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.engine_timing", engine, str(folder), *flags], check=True,
                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     return json.loads(out.stdout.splitlines()[-1])
 
