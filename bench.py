@@ -407,8 +407,6 @@ def peak_rss_case(max_examples):
             "target": "<= 3 GB", "met": peak_gb <= 3.0}
 
 
-# ----------------------------------------------------------------------------- what LoRA is compared with
-
 # ----------------------------------------------------------------------------- a GPU
 
 def cuda_mfu(split, variant, reps, batch_size=128):

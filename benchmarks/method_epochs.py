@@ -32,12 +32,7 @@ def method_model(method, side, variant, dtype):
         return hf_peft_classifier(c)
     peer = GPT2ForSequenceClassification(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
                                                     pad_token_id=EOT, num_labels=2))
-    if method == "head":
-        peer.requires_grad_(False)
-        for name, module in peer.named_modules():
-            if isinstance(module, torch.nn.LayerNorm) or name == "score":
-                module.requires_grad_(True)
-    return peer
+    return METHODS[method](peer)  # head: score and the LayerNorms, by the same rule as ours
 
 
 def method_epoch(method, side, variant, n, device_name, grad_checkpoint=False):

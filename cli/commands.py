@@ -34,6 +34,7 @@ from training.checkpoints import (LM_TASK, adapter_base, adapter_task, build_cla
 from training.distil_report import print_distil_report
 from training.kd_loss import UNLABELLED, KDLoss
 from training.lm_objective import NextToken
+from training.run_watch import when_and_where
 from training.tables import print_parameter_table, print_predictions
 from training.teacher import check_teacher_data, teacher_logits, transfer_teacher_logits
 from utils import TUNING_DIR, UserError, atomic_files, seed_everything
@@ -97,8 +98,7 @@ def log_generation(config, prompt, samples, seconds, device, dtype):
     """gen's line in tuning/gen.jsonl: its configuration, the prompt, each sample's text and the tokens/s of the
     decoding (all samples' new tokens over its wall time, printing included)."""
     record = {**config_fields(config), **provenance(config), "run_id": uuid.uuid4().hex[:12], "finished": True,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(device),
-              "dtype": str(dtype).removeprefix("torch."), "prompt": prompt, "samples": [text for text, _ in samples],
+              **when_and_where(device, dtype), "prompt": prompt, "samples": [text for text, _ in samples],
               "tokens_per_s": sum(n for _, n in samples) / seconds, "wall_seconds": seconds}
     write_jsonl_record(f"{TUNING_DIR}/gen.jsonl", record)
 

@@ -20,7 +20,7 @@ from config.sections import (KD_TEMPERATURE, DecodeSettings, DistilSettings, LMS
 from model import variant_slug
 from textdata.lm_examples import text_files
 from textdata.readers import DataSpec
-from training.checkpoints import ADAPTER_CONFIG, LM_TASK, STUDENT_CONFIG, is_adapter
+from training.checkpoints import LM_TASK, folder_holds, is_adapter
 from utils import UsageError, positive_int, seed_int
 
 GEN_PROMPT = "Hello, I'm a language model,"
@@ -98,7 +98,6 @@ class GenConfig:
             raise UsageError(f"--dataset decodes every prompt of its evaluation split, one output each: --{ignored[0]} "
                              "would be ignored")
         check_data_spec(self.data)
-        check_results_writable()
 
 
 METHOD_WRITES = {"lora": "a LoRA adapter", "head": "a trained head", "full": "a transformers model"}
@@ -256,9 +255,7 @@ class PredictConfig:
         check_exists("model_path", self.model_path, folder=True)
         check_adapter_task("model_path", self.model_path, "SEQ_CLS")
         gpt_only = [f for f in ("gpt_variant", "quantize") if getattr(self.model, f)]
-        folder = Path(self.model_path)
-        student = not (folder / ADAPTER_CONFIG).is_file() and (folder / STUDENT_CONFIG).is_file()  # as predict reads it
-        if gpt_only and student:
+        if gpt_only and folder_holds(self.model_path) == "a student checkpoint":  # as predict reads it
             raise UsageError(f"--{gpt_only[0]} {getattr(self.model, gpt_only[0])}: --model_path {self.model_path} "
                              "holds an RNN student, not a GPT-2 classifier: it would be ignored")
 

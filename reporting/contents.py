@@ -10,8 +10,9 @@ from config.records import RunRecord, json_record, read_record, record_id
 from config.subcommands import GEN_PROMPT
 from reporting.document import Code, Document, Heading, Image, Items, Paragraph, Section, Table
 from reporting.number_format import formatted, with_interval
-from reporting.run_blocks import (hyperparameter_table, is_lm, method, parameter_table, provenance_blocks,
+from reporting.run_blocks import (hyperparameter_table, is_lm, parameter_table, provenance_blocks,
                                   results_blocks, split_titles)
+from training.run_watch import lora_method
 from utils import PLOTS_DIR, TUNING_DIR, UserError
 
 
@@ -52,7 +53,7 @@ def group_of(run):
     if config.MODE == "gen":
         return "gen", config.adapter or config.model.gpt_variant
     model = getattr(config, "model", None)
-    return (config.MODE, model and model.gpt_variant, method(run.record), run.record.get("task", "classify"),
+    return (config.MODE, model and model.gpt_variant, lora_method(config), run.record.get("task", "classify"),
             config.data.name)
 
 
@@ -113,7 +114,7 @@ def gen_blocks(run):
     r, config = run.record, run.record.config
     d = config.decode
     model = f"adapter `{config.adapter}`" if config.adapter else f"`{config.model.gpt_variant}`"
-    settings = (("--max_new_tokens", d.max_new_tokens), ("temperature", d.sampling_temperature), ("--top_k", d.top_k),
+    settings = (("--max_new_tokens", d.max_new_tokens), ("temperature", d.sampling_temperature), ("--top_k", d.sampling_top_k),
                 ("--top_p", d.top_p), ("--repetition_penalty", d.repetition_penalty), ("--num_beams", d.num_beams),
                 ("--num_samples", config.num_samples), ("--seed", config.run.seed))
     blocks = [Heading(f"{model} (run `{run.id}`)"), Table(("setting", "value"), tuple(
@@ -138,7 +139,7 @@ def run_title(run):
     config, r = run.record.config, run.record
     model = getattr(config, "model", None)
     on = f"`{model.gpt_variant}` on " if config.MODE == "LoRA" else ""
-    trained = f" --method {method(r)}" if method(r) not in (None, "lora") else ""
+    trained = f" --method {lora_method(config)}" if lora_method(config) not in (None, "lora") else ""
     return f"{config.MODE}{trained}{' --task lm' if is_lm(r) else ''}: {on}{config.data.name} (run `{run.id}`)"
 
 

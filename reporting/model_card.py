@@ -4,9 +4,10 @@ parameter table, the hyper-parameters, where the numbers come from and how to lo
 from pathlib import Path
 
 from reporting.document import Code, Document, Paragraph, Section, block_markdown, to_markdown
-from reporting.run_blocks import (hyperparameter_table, is_lm, local_path, method, parameter_table,
+from reporting.run_blocks import (hyperparameter_table, is_lm, local_path, parameter_table,
                                   provenance_blocks, results_blocks, split_titles)
-from training.checkpoints import CARD_MARKER, CARD_NAME
+from training.checkpoints import CARD_MARKER, CARD_NAME, card_text_of_ours
+from training.run_watch import lora_method
 
 HOW_TO_LOAD = "How to load"
 
@@ -40,7 +41,7 @@ LIBRARY = {"lora": "peft", "full": "transformers", "head": None}
 
 def card_data(record, model_name):
     from huggingface_hub import ModelCardData
-    config, trained = record.config, method(record)
+    config, trained = record.config, lora_method(record.config)
     variant = config.model.gpt_variant if trained else None
     dataset_id, _ = hub_dataset(config.data)
     tags = ([{"lora": "lora", "head": "linear-probe", "full": "fine-tuned"}[trained], "gpt2",
@@ -54,7 +55,7 @@ def card_data(record, model_name):
 
 
 def what_it_is(record):
-    config, trained = record.config, method(record)
+    config, trained = record.config, lora_method(record.config)
     kind = "language model (GPT2LMHeadModel)" if is_lm(record) else "classifier (GPT2ForSequenceClassification)"
     if trained == "lora":
         return (f"A LoRA adapter in PEFT's format (rank {config.lora.LoRA_rank}, alpha {config.lora.lora_alpha:g}, "
@@ -74,7 +75,7 @@ def what_it_is(record):
 
 
 def how_to_load(record, folder):
-    trained, predict = method(record), \
+    trained, predict = lora_method(record.config), \
         Code(f"python run.py predict --model_path {folder} --sentence \"The book was written by John.\"")
     if trained in (None, "head"):
         return [Paragraph("With this project (it reads the folder's config and safetensors):"), predict]
@@ -118,9 +119,8 @@ def exported_card(adapter_folder, out, command):
     """The card of `export`'s merged model: the adapter's card (its scores, tables and provenance; when the adapter
     has none of ours, only what its config says), the library transformers, and how to load the merged model."""
     from huggingface_hub import ModelCard, ModelCardData
-    source = Path(adapter_folder) / CARD_NAME
-    ours = source.is_file() and CARD_MARKER in source.read_text(encoding="utf-8", errors="replace")
-    card = ModelCard.load(source) if ours else None
+    ours = card_text_of_ours(Path(adapter_folder) / CARD_NAME)
+    card = ModelCard(ours) if ours else None
     data = card.data if card else ModelCardData(model_name=Path(out).name)
     data.library_name, data.model_name = "transformers", Path(out).name
     body = card.text.split(f"## {HOW_TO_LOAD}")[0].strip().replace(f"# {Path(adapter_folder).name}",

@@ -28,11 +28,6 @@ def is_lm(record):
     return record.get("task") == "lm"
 
 
-def method(record):
-    """What a LoRA run trained (`--method`: lora, head or full; a record from before the flag: lora), else None."""
-    return getattr(record.config.lora, "method", "lora") if record.config.MODE == "LoRA" else None
-
-
 def parameter_table(record):
     """The parameter counts exactly as the training run printed them."""
     return Table(("", "count"), tuple(parameter_rows(record["parameters"], record["trainable_parameters"])))

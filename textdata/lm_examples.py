@@ -93,7 +93,7 @@ def no_text(text):
     """What is wrong with a text to train a language model on that holds nothing to learn, or None."""
     if not text:
         return "empty"
-    return None if text.strip() else "holds no text, only spaces and blank lines"
+    return "holds no text, only spaces and blank lines" if text.isspace() else None
 
 
 def read_utf8(path):

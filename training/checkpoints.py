@@ -32,13 +32,19 @@ def read_tensors(path):
         raise UserError(f"{path}: corrupt or truncated checkpoint ({e})") from None
 
 
+def card_text_of_ours(path):
+    """The text of the model card at `path` when this project wrote it (it carries the marker), else None."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace") if Path(path).is_file() else ""
+    return text if CARD_MARKER in text else None
+
+
 def card_files(folder, card):
     """{README.md: card} to write beside a model, or {} without a card or where the folder holds a README.md that
     this project did not write (kept, with a note)."""
     path = Path(folder) / CARD_NAME
     if card is None:
         return {}
-    if path.is_file() and CARD_MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+    if path.is_file() and card_text_of_ours(path) is None:
         print(f"note: {path} is not a card this project wrote: kept as it is, no model card written", file=sys.stderr)
         return {}
     return {CARD_NAME: card}

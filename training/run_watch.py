@@ -15,14 +15,20 @@ from training.plots import draw_history
 from utils import TUNING_DIR
 
 
+def when_and_where(device, dtype):
+    """The fields every record states of its run: when it was written, the device and the dtype."""
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(device),
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
 def run_record(header, device, dtype, splits, model, run, s, seconds, plots):
     """The run's line in its log: its configuration and provenance (`header`: config.records.config_fields and
     runtime.provenance.provenance), per-epoch metrics,
     the best epoch, what the objective records of the final scores (`s["record"]`: a classifier's predictions, dev
     probabilities and calibration; a language model's perplexities beside its base model's), timing."""
     total, trainable = count_parameters(model)
-    return {**header, "task": splits.task, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(splits), "parameters": total,
+    return {**header, "task": splits.task, **when_and_where(device, dtype), "data": data_fingerprint(splits),
+            "parameters": total,
             "trainable_parameters": trainable, "history": run["history"], "best_epoch": run["best_epoch"],
             **s["record"], "wall_seconds": seconds, "plots": plots}
 
@@ -30,9 +36,8 @@ def run_record(header, device, dtype, splits, model, run, s, seconds, plots):
 def progress_record(header, device, dtype, splits, data, run):
     """The run's line in tuning/<mode>.jsonl while it trains: rewritten after every epoch and marked unfinished,
     so that a run stopped midway still shows its epochs and a sweep never counts it as done."""
-    return {**header, "run_id": run["run_id"], "finished": False, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "task": splits.task, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "data": data,
-            "history": run["history"], "best_epoch": run["best_epoch"]}
+    return {**header, "run_id": run["run_id"], "finished": False, **when_and_where(device, dtype),
+            "task": splits.task, "data": data, "history": run["history"], "best_epoch": run["best_epoch"]}
 
 
 class Pruned(Exception):
@@ -42,8 +47,13 @@ class Pruned(Exception):
 def run_name(config):
     """What the run is called in its plots and summary: the mode, and for LoRA a --method other than lora
     (LoRA-full, LoRA-head)."""
-    method = getattr(getattr(config, "lora", None), "method", "lora")
-    return config.MODE if method == "lora" else f"{config.MODE}-{method}"
+    method = lora_method(config)
+    return config.MODE if method in (None, "lora") else f"{config.MODE}-{method}"
+
+
+def lora_method(config):
+    """What a LoRA run trained (--method; a record from before the flag: lora), None for the other modes."""
+    return getattr(config.lora, "method", "lora") if config.MODE == "LoRA" else None
 
 
 class RunWatch:

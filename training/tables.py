@@ -3,6 +3,7 @@ import json
 import sys
 
 from model import LABELS, count_parameters
+from reporting.number_format import formatted
 from training.metrics import ECE_BINS, majority_label, scores
 from utils import UserError
 
@@ -32,8 +33,8 @@ def score_cells(s):
 def parameter_rows(total, trainable):
     """The assignment's three lines of parameter counts, as (label, value): the terminal's, the report's and the
     model card's."""
-    return [("Number of parameters", f"{total / 1e6:.2f}M"), ("Number of trainable parameters",
-                                                              f"{trainable / 1e6:.2f}M"),
+    return [("Number of parameters", formatted(total, "millions")),
+            ("Number of trainable parameters", formatted(trainable, "millions")),
             ("Reduction", f"{100 * (1 - trainable / total):.2f}%")]
 
 
